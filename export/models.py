@@ -1,0 +1,119 @@
+"""The six served checkpoints: one table, the single place that maps a Hugging Face id to everything else.
+
+Each entry says how the checkpoint is preprocessed, which network shapes ("buckets") it is served at,
+its Triton name and how large a batch it may take. The exporter writes this metadata into each model's
+``config.pbtxt`` so that the gateway can learn it from Triton at serving time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Architecture = Literal["depth_anything", "dpt"]
+Precision = Literal["fp16", "fp32"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (height, width). Where transformers' processor (short side 518, aspect kept, multiple of 14) puts the
+# common camera aspect ratios 1:1, 4:3, 3:2 and 16:9, landscape and portrait.
+DEPTH_ANYTHING_BUCKETS: tuple[tuple[int, int], ...] = (
+    (518, 518),
+    (518, 686),
+    (686, 518),
+    (518, 770),
+    (770, 518),
+    (518, 924),
+    (924, 518),
+)
+DPT_BUCKETS: tuple[tuple[int, int], ...] = ((384, 384),)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the exporter and the gateway need to know about one checkpoint."""
+
+    hf_id: str
+    triton_name: str
+    architecture: Architecture
+    metric: bool
+    max_depth: float | None
+    buckets: tuple[tuple[int, int], ...]
+    max_batch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: Literal["bicubic", "bilinear"]
+
+    @property
+    def dynamic_shape(self) -> bool:
+        """Whether the network takes any H, W (multiples of 14) or only its one fixed bucket."""
+        return self.architecture == "depth_anything"
+
+    def served_name(self, precision: Precision) -> str:
+        """Triton model name of this checkpoint at one precision (FP16 is the plain name)."""
+        return self.triton_name if precision == "fp16" else f"{self.triton_name}_fp32"
+
+
+def _depth_anything(hf_id: str, name: str, batch: int, max_depth: float | None = None) -> ModelSpec:
+    return ModelSpec(
+        hf_id=hf_id,
+        triton_name=name,
+        architecture="depth_anything",
+        metric=max_depth is not None,
+        max_depth=max_depth,
+        buckets=DEPTH_ANYTHING_BUCKETS,
+        max_batch_size=batch,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resample="bicubic",
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.hf_id: spec
+    for spec in (
+        _depth_anything("depth-anything/Depth-Anything-V2-Small-hf", "depth_anything_v2_small", 32),
+        _depth_anything("depth-anything/Depth-Anything-V2-Base-hf", "depth_anything_v2_base", 16),
+        _depth_anything("depth-anything/Depth-Anything-V2-Large-hf", "depth_anything_v2_large", 8),
+        _depth_anything(
+            "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf",
+            "depth_anything_v2_metric_indoor_large",
+            8,
+            max_depth=20.0,
+        ),
+        _depth_anything(
+            "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf",
+            "depth_anything_v2_metric_outdoor_large",
+            8,
+            max_depth=80.0,
+        ),
+        ModelSpec(
+            hf_id="Intel/dpt-large",
+            triton_name="dpt_large",
+            architecture="dpt",
+            metric=False,
+            max_depth=None,
+            buckets=DPT_BUCKETS,
+            max_batch_size=8,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            resample="bilinear",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+
+
+class UnknownModelError(ValueError):
+    """A model id that is not one of the six served checkpoints."""
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """The spec for a Hugging Face id; raises UnknownModelError naming the valid ids."""
+    try:
+        return MODELS[model_id]
+    except KeyError:
+        valid = ", ".join(MODELS)
+        raise UnknownModelError(f"unknown model {model_id!r}; expected one of: {valid}, or 'all'") from None

@@ -1,0 +1,81 @@
+"""Build a model's Triton ``config.pbtxt`` from its spec, with the protobuf classes tritonclient ships.
+
+The config carries the model's metadata as ``parameters`` (see ``METADATA_KEYS``) so that a client can
+discover everything it needs (HF id, relative or metric, max depth, precision, shape buckets) from
+Triton's model-config endpoint instead of a second hard-coded table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.models import ModelSpec, Precision
+
+Backend = Literal["onnxruntime", "python"]
+
+METADATA_KEYS = ("hf_id", "architecture", "kind", "max_depth", "precision", "buckets")
+MAX_QUEUE_DELAY_US = 2000
+TENSORRT_WORKSPACE_BYTES = 4 << 30
+
+
+def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensorrt: bool = False) -> mc.ModelConfig:
+    """The full ModelConfig message for one exported model."""
+    if tensorrt and backend != "onnxruntime":
+        raise ValueError("--tensorrt applies to the onnxruntime backend only")
+    name = spec.served_name(precision)
+    image_dims = [-1, -1, 3] if spec.dynamic_shape else [*spec.buckets[0], 3]
+    config = mc.ModelConfig(
+        name=name,
+        backend=backend,
+        max_batch_size=spec.max_batch_size,
+        input=[mc.ModelInput(name="image", data_type=mc.TYPE_UINT8, dims=image_dims)],
+        output=[mc.ModelOutput(name="depth", data_type=mc.TYPE_FP32, dims=image_dims[:2])],
+        instance_group=[mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
+        model_warmup=[
+            mc.ModelWarmup(
+                name=f"bucket_{height}x{width}",
+                batch_size=1,
+                inputs={
+                    "image": mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
+                },
+            )
+            for height, width in spec.buckets
+        ],
+    )
+    metadata = {
+        "hf_id": spec.hf_id,
+        "architecture": spec.architecture,
+        "kind": "metric" if spec.metric else "relative",
+        "max_depth": "" if spec.max_depth is None else str(spec.max_depth),
+        "precision": precision,
+        "buckets": json.dumps([list(bucket) for bucket in spec.buckets]),
+    }
+    for key, value in metadata.items():
+        config.parameters[key].string_value = value
+    if tensorrt:
+        accelerator = mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
+        accelerator.parameters.update(
+            {
+                "precision_mode": "FP16" if precision == "fp16" else "FP32",
+                "max_workspace_size_bytes": str(TENSORRT_WORKSPACE_BYTES),
+                "trt_engine_cache_enable": "1",
+                "trt_engine_cache_path": f"/tmp/tensorrt_cache/{name}",
+            }
+        )
+        config.optimization.execution_accelerators.gpu_execution_accelerator.append(accelerator)
+    return config
+
+
+def render(config: mc.ModelConfig) -> str:
+    """The config as Triton's protobuf text format."""
+    return text_format.MessageToString(config)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt`` (raises ``text_format.ParseError`` if it is not a valid ModelConfig)."""
+    return text_format.Parse(text, mc.ModelConfig())

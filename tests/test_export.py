@@ -1,0 +1,207 @@
+"""The exporter through its real CLI on tiny random checkpoints: files, configs, FP16, parity, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModelForDepthEstimation
+
+from export import parity
+from export.cli import main as export_main
+from export.graph import ServingGraph
+from export.models import MODELS, get_spec
+from export.random_checkpoint import save_random_checkpoint
+from export.triton_config import METADATA_KEYS, parse
+from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, TINY_MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def session(repository: Path, model_id: str) -> ort.InferenceSession:
+    path = repository / get_spec(model_id).triton_name / "1" / "model.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def torch_reference(checkpoint: Path, model_id: str, images: np.ndarray) -> np.ndarray:
+    model = AutoModelForDepthEstimation.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        return ServingGraph(model, get_spec(model_id))(torch.from_numpy(images)).numpy()
+
+
+@pytest.mark.parametrize("model_id", TINY_MODELS)
+def test_export_writes_model_config_and_report(repository: Path, model_id: str) -> None:
+    spec = get_spec(model_id)
+    model_dir = repository / spec.triton_name
+    assert (model_dir / "1" / "model.onnx").stat().st_size > 100_000
+    assert (model_dir / "1" / "model.py").read_text() == (ROOT / "export" / "triton_python_model.py").read_text()
+    config = parse((model_dir / "config.pbtxt").read_text())
+    assert config.name == spec.triton_name
+    assert config.backend == "python"
+    assert config.max_batch_size == spec.max_batch_size
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert len(config.model_warmup) == len(spec.buckets)
+    assert set(config.parameters) == set(METADATA_KEYS)
+    assert config.parameters["hf_id"].string_value == model_id
+    assert config.parameters["kind"].string_value == ("metric" if spec.metric else "relative")
+    assert json.loads(config.parameters["buckets"].string_value) == [list(b) for b in spec.buckets]
+
+    report = json.loads((model_dir / "export_report.json").read_text())
+    assert report["model_id"] == model_id
+    assert report["precision"] == "fp16"
+    assert report["opset"] >= 17
+    assert report["onnx_bytes"] == (model_dir / "1" / "model.onnx").stat().st_size
+    shapes = report["parity"]["shapes"]
+    assert len(shapes) == (2 if spec.dynamic_shape else 1)
+    for shape in shapes:
+        assert 0 < shape["relative_l2"] < report["parity"]["threshold"] == parity.THRESHOLDS["fp16"]
+        assert shape["finite"]
+        assert shape["batch"] == 3
+
+
+@pytest.mark.parametrize("model_id", TINY_MODELS)
+def test_fp16_weights_are_stored_as_fp16(repository: Path, model_id: str) -> None:
+    model = onnx.load(str(repository / get_spec(model_id).triton_name / "1" / "model.onnx"))
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 256]
+    assert big, "the graph has no weights"
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    inputs, outputs = model.graph.input[0], model.graph.output[0]
+    assert (inputs.name, inputs.type.tensor_type.elem_type) == ("image", onnx.TensorProto.UINT8)
+    assert (outputs.name, outputs.type.tensor_type.elem_type) == ("depth", onnx.TensorProto.FLOAT)
+
+
+@pytest.mark.parametrize("model_id", [RELATIVE_ID, METRIC_ID])
+@pytest.mark.parametrize("shape", [(770, 518), (518, 686)])  # neither is a parity-report shape
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_torch_at_other_shapes_and_batches(
+    repository: Path, checkpoints: dict[str, Path], model_id: str, shape: tuple[int, int], batch: int
+) -> None:
+    images = parity.photo_batch(*shape)[:batch]
+    exported = session(repository, model_id).run(["depth"], {"image": images})[0]
+    expected = torch_reference(checkpoints[model_id], model_id, images)
+    assert exported.shape == (batch, *shape)
+    assert parity.relative_l2(exported, expected) < 5e-3
+    assert np.std(exported) > 0.05 * np.abs(exported).mean()  # the depth depends on the image
+
+
+def test_dpt_runs_batches_at_its_fixed_shape(repository: Path, checkpoints: dict[str, Path]) -> None:
+    images = parity.photo_batch(384, 384)
+    for batch in (1, 3):
+        exported = session(repository, DPT_ID).run(["depth"], {"image": images[:batch]})[0]
+        assert exported.shape == (batch, 384, 384)
+        assert parity.relative_l2(exported, torch_reference(checkpoints[DPT_ID], DPT_ID, images[:batch])) < 5e-3
+
+
+def test_metric_depth_stays_within_max_depth(repository: Path) -> None:
+    depth = session(repository, METRIC_ID).run(["depth"], {"image": parity.photo_batch(518, 770)})[0]
+    max_depth = get_spec(METRIC_ID).max_depth
+    assert depth.min() > 0
+    assert depth.max() <= max_depth
+    assert depth.max() - depth.min() > 0.1 * max_depth  # spread over the range, not a constant
+
+
+def test_fp32_export_with_onnxruntime_backend_and_tensorrt(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    argv = [RELATIVE_ID, "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(tmp_path)]
+    assert export_main([*argv, "--precision", "fp32", "--tensorrt"]) == 0
+    model_dir = tmp_path / "depth_anything_v2_small_fp32"
+    report = json.loads((model_dir / "export_report.json").read_text())
+    assert all(shape["relative_l2"] < 1e-4 for shape in report["parity"]["shapes"])
+    config = parse((model_dir / "config.pbtxt").read_text())
+    assert config.backend == "onnxruntime"
+    assert config.parameters["precision"].string_value == "fp32"
+    assert not (model_dir / "1" / "model.py").exists()
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert accelerator.parameters["precision_mode"] == "FP32"
+    assert accelerator.parameters["trt_engine_cache_enable"] == "1"
+
+
+def test_committed_configs_match_the_generator(tmp_path: Path) -> None:
+    assert export_main(["all", "--repository", str(tmp_path), "--config-only"]) == 0
+    committed = ROOT / "model_repository"
+    names = sorted(spec.triton_name for spec in MODELS.values())
+    assert sorted(p.name for p in committed.iterdir() if p.is_dir()) == names
+    for name in names:
+        generated = (tmp_path / name / "config.pbtxt").read_text()
+        assert (committed / name / "config.pbtxt").read_text() == generated, f"{name}: config drifted; regenerate"
+        assert parse(generated).backend == "onnxruntime"
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+def test_unknown_model_fails_cleanly(tmp_path: Path) -> None:
+    assert_clean_failure(run_cli("depth-anything/nope", "--repository", str(tmp_path)), "unknown model", "nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_checkpoint_fails_cleanly(tmp_path: Path) -> None:
+    result = run_cli(RELATIVE_ID, "--checkpoint", str(tmp_path / "absent"), "--repository", str(tmp_path / "repo"))
+    assert_clean_failure(result, "does not exist")
+
+
+def test_checkpoint_of_another_architecture_fails_cleanly(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    repo = tmp_path / "repo"
+    result = run_cli(RELATIVE_ID, "--checkpoint", str(checkpoints[DPT_ID]), "--repository", str(repo))
+    assert_clean_failure(result, "'dpt'", "'depth_anything'")
+    assert list(repo.iterdir()) == []
+    result = run_cli(METRIC_ID, "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(repo))
+    assert_clean_failure(result, "relative", "metric")
+
+
+def test_unwritable_repository_fails_cleanly(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli(RELATIVE_ID, "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(blocker / "repo"))
+    assert_clean_failure(result, "not writable")
+
+
+def test_checkpoint_with_several_models_is_refused(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    result = run_cli("all", "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(tmp_path))
+    assert_clean_failure(result, "exactly one MODEL")
+
+
+def test_failed_parity_leaves_the_previous_model_in_place(
+    tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [DPT_ID, "--checkpoint", str(checkpoints[DPT_ID]), "--repository", str(tmp_path)]
+    assert export_main(argv) == 0
+    model_dir = tmp_path / "dpt_large"
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+
+    other = save_random_checkpoint(DPT_ID, tmp_path.parent / "other-dpt", seed=7)
+    monkeypatch.setitem(parity.THRESHOLDS, "fp16", 1e-9)
+    assert export_main([DPT_ID, "--checkpoint", str(other), "--repository", str(tmp_path)]) == 2
+    assert "parity check failed at 384x384" in capsys.readouterr().err
+
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpt_large"]  # no staging left behind
+
+
+@pytest.mark.slow
+def test_real_size_small_architecture(tmp_path: Path) -> None:
+    checkpoint = save_random_checkpoint(RELATIVE_ID, tmp_path / "small", size="full")
+    repo = tmp_path / "repo"
+    assert export_main([RELATIVE_ID, "--checkpoint", str(checkpoint), "--repository", str(repo)]) == 0
+    report = json.loads((repo / "depth_anything_v2_small" / "export_report.json").read_text())
+    assert abs(report["parameters"] - 24.8e6) < 0.1e6
+    assert 45e6 < report["onnx_bytes"] < 55e6
+    assert all(shape["relative_l2"] < 5e-3 for shape in report["parity"]["shapes"])
