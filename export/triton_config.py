@@ -17,7 +17,7 @@ from export.models import ModelSpec, Precision
 
 Backend = Literal["onnxruntime", "python"]
 
-METADATA_KEYS = ("hf_id", "architecture", "kind", "max_depth", "precision", "buckets")
+METADATA_KEYS = ("hf_id", "architecture", "kind", "max_depth", "precision", "buckets", "resample")
 MAX_QUEUE_DELAY_US = 2000
 TENSORRT_WORKSPACE_BYTES = 4 << 30
 
@@ -54,6 +54,7 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
         "max_depth": "" if spec.max_depth is None else str(spec.max_depth),
         "precision": precision,
         "buckets": json.dumps([list(bucket) for bucket in spec.buckets]),
+        "resample": spec.resample,
     }
     for key, value in metadata.items():
         config.parameters[key].string_value = value

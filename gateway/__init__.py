@@ -1,0 +1,1 @@
+"""Runpod gateway: request validation, image fetch/decode, Triton gRPC inference, CPU post-processing."""

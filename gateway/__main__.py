@@ -1,0 +1,5 @@
+"""Entry point of ``python -m gateway``."""
+
+from gateway.worker import main
+
+main()

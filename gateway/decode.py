@@ -1,0 +1,84 @@
+"""Image bytes -> RGB ``uint8 [H, W, 3]``, bounded and allow-listed. Pure: no runpod, no tritonclient.
+
+Base64 (raw or ``data:`` URI) is length-checked before decoding and decoded with ``validate=True``. The
+pixel count is checked from the header before any pixel is decoded (decompression bombs), only the
+allow-listed formats are opened (GIF: its first frame), EXIF orientation is applied, and every mode
+(grayscale, palette, transparency, CMYK, 16-bit) is converted to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gateway.errors import ImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_base64(text: str, max_chars: int) -> bytes:
+    """Raw base64 or a ``data:image/...;base64,`` URI to bytes."""
+    payload = _DATA_URI.sub("", text.strip(), count=1)
+    if text.strip().lower().startswith("data:") and payload == text.strip():
+        raise ImageError("unsupported data URI: expected data:image/...;base64,")
+    if len(payload) > max_chars:
+        raise ImageError(f"base64 image too large: {len(payload)} characters, at most {max_chars}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("invalid base64 image data") from None
+    if not data:
+        raise ImageError("empty image data")
+    return data
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode ``data`` to RGB uint8, with EXIF orientation applied."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image, or not one of the supported formats ({', '.join(ALLOWED_FORMATS)})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError("image has too many pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise ImageError("image data is corrupt or truncated") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} pixels, at most {max_pixels} pixels")
+    if width < 1 or height < 1:
+        raise ImageError("image has no pixels")
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise ImageError("image data is corrupt or truncated") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode to contiguous RGB uint8; transparency is composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        gray = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))

@@ -1,0 +1,41 @@
+"""Arrays -> encoded image bytes with OpenCV's codecs, and bytes -> base64 text. Pure."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import cv2
+import numpy as np
+
+MIME = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
+PNG_COMPRESSION = 1  # zlib level: the fastest; level 6+ saves little on depth maps and costs several times the CPU
+
+
+def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """RGB uint8 [H, W, 3], or grayscale uint8/uint16 [H, W], as png / webp / jpg."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if fmt == "png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+    elif fmt == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif fmt == "webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, quality]
+    else:
+        raise ValueError(f"unknown output format {fmt!r}")
+    ok, buffer = cv2.imencode(f".{fmt}", array, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {fmt} image")
+    return buffer.tobytes()
+
+
+def encode_npz(depth: np.ndarray) -> bytes:
+    """``np.savez_compressed`` archive holding one float32 array ``depth``."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, depth=depth.astype(np.float32, copy=False))
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

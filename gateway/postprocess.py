@@ -1,0 +1,126 @@
+"""Depth map -> the five task outputs, on the CPU. Pure: NumPy, OpenCV and matplotlib's colormap tables.
+
+All outputs are at the original image size. A flat or constant depth map gives valid outputs (zeros after
+normalization), never a division by zero or NaN. Conventions:
+
+- ``normalized``: (d - min) / (max - min) with ``normalize``; otherwise a fixed scale, d / max_depth for
+  metric models and d clipped to [0, 1] for relative ones; then ``invert`` swaps near and far.
+- normals: from the gradient of the normalized map scaled by the image's shorter side (a ramp over the
+  full range across the image tilts about 45 degrees), unit length, encoded as (n + 1) / 2 * 255.
+- disparity: 1 / (d + eps) with eps a thousandth of the map's range, normalized to [0, 1].
+- point cloud: every pixel at (column, distance) on a ``grid x grid`` canvas, camera at the bottom,
+  far at the top, each cell the mean colour of the image pixels that land there.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+from matplotlib import colormaps
+
+COLORMAPS = ("viridis", "magma", "inferno", "plasma", "turbo", "gray")
+
+
+@cache
+def colormap_lut(name: str) -> np.ndarray:
+    """A 256 x 3 uint8 RGB lookup table sampled from matplotlib's colormap (built once per name)."""
+    if name not in COLORMAPS:
+        raise ValueError(f"unknown colormap {name!r}")
+    source = "gray" if name == "gray" else name
+    return np.round(colormaps[source](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+
+
+def upsample(depth: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of the network's depth map back to the original image size (float32)."""
+    depth = np.ascontiguousarray(depth, dtype=np.float32)
+    if depth.shape == (height, width):
+        return depth
+    return cv2.resize(depth, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def depth_stats(depth: np.ndarray) -> tuple[float, float, float]:
+    return float(depth.min()), float(depth.max()), float(depth.mean(dtype=np.float64))
+
+
+def _unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    span = high - low
+    if not np.isfinite(span) or span <= 0:
+        return np.zeros(values.shape, np.float32)
+    out = (values - np.float32(low)) * np.float32(1.0 / span)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalized(depth: np.ndarray, normalize: bool, invert: bool, max_depth: float | None) -> np.ndarray:
+    """Depth scaled to [0, 1] for the visual outputs (see module docstring)."""
+    if normalize:
+        out = _unit_range(depth, float(depth.min()), float(depth.max()))
+    elif max_depth is not None:
+        out = _unit_range(depth, 0.0, max_depth)
+    else:
+        out = np.clip(depth, 0.0, 1.0).astype(np.float32)
+    return 1.0 - out if invert else out
+
+
+def to_uint8(unit: np.ndarray) -> np.ndarray:
+    return (unit * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+
+
+def depth_uint16(depth: np.ndarray, depth_min: float, depth_max: float) -> np.ndarray:
+    """depth_min -> 0 and depth_max -> 65535, rounded."""
+    return (_unit_range(depth, depth_min, depth_max) * np.float32(65535.0) + np.float32(0.5)).astype(np.uint16)
+
+
+def colorize(unit: np.ndarray, colormap: str) -> np.ndarray:
+    """[0, 1] map -> RGB uint8 through the colormap's lookup table."""
+    return colormap_lut(colormap)[to_uint8(unit)]
+
+
+def normals(unit: np.ndarray) -> np.ndarray:
+    """Unit surface normals from the depth gradient, as RGB uint8 (n + 1) / 2 * 255."""
+    scale = np.float32(min(unit.shape))
+    grad_y, grad_x = np.gradient(unit * scale)
+    length = np.sqrt(grad_x * grad_x + grad_y * grad_y + np.float32(1.0))
+    rgb = np.empty((*unit.shape, 3), np.float32)
+    rgb[..., 0] = -grad_x / length
+    rgb[..., 1] = -grad_y / length
+    rgb[..., 2] = np.float32(1.0) / length
+    return ((rgb + np.float32(1.0)) * np.float32(127.5) + np.float32(0.5)).astype(np.uint8)
+
+
+def decode_normals(rgb: np.ndarray) -> np.ndarray:
+    """Inverse of ``normals`` (for clients and tests): RGB uint8 -> float vectors in [-1, 1]."""
+    return rgb.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def disparity(depth: np.ndarray) -> np.ndarray:
+    """1 / (d + eps), normalized to [0, 1]; eps is a thousandth of the map's range (at least 1e-6)."""
+    eps = max((float(depth.max()) - float(depth.min())) * 1e-3, 1e-6)
+    inverse = np.float32(1.0) / (np.maximum(depth, 0.0) + np.float32(eps))
+    return _unit_range(inverse, float(inverse.min()), float(inverse.max()))
+
+
+def point_cloud(image: np.ndarray, distance: np.ndarray, grid: int) -> np.ndarray:
+    """Top-down (x, distance) preview: ``distance`` in [0, 1] (0 = at the camera), RGB uint8 grid x grid."""
+    width = distance.shape[1]
+    columns = np.broadcast_to(
+        (np.arange(width, dtype=np.float32) * ((grid - 1) / max(width - 1, 1)))[None, :], distance.shape
+    )
+    rows = (np.float32(1.0) - distance) * np.float32(grid - 1)
+    cells = (rows + np.float32(0.5)).astype(np.int32) * grid + (columns + np.float32(0.5)).astype(np.int32)
+    cells = cells.ravel()
+    counts = np.bincount(cells, minlength=grid * grid)
+    canvas = np.zeros((grid * grid, 3), np.float32)
+    pixels = image.reshape(-1, 3)
+    for channel in range(3):
+        canvas[:, channel] = np.bincount(cells, weights=pixels[:, channel], minlength=grid * grid)
+    filled = counts > 0
+    canvas[filled] /= counts[filled, None]
+    return canvas.reshape(grid, grid, 3).astype(np.uint8)
+
+
+def distance_from_camera(depth: np.ndarray, metric: bool) -> np.ndarray:
+    """[0, 1] distance for the point cloud: metric depth grows with distance, relative output shrinks."""
+    unit = _unit_range(depth, float(depth.min()), float(depth.max()))
+    return unit if metric else 1.0 - unit

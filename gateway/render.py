@@ -1,0 +1,65 @@
+"""One image's CPU work around inference: network input before, every requested output after. Pure.
+
+``prepare`` applies ``max_size`` and snaps to the model's nearest bucket. ``render`` upsamples the
+network's depth to the original size and produces the response keys of each requested task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway import postprocess as pp
+from gateway.encode import MIME, b64, encode_image, encode_npz
+from gateway.resize import limit_size, nearest_bucket, to_bucket
+from gateway.schema import DepthRequest
+from gateway.triton import ServedModel
+
+
+@dataclass(frozen=True)
+class Prepared:
+    network_input: np.ndarray
+    inference_size: tuple[int, int]  # (width, height) after max_size
+
+
+def prepare(image: np.ndarray, max_size: int, model: ServedModel) -> Prepared:
+    limited = limit_size(image, max_size)
+    height, width = limited.shape[:2]
+    bucket = nearest_bucket(width, height, model.buckets)
+    return Prepared(to_bucket(limited, bucket, model.resample), (width, height))
+
+
+def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, model: ServedModel) -> dict:
+    """Stats and every requested task's keys, all at the original image size."""
+    height, width = image.shape[:2]
+    depth = pp.upsample(network_depth, width, height)
+    low, high, mean = pp.depth_stats(depth)
+    out: dict = {"depth_min": low, "depth_max": high, "depth_mean": mean, "tasks": list(request.tasks)}
+    fmt, mime = request.output_format, MIME[request.output_format]
+    unit = None
+    if {"colorized", "normals"} & set(request.tasks):
+        unit = pp.normalized(depth, request.normalize, request.invert, model.max_depth)
+    for task in request.tasks:
+        if task == "depth":
+            out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth, low, high), "png"))
+            out["depth_png_mime"] = MIME["png"]
+            if request.include_raw:
+                out["depth_npz_b64"] = b64(encode_npz(depth))
+        elif task == "colorized":
+            out["colorized_b64"] = b64(encode_image(pp.colorize(unit, request.colormap), fmt, request.quality))
+            out["colorized_mime"] = mime
+            out["colormap"] = request.colormap
+        elif task == "normals":
+            out["normals_b64"] = b64(encode_image(pp.normals(unit), fmt, request.quality))
+            out["normals_mime"] = mime
+        elif task == "disparity":
+            out["disparity_b64"] = b64(encode_image(pp.to_uint8(pp.disparity(depth)), fmt, request.quality))
+            out["disparity_mime"] = mime
+        elif task == "point_cloud":
+            distance = pp.distance_from_camera(depth, model.metric)
+            preview = pp.point_cloud(image, distance, request.point_cloud_grid)
+            out["point_cloud_b64"] = b64(encode_image(preview, "png"))
+            out["point_cloud_mime"] = MIME["png"]
+            out["point_cloud_grid"] = request.point_cloud_grid
+    return out

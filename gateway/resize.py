@@ -1,0 +1,44 @@
+"""Image sizing before inference: the ``max_size`` downscale and the snap to a shape bucket. Pure.
+
+Triton batches only requests of equal shape, so every image is resized to one of the model's few
+network shapes (its "buckets", from the model's Triton config): the one whose aspect ratio is nearest
+in log space. Shrinking uses area averaging (an antialiased resize, like Pillow's); enlarging uses the
+checkpoint's own filter (bicubic for Depth-Anything, bilinear for DPT).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+_ENLARGE = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
+
+
+def limit_size(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Downscale so that the longest edge is at most ``max_size`` (aspect kept); never upscales."""
+    height, width = image.shape[:2]
+    longest = max(height, width)
+    if longest <= max_size:
+        return image
+    scale = max_size / longest
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is closest to the image's."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[1] / bucket[0]) - aspect))
+
+
+def to_bucket(image: np.ndarray, bucket: tuple[int, int], resample: str) -> np.ndarray:
+    """Resize RGB uint8 ``image`` to ``bucket`` (height, width)."""
+    height, width = bucket
+    if image.shape[:2] == (height, width):
+        return np.ascontiguousarray(image)
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else _ENLARGE[resample]
+    return cv2.resize(image, (width, height), interpolation=interpolation)

@@ -1,0 +1,96 @@
+"""The request contract (API.md) as a pydantic model: field types, defaults, ranges and the image sources.
+
+Pure: imports neither runpod nor tritonclient. ``parse_request`` turns a job's ``input`` into a
+``DepthRequest`` or raises ``RequestError`` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud"]
+Colormap = Literal["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
+OutputFormat = Literal["png", "webp", "jpg"]
+Dtype = Literal["float16", "bfloat16", "float32"]
+
+
+class RequestError(ValueError):
+    """The request is wrong as a whole; the message is shown to the client."""
+
+
+class ImageSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["url", "b64"]
+    data: str
+
+
+class DepthRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = None
+    image_urls: list[str] | None = None
+    image_b64: str | None = None
+    images: list[ImageSource] | None = None
+    model: str | None = None
+    tasks: list[Task] = Field(default_factory=lambda: ["depth"], min_length=1)
+    colormap: Colormap = "viridis"
+    normalize: bool = True
+    output_format: OutputFormat = "png"
+    quality: int = Field(95, ge=1, le=100)
+    max_size: int = Field(1024, ge=16, le=8192)
+    invert: bool = False
+    include_raw: bool = False
+    point_cloud_grid: int = Field(512, ge=16, le=4096)
+    dtype: Dtype | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _dedupe(cls, tasks: list[str]) -> list[str]:
+        return list(dict.fromkeys(tasks))
+
+    def sources(self) -> list[ImageSource]:
+        """Every image source, in the order image_url, image_urls, image_b64, images."""
+        found = []
+        if self.image_url is not None:
+            found.append(ImageSource(type="url", data=self.image_url))
+        found += [ImageSource(type="url", data=url) for url in self.image_urls or []]
+        if self.image_b64 is not None:
+            found.append(ImageSource(type="b64", data=self.image_b64))
+        found += self.images or []
+        return found
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    request: DepthRequest
+    sources: list[ImageSource]
+
+
+def parse_request(payload: object, max_images: int) -> ParsedRequest:
+    """Validate a job input; raises RequestError naming the first problem."""
+    if not isinstance(payload, dict):
+        raise RequestError("input must be a JSON object")
+    try:
+        request = DepthRequest.model_validate(payload)
+    except ValidationError as error:
+        raise RequestError(_describe(error)) from None
+    sources = request.sources()
+    if not sources:
+        raise RequestError("no image given: set image_url, image_urls, image_b64 or images")
+    if len(sources) > max_images:
+        raise RequestError(f"too many images: {len(sources)} given, at most {max_images} per request")
+    return ParsedRequest(request, sources)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "input"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if first["type"] == "literal_error":
+        expected = first["msg"].removeprefix("Input should be ")
+        return f"invalid value {first.get('input')!r} for {where}: expected {expected}"
+    return f"invalid {where}: {first['msg']}"

@@ -1,0 +1,114 @@
+"""The request handler: validation, per-image fetch/decode/infer/render, and the response of API.md.
+
+All images of a job run concurrently; CPU work goes to a thread pool (OpenCV and NumPy release the GIL),
+inference to Triton as one request per image so that its dynamic batcher groups images across jobs.
+A request that is wrong as a whole returns ``{"error": ...}`` and runs nothing; an image that fails gets
+its own ``error`` and costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gateway.decode import decode_base64, decode_image
+from gateway.errors import ImageError
+from gateway.fetch import Fetcher
+from gateway.render import prepare, render
+from gateway.schema import DepthRequest, ImageSource, RequestError, parse_request
+from gateway.settings import Settings
+from gateway.triton import ModelUnavailable, ServedModel, TritonModels
+
+log = logging.getLogger("gateway")
+
+ECHOED = ("model", "tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size")
+
+
+class DepthService:
+    def __init__(self, settings: Settings, triton: TritonModels, fetcher: Fetcher) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.fetcher = fetcher
+        self.executor = ThreadPoolExecutor(settings.postprocess_threads, thread_name_prefix="postprocess")
+
+    async def startup(self) -> None:
+        """Load the default model so that the first request pays no load time (and the device is known)."""
+        name, _ = await self.triton.resolve(self.settings.default_model, None)
+        await self.triton.ensure_loaded(name)
+        await self.triton.close()
+
+    async def handle_job(self, job: dict) -> dict:
+        return await self.handle(job.get("input"))
+
+    async def handle(self, payload: Any) -> dict:
+        started = time.perf_counter()
+        try:
+            parsed = parse_request(payload, self.settings.max_images)
+            request = parsed.request
+            model_id = request.model or self.settings.default_model
+            name, dtype = await self.triton.resolve(model_id, request.dtype)
+            model = await self.triton.ensure_loaded(name)
+        except (RequestError, ModelUnavailable) as error:
+            return {"error": str(error)}
+        results = await asyncio.gather(
+            *(self._one(index, source, request, model) for index, source in enumerate(parsed.sources))
+        )
+        response = {
+            "results": results,
+            **{key: getattr(request, key) for key in ECHOED},
+            "model": model.hf_id,
+            "point_cloud_grid": request.point_cloud_grid,
+            "dtype": dtype,
+            "device": "cuda" if model.on_gpu else "cpu",
+            "cuda_available": bool(self.triton.gpu),
+            "count": len(results),
+            "elapsed_sec": round(time.perf_counter() - started, 4),
+        }
+        size = len(json.dumps(response))
+        if size > self.settings.max_response_bytes:
+            limit_mb = self.settings.max_response_bytes / 1e6
+            return {
+                "error": f"response too large: {size / 1e6:.1f} MB, over the {limit_mb:.0f} MB limit for a job result;"
+                " ask for fewer images or tasks, a smaller max_size, or jpg/webp output"
+            }
+        return response
+
+    async def _one(self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel) -> dict:
+        started = time.perf_counter()
+        described: dict = {"kind": "url", "url": source.data} if source.type == "url" else {"kind": "b64", "bytes": 0}
+        try:
+            if source.type == "url":
+                data = await self.fetcher.fetch(source.data)
+            else:
+                data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
+                described["bytes"] = len(data)
+            image = await self._cpu(decode_image, data, self.settings.max_pixels)
+            prepared = await self._cpu(prepare, image, request.max_size, model)
+            depth = await self.triton.infer(model, prepared.network_input)
+            outputs = await self._cpu(render, image, depth, request, model)
+        except ImageError as error:
+            return {"index": index, "input": described, "error": str(error)}
+        except Exception:
+            log.exception("image %d failed unexpectedly", index)
+            return {"index": index, "input": described, "error": "internal error while processing this image"}
+        height, width = image.shape[:2]
+        return {
+            "index": index,
+            "input": described,
+            "model": model.hf_id,
+            "metric": model.metric,
+            "width": width,
+            "height": height,
+            "inference_size": list(prepared.inference_size),
+            **outputs,
+            "elapsed_sec": round(time.perf_counter() - started, 4),
+        }
+
+    async def _cpu(self, function: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(function, *args))

@@ -1,0 +1,202 @@
+"""The gateway's side of Triton: model discovery, model lifetime and inference over async gRPC.
+
+What is served is learned from Triton: the repository index says which model names exist, and a loaded
+model's config ``parameters`` (written by the exporter) give its HF id, kind, max depth, precision,
+buckets and resample filter; its resolved ``instance_group`` says whether it runs on a GPU. The only
+table used is the exporter's HF id -> Triton name mapping, so a request's text never becomes a model name.
+
+Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
+recently used idle one is unloaded. Every call carries a deadline; only transient faults (server
+unavailable, queue full) are retried, with backoff. Errors raised here carry short, safe messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException
+
+from export.models import MODELS
+from gateway.errors import ImageError
+
+DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+class ModelUnavailable(ValueError):
+    """The requested model or dtype is not served; the message names what is."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    hf_id: str
+    metric: bool
+    max_depth: float | None
+    precision: str
+    buckets: tuple[tuple[int, int], ...]
+    resample: str
+    on_gpu: bool
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> ServedModel:
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        return cls(
+            name=config.name,
+            hf_id=params["hf_id"],
+            metric=params["kind"] == "metric",
+            max_depth=float(params["max_depth"]) if params.get("max_depth") else None,
+            precision=params["precision"],
+            buckets=tuple(tuple(bucket) for bucket in json.loads(params["buckets"])),
+            resample=params.get("resample", "bicubic"),
+            on_gpu=any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in config.instance_group),
+        )
+
+
+def variant_name(hf_id: str, dtype: str) -> str:
+    """Triton name of ``hf_id`` at ``dtype`` (the exporter's naming: plain for fp16, suffixed otherwise)."""
+    base = MODELS[hf_id].triton_name
+    precision = DTYPE_PRECISION[dtype]
+    return base if precision == "fp16" else f"{base}_{precision}"
+
+
+class TritonModels:
+    """Async gRPC client, model catalogue and LRU model lifetime. Use from one event loop at a time."""
+
+    def __init__(self, url: str, max_loaded: int, timeout: float, retries: int) -> None:
+        self.url = url
+        self.max_loaded = max_loaded
+        self.timeout = timeout
+        self.retries = retries
+        self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.gpu: bool | None = None
+        self._client: grpcaio.InferenceServerClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def client(self) -> grpcaio.InferenceServerClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = grpcaio.InferenceServerClient(self.url)
+            self._client_loop = loop
+            self._lock = asyncio.Lock()
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def served_names(self) -> set[str]:
+        try:
+            index = await self.client.get_model_repository_index(client_timeout=self.timeout)
+        except InferenceServerException:
+            raise ModelUnavailable("the inference server is unavailable right now; try again shortly") from None
+        return {model.name for model in index.models}
+
+    async def resolve(self, hf_id: str, dtype: str | None) -> tuple[str, str]:
+        """(Triton name, dtype) serving ``hf_id`` at ``dtype`` (default: float16 on GPU, float32 on CPU)."""
+        if hf_id not in MODELS:
+            raise ModelUnavailable(f"unknown model {hf_id!r}; expected one of: {', '.join(MODELS)}")
+        names = await self.served_names()
+        served = [d for d in DTYPE_PRECISION if variant_name(hf_id, d) in names]
+        if not served:
+            available = sorted(m for m in MODELS if any(variant_name(m, d) in names for d in DTYPE_PRECISION))
+            raise ModelUnavailable(f"model {hf_id} is not served here; served models: {', '.join(available)}")
+        if dtype is None:
+            preferred = "float16" if self.gpu else "float32"
+            dtype = preferred if preferred in served else served[0]
+        elif dtype not in served:
+            raise ModelUnavailable(f"dtype {dtype} is not served for {hf_id}; served dtypes: {', '.join(served)}")
+        return variant_name(hf_id, dtype), dtype
+
+    async def ensure_loaded(self, name: str) -> ServedModel:
+        """Load ``name`` if needed (evicting the least recently used idle model) and return its metadata."""
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return self.loaded[name]
+        _ = self.client
+        assert self._lock is not None
+        async with self._lock:
+            if name not in self.loaded:
+                await self._evict_for_one_more()
+                try:
+                    await self.client.load_model(name, client_timeout=self.timeout)
+                    response = await self.client.get_model_config(name, client_timeout=self.timeout)
+                except InferenceServerException:
+                    raise ModelUnavailable(f"model {name} could not be loaded; try again shortly") from None
+                model = ServedModel.from_config(response.config)
+                self.loaded[name] = model
+                self.gpu = model.on_gpu
+            self.loaded.move_to_end(name)
+            return self.loaded[name]
+
+    async def _evict_for_one_more(self) -> None:
+        for victim in list(self.loaded):
+            if len(self.loaded) < self.max_loaded:
+                return
+            if self.in_flight[victim] == 0:
+                del self.loaded[victim]
+                with contextlib.suppress(InferenceServerException):  # already gone, e.g. Triton restarted
+                    await self.client.unload_model(victim, client_timeout=self.timeout)
+
+    async def infer(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
+        """Depth ``[H, W]`` for one RGB uint8 ``[H, W, 3]`` image already at a bucket shape."""
+        deadline = time.monotonic() + self.timeout
+        self.in_flight[model.name] += 1
+        try:
+            return await self._infer_with_retries(model, image, deadline)
+        finally:
+            self.in_flight[model.name] -= 1
+
+    async def _infer_with_retries(self, model: ServedModel, image: np.ndarray, deadline: float) -> np.ndarray:
+        batch = np.ascontiguousarray(image[None])
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            request = InferInput("image", list(batch.shape), "UINT8")
+            request.set_data_from_numpy(batch)
+            try:
+                result = await self.client.infer(
+                    model.name, [request], outputs=[InferRequestedOutput("depth")], client_timeout=remaining
+                )
+                return result.as_numpy("depth")[0]
+            except InferenceServerException as error:
+                status = error.status() or ""
+                if "DEADLINE_EXCEEDED" in status:
+                    break
+                if "NOT_FOUND" in status or "not ready" in (error.message() or ""):
+                    self.loaded.pop(model.name, None)  # Triton lost it (restart): load again, then retry
+                    if attempt < self.retries:
+                        await self._reload_quietly(model.name)
+                        continue
+                if status not in TRANSIENT or attempt == self.retries:
+                    raise ImageError(_describe(status)) from None
+                await asyncio.sleep(min(0.2 * 2**attempt, max(deadline - time.monotonic(), 0)))
+        raise ImageError(f"depth inference timed out after {self.timeout:g} s")
+
+    async def _reload_quietly(self, name: str) -> None:
+        try:
+            await self.ensure_loaded(name)
+        except ModelUnavailable:
+            await asyncio.sleep(0.2)
+
+
+def _describe(status: str) -> str:
+    if status == "StatusCode.RESOURCE_EXHAUSTED":
+        return "the depth model is overloaded; try again later"
+    if status == "StatusCode.UNAVAILABLE":
+        return "the inference server is unavailable right now; try again shortly"
+    return "depth inference failed"

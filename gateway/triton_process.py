@@ -1,0 +1,127 @@
+"""Start and stop a local ``tritonserver`` over a model repository, bound to loopback only.
+
+The binary is ``$TRITONSERVER_BIN``, else NVIDIA's image path ``/opt/tritonserver/bin/tritonserver``,
+else the one the ``nvidia-pytriton`` wheel ships (which needs its bundled libraries, a backend directory
+holding the Python backend plus the stub for this interpreter, and this interpreter's environment on
+PATH so the stub finds numpy and onnxruntime). Triton runs in explicit model-control mode on free ports;
+``start`` waits for readiness with a deadline and fails loudly, with the end of Triton's log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+NVIDIA_IMAGE_BINARY = Path("/opt/tritonserver/bin/tritonserver")
+
+
+class TritonStartError(RuntimeError):
+    """Triton did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError("no tritonserver found: install nvidia-pytriton or set TRITONSERVER_BIN")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class EmbeddedTriton:
+    def __init__(self, repository: Path, start_timeout: float = 180.0) -> None:
+        self.repository = repository.resolve()
+        self.start_timeout = start_timeout
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        self.log_path = self.workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        return (self.grpc_port, self.http_port)
+
+    def command_and_env(self) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        args = [
+            f"--model-repository={self.repository}",
+            "--model-control-mode=explicit",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=5",
+        ]
+        override = os.environ.get("TRITONSERVER_BIN")
+        if override:
+            return [override, *args], env
+        if NVIDIA_IMAGE_BINARY.exists():
+            return [str(NVIDIA_IMAGE_BINARY), *args], env
+        root = _pytriton_root() / "tritonserver"
+        backends = self.workdir / "backends"
+        shutil.copytree(root / "backends", backends)
+        stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+        shutil.copy(stub / "triton_python_backend_stub", backends / "python" / "triton_python_backend_stub")
+        libs = root.parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return [str(root / "bin" / "tritonserver"), f"--backend-directory={backends}", *args], env
+
+    def start(self) -> EmbeddedTriton:
+        command, env = self.command_and_env()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with status {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TritonStartError(f"tritonserver not ready after {self.start_timeout:g} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)

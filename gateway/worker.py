@@ -1,0 +1,79 @@
+"""``python -m gateway``: the Runpod worker, with an embedded Triton when ``TRITON_URL`` is unset.
+
+Runpod's own flags pass through, e.g. ``python -m gateway --rp_serve_api --rp_api_port 8000`` serves
+Runpod's local HTTP API. The embedded Triton binds loopback only and stops with the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import sys
+
+import runpod
+
+from gateway.fetch import AddressPolicy, Fetcher
+from gateway.service import DepthService
+from gateway.settings import Settings
+from gateway.triton import TritonModels
+from gateway.triton_process import EmbeddedTriton, TritonStartError
+
+log = logging.getLogger("gateway")
+
+
+def wait_for_triton(triton: TritonModels, timeout: float) -> None:
+    """Wait until Triton answers its repository index, or raise TritonStartError."""
+
+    async def poll() -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        await triton.served_names()
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.5)
+        finally:
+            await triton.close()
+
+    try:
+        asyncio.run(poll())
+    except TimeoutError:
+        raise TritonStartError(f"Triton at {triton.url} not reachable after {timeout:g} s") from None
+
+
+def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | None]:
+    server = None
+    url = settings.triton_url
+    blocked_ports: list[int] = []
+    if url is None:
+        server = EmbeddedTriton(settings.model_repository, settings.triton_start_timeout).start()
+        atexit.register(server.stop)
+        url = server.grpc_url
+        blocked_ports += server.ports
+    else:
+        port = url.rsplit(":", 1)[-1]
+        blocked_ports += [int(port)] if port.isdigit() else []
+    triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
+    wait_for_triton(triton, settings.triton_start_timeout)
+    fetcher = Fetcher(
+        AddressPolicy(settings.url_allowlist, blocked_ports), settings.max_download_bytes, settings.download_timeout
+    )
+    service = DepthService(settings, triton, fetcher)
+    asyncio.run(service.startup())
+    return service, server
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")  # DEBUG would log every base64 output in full
+    settings = Settings.from_env()
+    try:
+        service, _ = build_service(settings)
+    except TritonStartError as error:
+        log.error("could not start: %s", error)
+        sys.exit(1)
+    concurrency = settings.concurrency
+    runpod.serverless.start({"handler": service.handle_job, "concurrency_modifier": lambda _current: concurrency})
