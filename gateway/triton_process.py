@@ -9,9 +9,11 @@ PATH so the stub finds numpy and onnxruntime). Triton runs in explicit model-con
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,13 @@ import urllib.request
 from pathlib import Path
 
 NVIDIA_IMAGE_BINARY = Path("/opt/tritonserver/bin/tritonserver")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM this process when its parent dies, so no Triton is orphaned."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class TritonStartError(RuntimeError):
@@ -92,7 +101,9 @@ class EmbeddedTriton:
     def start(self) -> EmbeddedTriton:
         command, env = self.command_and_env()
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import sys
 
 import runpod
@@ -75,5 +76,6 @@ def main() -> None:
     except TritonStartError as error:
         log.error("could not start: %s", error)
         sys.exit(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit (stops the embedded Triton)
     concurrency = settings.concurrency
     runpod.serverless.start({"handler": service.handle_job, "concurrency_modifier": lambda _current: concurrency})

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from PIL import Image
+from skimage import data
 
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
+from gateway.triton_process import EmbeddedTriton, free_port
+from tests.servers import ImageServer, running_image_server
 
 RELATIVE_ID = "depth-anything/Depth-Anything-V2-Small-hf"
 METRIC_ID = "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf"
@@ -30,3 +44,114 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
         argv = [model_id, "--checkpoint", str(checkpoint), "--repository", str(repo), "--backend", "python"]
         assert export_main(argv) == 0
     return repo
+
+
+# --------------------------------------------------------------------------- the local serving stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def serving_repository(repository: Path, checkpoints: dict[str, Path]) -> Path:
+    """The tiny models plus an FP32 variant of the relative one (so both dtypes are served)."""
+    argv = [RELATIVE_ID, "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(repository)]
+    assert export_main([*argv, "--backend", "python", "--precision", "fp32"]) == 0
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton(serving_repository: Path) -> Iterator[EmbeddedTriton]:
+    """A real tritonserver on loopback over the tiny models (explicit model control)."""
+    server = EmbeddedTriton(serving_repository, start_timeout=120).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    with running_image_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos (scikit-image's), some cut to bucket aspect ratios and enlarged past 518 px."""
+    chelsea_4x3 = cv2.resize(data.chelsea()[:, 25:425], (1024, 768), interpolation=cv2.INTER_CUBIC)
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea_4x3": chelsea_4x3}
+
+
+def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo_urls(image_server: ImageServer, photos: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: image_server.add(f"{name}.jpg", jpeg(image)) for name, image in photos.items()}
+
+
+def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "gateway", "--rp_serve_api", "--rp_api_port", str(port)]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_api(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            post(url, {})
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"gateway API not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+def post(url: str, payload: dict, timeout: float = 120) -> dict:
+    """POST ``{"input": payload}`` to a Runpod API's /runsync; returns the parsed JSON reply."""
+    body = json.dumps({"input": payload}).encode()
+    request = urllib.request.Request(f"{url}/runsync", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def gateway_url(triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``python -m gateway`` with Runpod's local API, talking to the test's Triton over gRPC."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    env = {
+        "TRITON_URL": triton.grpc_url,
+        "DEPTH_MODEL": RELATIVE_ID,
+        "URL_ALLOWLIST": "127.0.0.1",
+        "MAX_LOADED_MODELS": "2",
+        "CONCURRENCY": "32",
+        "TRITON_TIMEOUT": "20",
+        "DOWNLOAD_TIMEOUT": "3",
+        "MAX_DOWNLOAD_BYTES": str(8 << 20),
+    }
+    process = start_gateway(env, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(process, url, log_path)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def run_job(gateway_url: str):
+    """Send one job; returns the output, or {"error": ...} for a failed job."""
+
+    def send(payload: dict) -> dict:
+        reply = post(gateway_url, payload)
+        if reply["status"] == "FAILED":
+            return {"error": reply["error"]}
+        assert reply["status"] == "COMPLETED", reply
+        return reply["output"]
+
+    return send

@@ -1,0 +1,26 @@
+"""Decoding helpers for asserting on gateway outputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import cv2
+import numpy as np
+
+
+def decode_image(b64: str) -> np.ndarray:
+    """base64 PNG/WebP/JPEG -> array as stored (uint16 gray, uint8 gray, or RGB)."""
+    array = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert array is not None, "output is not a decodable image"
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB) if array.ndim == 3 else array
+
+
+def decode_npz(b64: str) -> np.ndarray:
+    with np.load(io.BytesIO(base64.b64decode(b64))) as archive:
+        assert list(archive.keys()) == ["depth"]
+        return archive["depth"]
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])

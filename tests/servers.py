@@ -1,0 +1,139 @@
+"""Loopback HTTP servers for the tests: photos, faults (lies, drips, hangs, redirect loops) and hit counts.
+
+Every server binds 127.0.0.1 on a free port, runs in a daemon thread and is shut down by its fixture;
+slow endpoints stop on their own after a bounded time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class ImageServer:
+    """Serves ``files`` at ``/files/<name>`` plus fault endpoints; counts hits per path."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.hits: Counter[str] = Counter()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.stop_event = threading.Event()
+
+    def add(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
+        self.files[name] = (data, content_type)
+        return f"{self.base}/files/{name}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                parsed = urlparse(self.path)
+                server.hits[parsed.path] += 1
+                query = parse_qs(parsed.query)
+                route = parsed.path.split("/")[1]
+                handler = getattr(self, f"route_{route}", None)
+                if handler is None:
+                    self.send_error(404)
+                    return
+                with suppress(BrokenPipeError, ConnectionResetError):
+                    handler(parsed.path, query)
+
+            def send_body(self, body: bytes, content_type: str = "image/jpeg", length: int | None = None) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def route_files(self, path: str, _query: dict) -> None:
+                name = path.split("/", 2)[2]
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                self.send_body(*server.files[name])
+
+            def route_redirect(self, _path: str, query: dict) -> None:
+                self.send_response(302)
+                self.send_header("Location", query["to"][0])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def route_loop(self, path: str, _query: dict) -> None:
+                step = int(path.split("/")[2]) if path.count("/") > 1 else 0
+                self.route_redirect(path, {"to": [f"/loop/{step + 1}"]})
+
+            def route_lie(self, _path: str, _query: dict) -> None:
+                """Claims 1 kB, sends 64 MB (or until the client hangs up)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                chunk = b"\xff" * (1 << 20)
+                for _ in range(64):
+                    self.wfile.write(chunk)
+
+            def route_huge(self, _path: str, _query: dict) -> None:
+                self.send_body(b"\xff" * 10, length=10**10)
+
+            def route_forever(self, _path: str, _query: dict) -> None:
+                """Chunked stream that would never end (stops after 60 s or at shutdown)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not server.stop_event.is_set():
+                    self.wfile.write(b"10000\r\n" + b"\xff" * 0x10000 + b"\r\n")
+
+            def route_drip(self, _path: str, _query: dict) -> None:
+                """One byte a second of a 1 MB body (stops after 60 s or at shutdown)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(1 << 20))
+                self.end_headers()
+                for _ in range(60):
+                    if server.stop_event.wait(1.0):
+                        return
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+
+            def route_hang(self, _path: str, _query: dict) -> None:
+                """Accepts and never answers (for 60 s at most)."""
+                server.stop_event.wait(60)
+
+        return Handler
+
+    def start(self) -> ImageServer:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@contextmanager
+def running_image_server() -> Iterator[ImageServer]:
+    server = ImageServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
