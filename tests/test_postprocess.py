@@ -1,0 +1,104 @@
+"""The pure CPU stages on synthetic maps: planes, flat maps, LUTs, buckets and point clouds."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from matplotlib import colormaps
+
+from export.models import DEPTH_ANYTHING_BUCKETS
+from gateway import postprocess as pp
+from gateway.encode import encode_image
+from gateway.resize import limit_size, nearest_bucket, to_bucket
+from tests.helpers import decode_image
+
+
+def plane(height: int = 60, width: int = 80) -> np.ndarray:
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    return 2.0 + 0.03 * cols + 0.01 * rows
+
+
+def test_normals_of_a_plane_are_constant_unit_vectors() -> None:
+    unit = pp.normalized(plane(), normalize=True, invert=False, max_depth=None)
+    vectors = pp.decode_normals(pp.normals(unit))
+    assert np.abs(vectors - vectors[0, 0]).max() <= 1 / 127.5
+    assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
+    assert vectors[0, 0, 0] < 0  # depth grows to the right: the surface faces left
+    assert vectors[0, 0, 1] < 0
+
+
+@pytest.mark.parametrize("value", [0.0, 3.5])
+def test_a_constant_map_gives_valid_outputs(value: float) -> None:
+    depth = np.full((20, 30), value, np.float32)
+    unit = pp.normalized(depth, normalize=True, invert=False, max_depth=None)
+    assert np.array_equal(unit, np.zeros_like(unit))
+    assert np.array_equal(pp.depth_uint16(depth, value, value), np.zeros((20, 30), np.uint16))
+    vectors = pp.decode_normals(pp.normals(unit))
+    assert np.allclose(vectors, [0, 0, 1], atol=1 / 127.5)
+    assert np.isfinite(pp.disparity(depth)).all()
+    assert np.array_equal(pp.colorize(unit, "viridis"), np.broadcast_to(pp.colormap_lut("viridis")[0], (20, 30, 3)))
+    preview = pp.point_cloud(np.full((20, 30, 3), 200, np.uint8), pp.distance_from_camera(depth, metric=True), 32)
+    assert preview.shape == (32, 32, 3)
+    assert (preview.sum(axis=2) > 0).sum() == 30  # one row of 30 columns, all at distance 0
+
+
+@pytest.mark.parametrize("name", pp.COLORMAPS)
+def test_lookup_tables_match_matplotlib(name: str) -> None:
+    expected = colormaps["gray" if name == "gray" else name](np.linspace(0, 1, 256))[:, :3] * 255
+    assert np.abs(pp.colormap_lut(name).astype(float) - expected).max() <= 0.5
+
+
+def test_depth_uint16_spans_the_full_range() -> None:
+    depth = plane()
+    quantized = pp.depth_uint16(depth, float(depth.min()), float(depth.max()))
+    assert quantized.min() == 0
+    assert quantized.max() == 65535
+    round_trip = decode_image(base64.b64encode(encode_image(quantized, "png")).decode())
+    assert np.array_equal(round_trip, quantized)
+
+
+def test_normalize_false_and_invert() -> None:
+    depth = np.array([[0.0, 10.0, 20.0, 40.0]], np.float32)
+    assert pp.normalized(depth, normalize=False, invert=False, max_depth=20.0).tolist() == [[0, 0.5, 1, 1]]
+    assert pp.normalized(depth, normalize=False, invert=True, max_depth=20.0).tolist() == [[1, 0.5, 0, 0]]
+    assert pp.normalized(depth / 40, normalize=False, invert=False, max_depth=None).tolist() == [[0, 0.25, 0.5, 1]]
+
+
+def test_disparity_is_inverse_depth_normalized() -> None:
+    depth = np.array([[1.0, 2.0, 4.0]], np.float32)
+    disparity = pp.disparity(depth)
+    assert disparity.min() == 0
+    assert disparity.max() == 1
+    assert np.argsort(disparity.ravel()).tolist() == [2, 1, 0]
+
+
+def test_point_cloud_places_pixels_by_column_and_distance() -> None:
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[0, :] = (255, 0, 0)
+    image[1, :] = (0, 0, 255)
+    distance = np.array([[0.0, 0.5, 1.0], [0.0, 0.5, 1.0]], np.float32)
+    preview = pp.point_cloud(image, distance, 5)
+    # Camera at the bottom row, far at the top; both rows of the image land on the same cells: mean colour.
+    assert preview[4, 0].tolist() == [127, 0, 127]
+    assert preview[2, 2].tolist() == [127, 0, 127]
+    assert preview[0, 4].tolist() == [127, 0, 127]
+    assert (preview.sum(axis=2) > 0).sum() == 3
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "bucket"),
+    [(1024, 768, (518, 686)), (768, 1024, (686, 518)), (1920, 1080, (518, 924)), (600, 400, (518, 770)),
+     (500, 500, (518, 518)), (10000, 10, (518, 924)), (1, 1, (518, 518))],
+)  # fmt: skip
+def test_nearest_bucket(width: int, height: int, bucket: tuple[int, int]) -> None:
+    assert nearest_bucket(width, height, DEPTH_ANYTHING_BUCKETS) == bucket
+
+
+def test_limit_size_and_to_bucket() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    assert limit_size(image, 2048) is image
+    assert limit_size(image, 512).shape == (384, 512, 3)
+    assert to_bucket(image, (518, 686), "bicubic").shape == (518, 686, 3)
+    assert to_bucket(image[:10, :10], (518, 518), "bicubic").shape == (518, 518, 3)
