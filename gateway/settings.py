@@ -39,6 +39,7 @@ class Settings:
     triton_start_timeout: float = 180.0
     postprocess_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     url_allowlist: tuple[str, ...] = ()
+    triton_ports: tuple[int, ...] = (8000, 8001, 8002)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -59,4 +60,5 @@ class Settings:
             triton_start_timeout=_float("TRITON_START_TIMEOUT", 180.0),
             postprocess_threads=_int("POSTPROCESS_THREADS", os.cpu_count() or 2),
             url_allowlist=_list("URL_ALLOWLIST"),
+            triton_ports=tuple(int(port) for port in _list("TRITON_PORTS")) or (8000, 8001, 8002),
         )

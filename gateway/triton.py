@@ -177,7 +177,7 @@ class TritonModels:
                 status = error.status() or ""
                 if "DEADLINE_EXCEEDED" in status:
                     break
-                if "NOT_FOUND" in status or "not ready" in (error.message() or ""):
+                if "NOT_FOUND" in status or _model_missing(error.message() or ""):
                     self.loaded.pop(model.name, None)  # Triton lost it (restart): load again, then retry
                     if attempt < self.retries:
                         await self._reload_quietly(model.name)
@@ -192,6 +192,12 @@ class TritonModels:
             await self.ensure_loaded(name)
         except ModelUnavailable:
             await asyncio.sleep(0.2)
+
+
+def _model_missing(message: str) -> bool:
+    """Triton's words for a model it does not have loaded (e.g. after a restart in explicit mode)."""
+    message = message.lower()
+    return "unknown model" in message or "not found" in message or "not ready" in message
 
 
 def _describe(status: str) -> str:

@@ -90,7 +90,7 @@ class EmbeddedTriton:
             return [str(NVIDIA_IMAGE_BINARY), *args], env
         root = _pytriton_root() / "tritonserver"
         backends = self.workdir / "backends"
-        shutil.copytree(root / "backends", backends)
+        shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
         stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
         shutil.copy(stub / "triton_python_backend_stub", backends / "python" / "triton_python_backend_stub")
         libs = root.parent.parent / "nvidia_pytriton.libs"
@@ -128,6 +128,12 @@ class EmbeddedTriton:
             return ""
 
     def stop(self) -> None:
+        """Stop Triton and remove its working files."""
+        self.terminate()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def terminate(self) -> None:
+        """Stop the Triton process; ``start`` brings it back on the same ports."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -135,4 +141,3 @@ class EmbeddedTriton:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -48,7 +48,7 @@ def wait_for_triton(triton: TritonModels, timeout: float) -> None:
 def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | None]:
     server = None
     url = settings.triton_url
-    blocked_ports: list[int] = []
+    blocked_ports = list(settings.triton_ports)  # never reachable through an image URL
     if url is None:
         server = EmbeddedTriton(settings.model_repository, settings.triton_start_timeout).start()
         atexit.register(server.stop)

@@ -6,6 +6,7 @@ slow endpoints stop on their own after a bounded time.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -18,13 +19,14 @@ from urllib.parse import parse_qs, urlparse
 class ImageServer:
     """Serves ``files`` at ``/files/<name>`` plus fault endpoints; counts hits per path."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.hits: Counter[str] = Counter()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.getaddrinfo(host, 0)[0][0]})
+        self._httpd = server_class((host, 0), self._handler_class())
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
         self.stop_event = threading.Event()
 
     def add(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
@@ -131,8 +133,8 @@ class ImageServer:
 
 
 @contextmanager
-def running_image_server() -> Iterator[ImageServer]:
-    server = ImageServer().start()
+def running_image_server(host: str = "127.0.0.1") -> Iterator[ImageServer]:
+    server = ImageServer(host).start()
     try:
         yield server
     finally:
