@@ -79,8 +79,10 @@ def colorize(unit: np.ndarray, colormap: str) -> np.ndarray:
 
 def normals(unit: np.ndarray) -> np.ndarray:
     """Unit surface normals from the depth gradient, as RGB uint8 (n + 1) / 2 * 255."""
-    scale = np.float32(min(unit.shape))
-    grad_y, grad_x = np.gradient(unit * scale)
+    scaled = unit * np.float32(min(unit.shape))
+    grad_y, grad_x = (
+        np.gradient(scaled, axis=axis) if unit.shape[axis] > 1 else np.zeros_like(scaled) for axis in (0, 1)
+    )
     length = np.sqrt(grad_x * grad_x + grad_y * grad_y + np.float32(1.0))
     rgb = np.empty((*unit.shape, 3), np.float32)
     rgb[..., 0] = -grad_x / length

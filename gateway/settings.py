@@ -33,7 +33,7 @@ class Settings:
     download_timeout: float = 15.0
     max_b64_chars: int = 36 << 20
     max_pixels: int = 50_000_000
-    max_response_bytes: int = 20 << 20
+    max_response_bytes: int = 20_000_000
     triton_timeout: float = 60.0
     triton_retries: int = 3
     triton_start_timeout: float = 180.0
@@ -54,7 +54,7 @@ class Settings:
             download_timeout=_float("DOWNLOAD_TIMEOUT", 15.0),
             max_b64_chars=_int("MAX_B64_CHARS", 36 << 20),
             max_pixels=_int("MAX_PIXELS", 50_000_000),
-            max_response_bytes=_int("MAX_RESPONSE_BYTES", 20 << 20),
+            max_response_bytes=_int("MAX_RESPONSE_BYTES", 20_000_000),
             triton_timeout=_float("TRITON_TIMEOUT", 60.0),
             triton_retries=_int("TRITON_RETRIES", 3),
             triton_start_timeout=_float("TRITON_START_TIMEOUT", 180.0),

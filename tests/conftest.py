@@ -125,6 +125,7 @@ def gateway_url(triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory
     log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
     env = {
         "TRITON_URL": triton.grpc_url,
+        "TRITON_PORTS": f"{triton.grpc_port},{triton.http_port}",
         "DEPTH_MODEL": RELATIVE_ID,
         "URL_ALLOWLIST": "127.0.0.1",
         "MAX_LOADED_MODELS": "2",

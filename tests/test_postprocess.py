@@ -102,3 +102,14 @@ def test_limit_size_and_to_bucket() -> None:
     assert limit_size(image, 512).shape == (384, 512, 3)
     assert to_bucket(image, (518, 686), "bicubic").shape == (518, 686, 3)
     assert to_bucket(image[:10, :10], (518, 518), "bicubic").shape == (518, 518, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 50), (50, 1)])
+def test_single_pixel_rows_and_columns(shape: tuple[int, int]) -> None:
+    depth = np.linspace(1, 2, shape[0] * shape[1], dtype=np.float32).reshape(shape)
+    unit = pp.normalized(depth, normalize=True, invert=False, max_depth=None)
+    vectors = pp.decode_normals(pp.normals(unit))
+    assert vectors.shape == (*shape, 3)
+    assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
+    assert pp.disparity(depth).shape == shape
+    assert pp.point_cloud(np.zeros((*shape, 3), np.uint8), unit, 16).shape == (16, 16, 3)

@@ -1,0 +1,87 @@
+"""The decoder on awkward inputs: each either decodes to the right RGB or fails with its own clear error."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.decode import decode_base64, decode_image
+from gateway.errors import ImageError
+from tests import images
+
+LIMIT = 50_000_000
+
+
+def test_16bit_png_keeps_its_gradient() -> None:
+    rgb = decode_image(images.gradient_16bit(), LIMIT)
+    row = rgb[0, :, 0].astype(int)
+    assert rgb.dtype == np.uint8
+    assert (row[0], row[-1]) == (0, 255)
+    assert (np.diff(row) >= 0).all()
+    assert len(np.unique(row)) > 200  # not crushed to a few levels
+    assert (rgb[..., 0] == rgb[..., 1]).all()
+
+
+def test_palette_transparency_is_composited_on_white() -> None:
+    rgb = decode_image(images.palette_with_transparency(), LIMIT)
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    assert rgb[0, 7].tolist() == [0, 0, 255]
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    rgb = decode_image(images.animated_gif(), LIMIT)
+    assert rgb.shape == (16, 16, 3)
+    assert rgb[8, 8].tolist() == [255, 0, 0]
+
+
+def test_exif_orientation_is_applied() -> None:
+    assert decode_image(images.exif_rotated_jpeg(60, 40), LIMIT).shape == (60, 40, 3)
+
+
+def test_cmyk_becomes_rgb() -> None:
+    rgb = decode_image(images.cmyk_jpeg(), LIMIT)
+    assert rgb.shape == (20, 30, 3)
+    assert rgb[10, 15, 0] > 200
+    assert rgb[10, 15, 1:].max() < 60
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000)])
+def test_extreme_shapes(size: tuple[int, int]) -> None:
+    width, height = size
+    rgb = decode_image(images.encode(Image.fromarray(images.photo_like(width, height)), "PNG"), LIMIT)
+    assert rgb.shape == (height, width, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (images.png_header_only(30000, 30000), "image has too many pixels"),
+        (images.real_bomb(), "image too large: 8000x7000 pixels, at most 50000000 pixels"),
+        (images.truncated_jpeg(), "image data is corrupt or truncated"),
+        (b"hello, not an image", "not an image, or not one of the supported formats"),
+        (images.ppm(), "not an image, or not one of the supported formats"),
+        (images.png_header_only(100, 100), "image data is corrupt or truncated"),
+    ],
+)
+def test_bad_images_fail_cleanly(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, LIMIT)
+    assert str(caught.value).startswith(message)
+
+
+def test_base64_forms() -> None:
+    data = images.cmyk_jpeg()
+    text = base64.b64encode(data).decode()
+    assert decode_base64(text, 10**6) == data
+    assert decode_base64(f"data:image/jpeg;base64,{text}", 10**6) == data
+    for bad, message in [
+        ("not base64!", "invalid base64"),
+        ("data:text/plain;base64,aGk=", "unsupported data URI"),
+        ("", "empty image data"),
+        (text, "base64 image too large"),
+    ]:
+        with pytest.raises(ImageError, match=message):
+            decode_base64(bad, 100 if bad == text else 10**6)

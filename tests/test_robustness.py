@@ -1,0 +1,220 @@
+"""Untrusted input and faults through the running gateway: clean per-image errors, nothing else lost,
+property tests over request JSON and image bytes, and Triton outages."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.triton_process import EmbeddedTriton, free_port
+from tests import images
+from tests.conftest import RELATIVE_ID, post, start_gateway, wait_for_api
+from tests.helpers import decode_image
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+GOOD_IMAGE = b64(images.encode(images.Image.fromarray(images.photo_like(32, 24)), "PNG"))
+GOOD_JOB = {"image_b64": GOOD_IMAGE, "tasks": ["depth"]}
+
+
+def assert_clean_message(message: object) -> None:
+    assert isinstance(message, str)
+    assert 0 < len(message) < 300
+    lowered = message.lower()
+    for leak in ("traceback", "127.0.0.1", "localhost", "grpc", "triton", "statuscode", "exception", 'file "'):
+        assert leak not in lowered, message
+
+
+def assert_clean_reply(reply: dict) -> None:
+    assert reply["status"] in ("COMPLETED", "FAILED"), reply
+    if reply["status"] == "FAILED":
+        assert_clean_message(reply["error"])
+        return
+    for result in reply["output"]["results"]:
+        if "error" in result:
+            assert set(result) == {"index", "input", "error"}
+            assert_clean_message(result["error"])
+        else:
+            assert decode_image(result["depth_png_b64"]).shape == (result["height"], result["width"])
+
+
+def assert_still_serves(url: str) -> None:
+    reply = post(url, GOOD_JOB)
+    assert reply["status"] == "COMPLETED"
+    assert reply["output"]["results"][0]["width"] == 32
+
+
+def test_every_awkward_input_in_one_job(gateway_url: str, image_server, photo_urls: dict[str, str], triton) -> None:
+    cases = [
+        ("b64", images.png_header_only(30000, 30000), "image has too many pixels"),
+        ("b64", images.real_bomb(), "image too large: 8000x7000 pixels"),
+        ("b64", images.truncated_jpeg(), "image data is corrupt or truncated"),
+        ("b64", b"just some text", "not an image"),
+        ("b64", images.ppm(), "not an image"),
+        ("b64", images.cmyk_jpeg(), (30, 20)),
+        ("b64", images.gradient_16bit(), (256, 16)),
+        ("b64", images.palette_with_transparency(), (8, 8)),
+        ("b64", images.animated_gif(), (16, 16)),
+        ("b64", images.exif_rotated_jpeg(60, 40), (40, 60)),
+        ("b64", images.encode(images.Image.fromarray(images.photo_like(1, 1)), "PNG"), (1, 1)),
+        ("b64", images.encode(images.Image.fromarray(images.photo_like(10000, 10)), "PNG"), (10000, 10)),
+        ("url", f"http://[::1]:{image_server.port}/files/coffee.jpg", "private, loopback or reserved"),
+        ("url", "http://169.254.169.254/latest/meta-data/", "private, loopback or reserved"),
+        ("url", f"http://127.0.0.1:{triton.http_port}/v2/health/ready", "blocked address"),
+        ("url", f"http://127.0.0.1:{triton.grpc_port}/", "blocked address"),
+        ("url", image_server.url(f"/redirect?to=http://[::1]:{image_server.port}/files/coffee.jpg"), "private"),
+        ("url", image_server.url("/loop/0"), "redirected more than 5 times"),
+        ("url", image_server.url("/huge"), "image too large"),
+        ("url", image_server.url("/forever"), "image too large: more than"),
+        ("url", image_server.url("/drip"), "image download timed out after 3 s"),
+        ("url", image_server.url("/hang"), "image download timed out after 3 s"),
+        ("url", photo_urls["coffee"], (600, 400)),
+    ]
+    for batch in (cases[:12], cases[12:]):  # at most 16 images per job
+        check_one_job(gateway_url, batch)
+    assert sum(image_server.hits[path] for path in image_server.hits if path.startswith("/files/coffee")) <= 1
+
+
+def check_one_job(gateway_url: str, cases: list[tuple]) -> None:
+    sources = [{"type": kind, "data": b64(value) if kind == "b64" else value} for kind, value, _ in cases]
+    started = time.monotonic()
+    reply = post(gateway_url, {"images": sources, "tasks": ["depth", "normals"], "max_size": 512})
+    assert time.monotonic() - started < 20  # the slow servers are bounded by DOWNLOAD_TIMEOUT=3
+    assert reply["status"] == "COMPLETED", reply
+    results = reply["output"]["results"]
+    assert [r["index"] for r in results] == list(range(len(cases)))
+    for (_, _, expected), result in zip(cases, results, strict=True):
+        if isinstance(expected, tuple):
+            assert "error" not in result, result.get("error")
+            assert (result["width"], result["height"]) == expected
+            assert decode_image(result["normals_b64"]).shape[:2] == expected[::-1]
+        else:
+            assert expected in result["error"]
+            assert_clean_message(result["error"])
+
+
+def test_too_large_a_response_is_refused_clearly(gateway_url: str, photo_urls: dict[str, str]) -> None:
+    big = images.encode(images.Image.fromarray(images.photo_like(4000, 3000)), "PNG")
+    reply = post(gateway_url, {"image_b64": b64(big), "tasks": ["depth", "normals", "colorized"], "include_raw": True})
+    assert reply["status"] == "FAILED"
+    assert reply["error"].startswith("response too large:")
+    assert "20 MB limit" in reply["error"]
+    assert_still_serves(gateway_url)
+
+
+FIELDS = [
+    "image_url", "image_urls", "image_b64", "images", "model", "tasks", "colormap", "normalize", "output_format",
+    "quality", "max_size", "invert", "include_raw", "point_cloud_grid", "dtype", "bogus",
+]  # fmt: skip
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+plausible = st.sampled_from(
+    [GOOD_IMAGE, [GOOD_IMAGE], [{"type": "b64", "data": GOOD_IMAGE}], [{"type": "url", "data": "ftp://x"}],
+     ["depth", "point_cloud"], ["normals"], "turbo", "webp", 16, 4096, 0, -1, True, "float32", RELATIVE_ID,
+     "http://256.1.1.1/", "data:image/png;base64,AAAA"]
+)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.dictionaries(st.sampled_from(FIELDS), json_values | plausible, max_size=5))
+def test_any_request_json_gets_a_clean_answer(gateway_url: str, request: dict) -> None:
+    assert_clean_reply(post(gateway_url, request))
+    assert_still_serves(gateway_url)
+
+
+def mutations(data: bytes) -> st.SearchStrategy[bytes]:
+    """Truncations and byte flips of a valid file."""
+    flips = st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=8)
+
+    def apply(changes: list[tuple[int, int]]) -> bytes:
+        mutated = bytearray(data)
+        for position, value in changes:
+            mutated[position] = value
+        return bytes(mutated)
+
+    return st.integers(0, len(data)).map(lambda n: data[:n]) | flips.map(apply)
+
+
+small = images.Image.fromarray(images.photo_like(24, 16))
+valid_files = [images.encode(small, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=256), *(mutations(f) for f in valid_files)))
+def test_any_image_bytes_get_a_clean_answer(gateway_url: str, data: bytes) -> None:
+    reply = post(gateway_url, {"images": [{"type": "b64", "data": b64(data)}, {"type": "b64", "data": GOOD_IMAGE}]})
+    assert_clean_reply(reply)
+    assert reply["status"] == "COMPLETED"
+    assert "error" not in reply["output"]["results"][1]  # the good neighbour is unaffected
+
+
+# --------------------------------------------------------------------------- Triton faults
+
+
+@pytest.fixture(scope="module")
+def fragile_stack(serving_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A Triton of its own (to stop and restart) and a gateway with short deadlines in front of it."""
+    triton = EmbeddedTriton(serving_repository, start_timeout=120).start()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("fragile") / "gateway.log"
+    env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE_ID, "TRITON_TIMEOUT": "5", "TRITON_RETRIES": "2"}
+    process = start_gateway(env, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(process, url, log_path)
+        yield triton, url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        triton.stop()
+
+
+def test_triton_outage_gives_quick_clean_errors_and_recovery(fragile_stack) -> None:
+    triton, url = fragile_stack
+    assert_still_serves(url)
+    triton.terminate()
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: post(url, GOOD_JOB), range(4)))
+    assert time.monotonic() - started < 15  # within the deadline: no hang
+    for reply in replies:
+        assert_clean_reply(reply)
+        assert reply["status"] == "FAILED"
+        assert reply["error"] == "the inference server is unavailable right now; try again shortly"
+
+    triton.start()  # same ports; a fresh Triton has no model loaded (explicit mode)
+    deadline = time.monotonic() + 60
+    while True:
+        reply = post(url, GOOD_JOB)
+        if reply["status"] == "COMPLETED" and "error" not in reply["output"]["results"][0]:
+            break
+        assert_clean_reply(reply)
+        assert time.monotonic() < deadline, reply
+        time.sleep(1)
+    assert_still_serves(url)
+
+
+def test_worker_start_fails_loudly_without_triton(tmp_path: Path) -> None:
+    log_path = tmp_path / "gateway.log"
+    env = {"TRITON_URL": f"127.0.0.1:{free_port()}", "TRITON_START_TIMEOUT": "2"}
+    process = start_gateway(env, free_port(), log_path)
+    try:
+        assert process.wait(timeout=60) == 1
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert "could not start: Triton at" in log_path.read_text()
+    assert "not reachable after 2 s" in log_path.read_text()
