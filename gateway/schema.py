@@ -23,28 +23,32 @@ class RequestError(ValueError):
 
 class ImageSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["url", "b64"]
-    data: str
+    type: Literal["url", "b64"] = Field(description="`url`: http(s) URL; `b64`: raw base64 or a data URI")
+    data: str = Field(description="the URL or the base64 text")
 
 
 class DepthRequest(BaseModel):
+    """The ``input`` of a job."""
+
     model_config = ConfigDict(extra="forbid")
 
-    image_url: str | None = None
-    image_urls: list[str] | None = None
-    image_b64: str | None = None
-    images: list[ImageSource] | None = None
-    model: str | None = None
-    tasks: list[Task] = Field(default_factory=lambda: ["depth"], min_length=1)
-    colormap: Colormap = "viridis"
-    normalize: bool = True
-    output_format: OutputFormat = "png"
-    quality: int = Field(95, ge=1, le=100)
-    max_size: int = Field(1024, ge=16, le=8192)
-    invert: bool = False
-    include_raw: bool = False
-    point_cloud_grid: int = Field(512, ge=16, le=4096)
-    dtype: Dtype | None = None
+    image_url: str | None = Field(None, description="one image by http(s) URL")
+    image_urls: list[str] | None = Field(None, description="several image URLs")
+    image_b64: str | None = Field(None, description="one image, raw base64 or a `data:image/...;base64,` URI")
+    images: list[ImageSource] | None = Field(None, description='`[{"type": "url" or "b64", "data": ...}]`, mixed')
+    model: str | None = Field(None, description="one of the six model ids; default `$DEPTH_MODEL` (Small)")
+    tasks: list[Task] = Field(
+        default_factory=lambda: ["depth"], min_length=1, description="any of the five tasks, each once"
+    )
+    colormap: Colormap = Field("viridis", description="colormap of the `colorized` output")
+    normalize: bool = Field(True, description="min-max normalize for the visual outputs (else a fixed scale)")
+    output_format: OutputFormat = Field("png", description="format of colorized, normals and disparity")
+    quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
+    max_size: int = Field(1024, ge=16, le=8192, description="longest edge the image is shrunk to before inference")
+    invert: bool = Field(False, description="swap near and far before colorization")
+    include_raw: bool = Field(False, description="add the float32 depth as `depth_npz_b64` (np.savez_compressed)")
+    point_cloud_grid: int = Field(512, ge=16, le=4096, description="side of the square point-cloud preview")
+    dtype: Dtype | None = Field(None, description="precision variant; default float16 on GPU, float32 on CPU")
 
     @field_validator("tasks")
     @classmethod

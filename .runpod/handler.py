@@ -1,0 +1,6 @@
+"""Runpod Hub entry point: the same worker as ``python -m gateway`` (see Dockerfile.gateway)."""
+
+from gateway.worker import main
+
+if __name__ == "__main__":
+    main()

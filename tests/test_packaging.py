@@ -1,0 +1,129 @@
+"""What a newcomer and a platform engineer touch: the quickstart, Dockerfiles, Runpod files, Triton clients."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.schema import parse_request
+from tests.conftest import RELATIVE_ID, ROOT, post
+from tests.helpers import decode_image
+
+DOCKERFILES = ["Dockerfile.triton", "Dockerfile.gateway"]
+
+
+def test_quickstart_without_weights_says_how_to_pass_them(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHECKPOINT": ""}
+    result = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "No model weights" in result.stderr
+    assert "--checkpoint /path/to/checkpoint" in result.stderr
+
+
+def test_quickstart_with_a_local_checkpoint(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    env = {**os.environ, "CHECKPOINT": str(checkpoints[RELATIVE_ID])}
+    result = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    results = tmp_path / "results"
+    for task in ("depth", "colorized", "normals", "disparity", "point_cloud"):
+        assert (results / f"00_sample_{task}.png").stat().st_size > 1000
+    assert "Timings:" in result.stdout
+    assert f"Outputs: {results}" in result.stdout
+    assert re.search(r"\d+\.\d\d s  export", result.stdout)
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "info", *DOCKERFILES], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_references_exist(dockerfile: str) -> None:
+    text = (ROOT / dockerfile).read_text()
+    copies = re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", text, flags=re.MULTILINE)
+    assert copies
+    for sources in copies:
+        for source in sources.split():
+            assert (ROOT / source).exists(), f"{dockerfile} copies {source}, which does not exist"
+    for module in re.findall(r"python3? -m (\w+)", text):
+        assert importlib.util.find_spec(module) is not None, f"{dockerfile} runs python -m {module}"
+    for extra in re.findall(r'"\.\[(\w+)\]"', text):
+        assert f"\n{extra} = [" in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"^USER (?!root)", text, flags=re.MULTILINE)
+    assert re.search(r"^ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3$", text, flags=re.MULTILINE)
+
+
+def test_gateway_image_uses_the_tritonserver_path_the_launcher_knows() -> None:
+    from gateway.triton_process import NVIDIA_IMAGE_BINARY
+
+    assert str(NVIDIA_IMAGE_BINARY) == "/opt/tritonserver/bin/tritonserver"
+    assert 'CMD ["python3", "-m", "gateway"]' in (ROOT / "Dockerfile.gateway").read_text()
+
+
+def test_runpod_files_are_valid() -> None:
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    assert hub["type"] == "serverless"
+    assert hub["config"]["runsOn"] == "GPU"
+    assert {env["key"] for env in hub["config"]["env"]} <= {
+        "DEPTH_MODEL",
+        "CONCURRENCY",
+        "MAX_IMAGES",
+        "MAX_LOADED_MODELS",
+    }
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+    assert tests["tests"]
+    inputs = [test["input"] for test in tests["tests"]]
+    inputs.append(json.loads((ROOT / "test_input.json").read_text())["input"])
+    for payload in inputs:
+        parse_request(payload, max_images=16)  # raises on an invalid request
+    assert (ROOT / ".runpod" / "handler.py").exists()
+
+
+def test_runpod_test_inputs_run_on_the_local_stack(gateway_url: str) -> None:
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())["tests"]
+    test_input = json.loads((ROOT / "test_input.json").read_text())["input"]
+    for payload in [test["input"] for test in tests] + [test_input]:
+        reply = post(gateway_url, payload)
+        assert reply["status"] == "COMPLETED", reply
+        first = reply["output"]["results"][0]
+        assert decode_image(first["depth_png_b64"]).shape == (64, 96)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_direct_triton_client_example(protocol: str, triton, tmp_path: Path, photos: dict) -> None:
+    import cv2
+
+    photo = tmp_path / "photo.jpg"
+    cv2.imwrite(str(photo), cv2.cvtColor(photos["chelsea_4x3"], cv2.COLOR_RGB2BGR))
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url.removeprefix("http://")
+    out = tmp_path / "depth.npy"
+    command = [sys.executable, "examples/triton_client.py", str(photo), "--url", url, "--protocol", protocol, "--load"]
+    result = subprocess.run([*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    depth = np.load(out)
+    assert depth.shape == (518, 686)
+    assert depth.dtype == np.float32
+    assert depth.std() > 0
