@@ -30,6 +30,19 @@ log = logging.getLogger("gateway")
 ECHOED = ("model", "tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size")
 
 
+class Stopwatch:
+    """Records the seconds since the previous lap under each lap's name."""
+
+    def __init__(self, laps: dict[str, float]) -> None:
+        self.laps = laps
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 5)
+        self.last = now
+
+
 class DepthService:
     def __init__(self, settings: Settings, triton: TritonModels, fetcher: Fetcher) -> None:
         self.settings = settings
@@ -82,16 +95,23 @@ class DepthService:
     async def _one(self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel) -> dict:
         started = time.perf_counter()
         described: dict = {"kind": "url", "url": source.data} if source.type == "url" else {"kind": "b64", "bytes": 0}
+        timings: dict[str, float] = {}
+        clock = Stopwatch(timings)
         try:
             if source.type == "url":
                 data = await self.fetcher.fetch(source.data)
             else:
                 data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
                 described["bytes"] = len(data)
+            clock.lap("fetch")
             image = await self._cpu(decode_image, data, self.settings.max_pixels)
+            clock.lap("decode")
             prepared = await self._cpu(prepare, image, request.max_size, model)
+            clock.lap("resize")
             depth = await self.triton.infer(model, prepared.network_input)
+            clock.lap("infer")
             outputs = await self._cpu(render, image, depth, request, model)
+            clock.lap("render")
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}
         except Exception:
@@ -107,6 +127,7 @@ class DepthService:
             "height": height,
             "inference_size": list(prepared.inference_size),
             **outputs,
+            "timings": timings,
             "elapsed_sec": round(time.perf_counter() - started, 4),
         }
 

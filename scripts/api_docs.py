@@ -1,7 +1,7 @@
 """Render docs/api.md and docs/request.schema.json from the request schema the gateway validates with.
 
-    python scripts/api_docs.py           # write the files
-    python scripts/api_docs.py --check   # exit 1 if they differ from the schema (the tests run this)
+python scripts/api_docs.py           # write the files
+python scripts/api_docs.py --check   # exit 1 if they differ from the schema (the tests run this)
 """
 
 from __future__ import annotations

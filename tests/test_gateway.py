@@ -24,7 +24,7 @@ TOP_LEVEL_KEYS = {
 }  # fmt: skip
 RESULT_KEYS = {
     "index", "input", "model", "metric", "width", "height", "inference_size", "depth_min", "depth_max",
-    "depth_mean", "tasks", "elapsed_sec",
+    "depth_mean", "tasks", "elapsed_sec", "timings",
 }  # fmt: skip
 TASK_KEYS = {
     "depth": {"depth_png_b64", "depth_png_mime"},
@@ -68,6 +68,8 @@ def test_seed_example_depth_only(run_job, photo_urls: dict[str, str], photos: di
     assert result["metric"] is False
     assert_full_result(result, ["depth"], 600, 400)
     assert result["inference_size"] == [600, 400]
+    assert list(result["timings"]) == ["fetch", "decode", "resize", "infer", "render"]
+    assert 0 < sum(result["timings"].values()) <= result["elapsed_sec"]
 
 
 def test_seed_example_colorized_viridis(run_job, photo_urls: dict[str, str]) -> None:

@@ -127,3 +127,25 @@ def test_direct_triton_client_example(protocol: str, triton, tmp_path: Path, pho
     assert depth.shape == (518, 686)
     assert depth.dtype == np.float32
     assert depth.std() > 0
+
+
+def test_api_docs_match_the_schema() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/api_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "```bash\nscripts/test.sh\n```" in readme
+    assert "exec scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_documents_every_setting() -> None:
+    from gateway import settings
+
+    source = Path(settings.__file__).read_text()
+    readme = (ROOT / "README.md").read_text()
+    for variable in set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source)):
+        assert f"| `{variable}` |" in readme, f"{variable} is not in the README's configuration table"
