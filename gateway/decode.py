@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gateway.errors import ImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+ORIENTATION = 0x0112  # the EXIF tag
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
@@ -57,9 +58,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     try:
-        image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError):
         raise ImageError("image data is corrupt or truncated") from None
@@ -81,4 +82,6 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)

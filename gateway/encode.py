@@ -1,4 +1,7 @@
-"""Arrays -> encoded image bytes with OpenCV's codecs, and bytes -> base64 text. Pure."""
+"""Arrays -> encoded image bytes, and bytes -> base64 text. Pure.
+
+PNG goes through the fast encoder in ``gateway.png``; JPEG and WebP through OpenCV's codecs.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,18 @@ import io
 import cv2
 import numpy as np
 
+from gateway.png import encode_png
+
 MIME = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
-PNG_COMPRESSION = 1  # zlib level: the fastest; level 6+ saves little on depth maps and costs several times the CPU
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     """RGB uint8 [H, W, 3], or grayscale uint8/uint16 [H, W], as png / webp / jpg."""
+    if fmt == "png":
+        return encode_png(array)
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    if fmt == "png":
-        params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
-    elif fmt == "jpg":
+    if fmt == "jpg":
         params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     elif fmt == "webp":
         params = [cv2.IMWRITE_WEBP_QUALITY, quality]

@@ -7,7 +7,7 @@ normalization), never a division by zero or NaN. Conventions:
   metric models and d clipped to [0, 1] for relative ones; then ``invert`` swaps near and far.
 - normals: from the gradient of the normalized map scaled by the image's shorter side (a ramp over the
   full range across the image tilts about 45 degrees), unit length, encoded as (n + 1) / 2 * 255.
-- disparity: 1 / (d + eps) with eps a thousandth of the map's range, normalized to [0, 1].
+- disparity: 1 / (d + eps) with eps a thousandth of the map's range, min-max normalized to 8 bits.
 - point cloud: every pixel at (column, distance) on a ``grid x grid`` canvas, camera at the bottom,
   far at the top, each cell the mean colour of the image pixels that land there.
 """
@@ -52,10 +52,15 @@ def _unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _min_max(values: np.ndarray, top: float, dtype: int) -> np.ndarray:
+    """min -> 0 and max -> ``top`` in one pass (rounded and saturated for integer types); flat -> 0."""
+    return cv2.normalize(values, None, 0.0, top, cv2.NORM_MINMAX, dtype)
+
+
 def normalized(depth: np.ndarray, normalize: bool, invert: bool, max_depth: float | None) -> np.ndarray:
     """Depth scaled to [0, 1] for the visual outputs (see module docstring)."""
     if normalize:
-        out = _unit_range(depth, float(depth.min()), float(depth.max()))
+        out = _min_max(depth, 1.0, cv2.CV_32F)
     elif max_depth is not None:
         out = _unit_range(depth, 0.0, max_depth)
     else:
@@ -64,31 +69,35 @@ def normalized(depth: np.ndarray, normalize: bool, invert: bool, max_depth: floa
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:
-    return (unit * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+    """[0, 1] float -> uint8, rounded, in one pass."""
+    return cv2.convertScaleAbs(unit, alpha=255.0)
 
 
-def depth_uint16(depth: np.ndarray, depth_min: float, depth_max: float) -> np.ndarray:
-    """depth_min -> 0 and depth_max -> 65535, rounded."""
-    return (_unit_range(depth, depth_min, depth_max) * np.float32(65535.0) + np.float32(0.5)).astype(np.uint16)
+def depth_uint16(depth: np.ndarray) -> np.ndarray:
+    """The map's min -> 0 and max -> 65535, rounded."""
+    return _min_max(depth, 65535.0, cv2.CV_16U)
 
 
 def colorize(unit: np.ndarray, colormap: str) -> np.ndarray:
     """[0, 1] map -> RGB uint8 through the colormap's lookup table."""
-    return colormap_lut(colormap)[to_uint8(unit)]
+    index = to_uint8(unit)
+    return cv2.LUT(cv2.merge([index, index, index]), colormap_lut(colormap).reshape(256, 1, 3))
 
 
 def normals(unit: np.ndarray) -> np.ndarray:
     """Unit surface normals from the depth gradient, as RGB uint8 (n + 1) / 2 * 255."""
-    scaled = unit * np.float32(min(unit.shape))
+    scaled = unit * np.float32(-min(unit.shape))  # negated: the normal is (-dz/dx, -dz/dy, 1)
     grad_y, grad_x = (
         np.gradient(scaled, axis=axis) if unit.shape[axis] > 1 else np.zeros_like(scaled) for axis in (0, 1)
     )
-    length = np.sqrt(grad_x * grad_x + grad_y * grad_y + np.float32(1.0))
-    rgb = np.empty((*unit.shape, 3), np.float32)
-    rgb[..., 0] = -grad_x / length
-    rgb[..., 1] = -grad_y / length
-    rgb[..., 2] = np.float32(1.0) / length
-    return ((rgb + np.float32(1.0)) * np.float32(127.5) + np.float32(0.5)).astype(np.uint8)
+    inverse_length = grad_x * grad_x
+    inverse_length += grad_y * grad_y
+    inverse_length += np.float32(1.0)
+    np.sqrt(inverse_length, out=inverse_length)
+    np.reciprocal(inverse_length, out=inverse_length)
+    grad_x *= inverse_length
+    grad_y *= inverse_length
+    return cv2.merge([cv2.convertScaleAbs(c, alpha=127.5, beta=127.5) for c in (grad_x, grad_y, inverse_length)])
 
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:
@@ -97,32 +106,28 @@ def decode_normals(rgb: np.ndarray) -> np.ndarray:
 
 
 def disparity(depth: np.ndarray) -> np.ndarray:
-    """1 / (d + eps), normalized to [0, 1]; eps is a thousandth of the map's range (at least 1e-6)."""
+    """1 / (d + eps), normalized to 0..255 (uint8); eps is a thousandth of the map's range (at least 1e-6)."""
     eps = max((float(depth.max()) - float(depth.min())) * 1e-3, 1e-6)
-    inverse = np.float32(1.0) / (np.maximum(depth, 0.0) + np.float32(eps))
-    return _unit_range(inverse, float(inverse.min()), float(inverse.max()))
+    inverse = np.maximum(depth, np.float32(0.0))
+    inverse += np.float32(eps)
+    np.reciprocal(inverse, out=inverse)
+    return _min_max(inverse, 255.0, cv2.CV_8U)
 
 
 def point_cloud(image: np.ndarray, distance: np.ndarray, grid: int) -> np.ndarray:
     """Top-down (x, distance) preview: ``distance`` in [0, 1] (0 = at the camera), RGB uint8 grid x grid."""
     width = distance.shape[1]
-    columns = np.broadcast_to(
-        (np.arange(width, dtype=np.float32) * ((grid - 1) / max(width - 1, 1)))[None, :], distance.shape
-    )
-    rows = (np.float32(1.0) - distance) * np.float32(grid - 1)
-    cells = (rows + np.float32(0.5)).astype(np.int32) * grid + (columns + np.float32(0.5)).astype(np.int32)
-    cells = cells.ravel()
-    counts = np.bincount(cells, minlength=grid * grid)
-    canvas = np.zeros((grid * grid, 3), np.float32)
-    pixels = image.reshape(-1, 3)
-    for channel in range(3):
-        canvas[:, channel] = np.bincount(cells, weights=pixels[:, channel], minlength=grid * grid)
-    filled = counts > 0
-    canvas[filled] /= counts[filled, None]
-    return canvas.reshape(grid, grid, 3).astype(np.uint8)
+    columns = np.rint(np.arange(width) * ((grid - 1) / max(width - 1, 1))).astype(np.intp)
+    rows = cv2.convertScaleAbs(distance, alpha=-(grid - 1), beta=grid - 1).astype(np.intp)  # far at the top
+    rows *= grid
+    rows += columns
+    cells = rows.ravel()  # intp, as bincount wants: no conversion in each of the four calls
+    counts = np.maximum(np.bincount(cells, minlength=grid * grid), 1)
+    planes = [np.bincount(cells, weights=plane.ravel(), minlength=grid * grid) / counts for plane in cv2.split(image)]
+    return cv2.merge([plane.astype(np.uint8).reshape(grid, grid) for plane in planes])
 
 
 def distance_from_camera(depth: np.ndarray, metric: bool) -> np.ndarray:
     """[0, 1] distance for the point cloud: metric depth grows with distance, relative output shrinks."""
-    unit = _unit_range(depth, float(depth.min()), float(depth.max()))
+    unit = _min_max(depth, 1.0, cv2.CV_32F)
     return unit if metric else 1.0 - unit

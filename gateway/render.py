@@ -42,7 +42,7 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
         unit = pp.normalized(depth, request.normalize, request.invert, model.max_depth)
     for task in request.tasks:
         if task == "depth":
-            out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth, low, high), "png"))
+            out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth), "png"))
             out["depth_png_mime"] = MIME["png"]
             if request.include_raw:
                 out["depth_npz_b64"] = b64(encode_npz(depth))
@@ -54,7 +54,7 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
             out["normals_b64"] = b64(encode_image(pp.normals(unit), fmt, request.quality))
             out["normals_mime"] = mime
         elif task == "disparity":
-            out["disparity_b64"] = b64(encode_image(pp.to_uint8(pp.disparity(depth)), fmt, request.quality))
+            out["disparity_b64"] = b64(encode_image(pp.disparity(depth), fmt, request.quality))
             out["disparity_mime"] = mime
         elif task == "point_cloud":
             distance = pp.distance_from_camera(depth, model.metric)
