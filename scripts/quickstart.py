@@ -16,11 +16,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import cv2
 from skimage import data
+
+from gateway.devstack import start_gateway, wait_for_api
+from gateway.triton_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud"]
@@ -43,29 +45,6 @@ def step(label: str, timings: list[tuple[str, float]]):
             timings.append((label, time.perf_counter() - self.started))
 
     return Timer()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_api(process: subprocess.Popen, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("error: the gateway exited during start-up (see its log above)")
-        try:
-            request = urllib.request.Request(f"{url}/runsync", data=b'{"input": {}}', method="POST")
-            request.add_header("Content-Type", "application/json")
-            urllib.request.urlopen(request, timeout=5).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"error: the gateway API did not come up within {timeout:g} s")
 
 
 def main() -> int:
@@ -93,12 +72,15 @@ def main() -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MODEL_REPOSITORY": str(repository), "DEPTH_MODEL": args.model, "TRITON_URL": ""}
+    env = {"MODEL_REPOSITORY": str(repository), "DEPTH_MODEL": args.model, "TRITON_URL": ""}
+    log_path = out / "gateway.log"
     with step("start Triton and the gateway", timings):
-        command = [sys.executable, "-m", "gateway", "--rp_serve_api", "--rp_api_port", str(port)]
-        log = (out / "gateway.log").open("wb")
-        gateway = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_api(gateway, url, timeout=300)
+        gateway = start_gateway(env, port, log_path)
+        try:
+            wait_for_api(gateway, url, log_path, timeout=300)
+        except RuntimeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     try:
         image = args.image
         if image is None:
@@ -124,7 +106,7 @@ def main() -> int:
     print("\nTimings:")
     for label, seconds in timings:
         print(f"  {seconds:7.2f} s  {label}")
-    print(f"\nOutputs: {out / 'results'}\nGateway log: {out / 'gateway.log'}")
+    print(f"\nOutputs: {out / 'results'}\nGateway log: {log_path}")
     return 0
 
 

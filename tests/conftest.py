@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +14,7 @@ from skimage import data
 
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
+from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.triton_process import EmbeddedTriton, free_port
 from tests.servers import ImageServer, running_image_server
 
@@ -89,33 +84,6 @@ def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 @pytest.fixture(scope="session")
 def photo_urls(image_server: ImageServer, photos: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: image_server.add(f"{name}.jpg", jpeg(image)) for name, image in photos.items()}
-
-
-def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gateway", "--rp_serve_api", "--rp_api_port", str(port)]
-    with log_path.open("wb") as log:
-        return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_for_api(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            post(url, {})
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"gateway API not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
-
-
-def post(url: str, payload: dict, timeout: float = 120) -> dict:
-    """POST ``{"input": payload}`` to a Runpod API's /runsync; returns the parsed JSON reply."""
-    body = json.dumps({"input": payload}).encode()
-    request = urllib.request.Request(f"{url}/runsync", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="session")

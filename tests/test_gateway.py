@@ -13,6 +13,7 @@ from matplotlib import colormaps
 from PIL import Image
 from transformers import pipeline
 
+from gateway.devstack import post
 from gateway.postprocess import decode_normals
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, jpeg
 from tests.helpers import correlation, decode_image, decode_npz
@@ -357,8 +358,6 @@ def test_depth_correlates_with_transformers_pipeline(
 
 def test_concurrent_requests_are_batched_by_triton(gateway_url: str, photo_urls: dict[str, str], triton) -> None:
     import tritonclient.http as httpclient
-
-    from tests.conftest import post
 
     client = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
     name = "depth_anything_v2_small"

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.devstack import post
 from gateway.schema import parse_request
-from tests.conftest import RELATIVE_ID, ROOT, post
+from tests.conftest import RELATIVE_ID, ROOT
 from tests.helpers import decode_image
 
 DOCKERFILES = ["Dockerfile.triton", "Dockerfile.gateway"]

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.triton_process import EmbeddedTriton, free_port
 from tests import images
-from tests.conftest import RELATIVE_ID, post, start_gateway, wait_for_api
+from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_image
 
 

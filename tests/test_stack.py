@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.triton_process import free_port
-from tests.conftest import RELATIVE_ID, ROOT, jpeg, post, start_gateway, wait_for_api
+from tests.conftest import RELATIVE_ID, ROOT, jpeg
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,40 @@
+"""Run ``python -m gateway`` with Runpod's local API as a child process, and send it jobs.
+
+For the quickstart, the tests and the benchmarks; the worker itself does not use this.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gateway.client import send
+
+
+def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    """Start the worker with ``env`` added to ours, serving Runpod's local API on 127.0.0.1:``port``."""
+    command = [sys.executable, "-m", "gateway", "--rp_serve_api", "--rp_api_port", str(port)]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def post(url: str, payload: dict, timeout: float = 120) -> dict:
+    """POST ``{"input": payload}`` to ``url``/runsync; returns the parsed reply."""
+    return send(f"{url}/runsync", {"Content-Type": "application/json"}, payload, timeout)
+
+
+def wait_for_api(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> None:
+    """Wait until the local API answers a job; raise RuntimeError with the log's end if it does not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited during start-up:\n{log_path.read_text()[-3000:]}")
+        try:
+            post(url, {}, timeout=10)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the gateway API was not up after {timeout:g} s:\n{log_path.read_text()[-3000:]}")
