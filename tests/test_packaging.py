@@ -21,29 +21,21 @@ from tests.helpers import decode_image
 DOCKERFILES = ["Dockerfile.triton", "Dockerfile.gateway"]
 
 
-def test_quickstart_without_weights_says_how_to_pass_them(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHECKPOINT": ""}
-    result = subprocess.run(
-        [sys.executable, "scripts/quickstart.py", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+def quickstart(command: list[str], out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
     )
+
+
+def test_quickstart_without_weights_says_how_to_pass_them(tmp_path: Path) -> None:
+    result = quickstart([sys.executable, "scripts/quickstart.py"], tmp_path, HF_HUB_OFFLINE="1", CHECKPOINT="")
     assert result.returncode == 2
     assert "No model weights" in result.stderr
     assert "--checkpoint /path/to/checkpoint" in result.stderr
 
 
-def test_quickstart_with_a_local_checkpoint(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    env = {**os.environ, "CHECKPOINT": str(checkpoints[RELATIVE_ID])}
-    result = subprocess.run(
-        [sys.executable, "scripts/quickstart.py", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+def test_quickstart_as_the_readme_runs_it(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    result = quickstart(["scripts/quickstart.sh", "--checkpoint", str(checkpoints[RELATIVE_ID])], tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     results = tmp_path / "results"
     for task in ("depth", "colorized", "normals", "disparity", "point_cloud"):
