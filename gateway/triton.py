@@ -183,7 +183,7 @@ class TritonModels:
                         await self._reload_quietly(model.name)
                         continue
                 if status not in TRANSIENT or attempt == self.retries:
-                    raise ImageError(_describe(status)) from None
+                    raise ImageError(_describe(status, error.message() or "")) from None
                 await asyncio.sleep(min(0.2 * 2**attempt, max(deadline - time.monotonic(), 0)))
         raise ImageError(f"depth inference timed out after {self.timeout:g} s")
 
@@ -200,8 +200,9 @@ def _model_missing(message: str) -> bool:
     return "unknown model" in message or "not found" in message or "not ready" in message
 
 
-def _describe(status: str) -> str:
-    if status == "StatusCode.RESOURCE_EXHAUSTED":
+def _describe(status: str, message: str) -> str:
+    """A short, safe sentence for a Triton error (Triton reports a full queue as UNAVAILABLE)."""
+    if status == "StatusCode.RESOURCE_EXHAUSTED" or "queue size" in message.lower():
         return "the depth model is overloaded; try again later"
     if status == "StatusCode.UNAVAILABLE":
         return "the inference server is unavailable right now; try again shortly"

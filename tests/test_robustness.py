@@ -3,17 +3,22 @@ property tests over request JSON and image bytes, and Triton outages."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.devstack import post, start_gateway, wait_for_api
+from gateway.errors import ImageError
+from gateway.triton import TritonModels
 from gateway.triton_process import EmbeddedTriton, free_port
 from tests import images
 from tests.conftest import RELATIVE_ID
@@ -220,3 +225,53 @@ def test_worker_start_fails_loudly_without_triton(tmp_path: Path) -> None:
         raise
     assert "could not start: Triton at" in log_path.read_text()
     assert "not reachable after 2 s" in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def overloaded_triton(serving_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A Triton whose small model takes 0.5 s per request and queues at most one more."""
+    repository = tmp_path_factory.mktemp("slow_repository")
+    model_dir = shutil.copytree(serving_repository / "depth_anything_v2_small", repository / "depth_anything_v2_small")
+    config = (model_dir / "config.pbtxt").read_text()
+    config = config.replace("max_batch_size: 32", "max_batch_size: 1").replace(
+        "dynamic_batching {", "dynamic_batching {\n  default_queue_policy { max_queue_size: 1 }"
+    )
+    (model_dir / "config.pbtxt").write_text(config)
+    code = (model_dir / "1" / "model.py").read_text()
+    code = code.replace("import os\n", "import os\nimport time\n").replace(
+        "    def execute(self, requests: list) -> list:\n",
+        "    def execute(self, requests: list) -> list:\n        time.sleep(0.5)\n",
+    )
+    (model_dir / "1" / "model.py").write_text(code)
+    triton = EmbeddedTriton(repository, start_timeout=120).start()
+    yield triton
+    triton.stop()
+
+
+def flood(url: str, retries: int, count: int = 8) -> list:
+    async def run() -> list:
+        models = TritonModels(url, max_loaded=1, timeout=30, retries=retries)
+        model = await models.ensure_loaded("depth_anything_v2_small")
+        image = np.zeros((518, 518, 3), np.uint8)
+        try:
+            return await asyncio.gather(*(models.infer(model, image) for _ in range(count)), return_exceptions=True)
+        finally:
+            await models.close()
+
+    return asyncio.run(run())
+
+
+def test_queue_full_is_retried_with_backoff_then_reported_clearly(overloaded_triton) -> None:
+    without_retries = flood(overloaded_triton.grpc_url, retries=0)
+    errors = [r for r in without_retries if isinstance(r, Exception)]
+    assert errors, "the queue never filled"
+    assert all(isinstance(e, ImageError) for e in errors)
+    assert {str(e) for e in errors} == {"the depth model is overloaded; try again later"}
+    assert all(r.shape == (518, 518) for r in without_retries if not isinstance(r, Exception))
+
+    with_retries = flood(overloaded_triton.grpc_url, retries=6)
+    succeeded = [r for r in with_retries if not isinstance(r, Exception)]
+    assert len(succeeded) > len(without_retries) - len(errors)
+    assert {str(e) for e in with_retries if isinstance(e, Exception)} <= {
+        "the depth model is overloaded; try again later"
+    }
