@@ -27,7 +27,7 @@ from gateway.triton import ModelUnavailable, ServedModel, TritonModels
 
 log = logging.getLogger("gateway")
 
-ECHOED = ("model", "tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size")
+ECHOED = ("tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size", "point_cloud_grid")
 
 
 class Stopwatch:
@@ -74,9 +74,8 @@ class DepthService:
         )
         response = {
             "results": results,
-            **{key: getattr(request, key) for key in ECHOED},
             "model": model.hf_id,
-            "point_cloud_grid": request.point_cloud_grid,
+            **{key: getattr(request, key) for key in ECHOED},
             "dtype": dtype,
             "device": "cuda" if model.on_gpu else "cpu",
             "cuda_available": bool(self.triton.gpu),

@@ -30,6 +30,7 @@ from gateway.errors import ImageError
 
 DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
+LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
 
 
 class ModelUnavailable(ValueError):
@@ -132,7 +133,7 @@ class TritonModels:
             if name not in self.loaded:
                 await self._evict_for_one_more()
                 try:
-                    await self.client.load_model(name, client_timeout=self.timeout)
+                    await self.client.load_model(name, client_timeout=max(self.timeout, LOAD_TIMEOUT))
                     response = await self.client.get_model_config(name, client_timeout=self.timeout)
                 except InferenceServerException:
                     raise ModelUnavailable(f"model {name} could not be loaded; try again shortly") from None
