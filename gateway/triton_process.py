@@ -90,9 +90,10 @@ class EmbeddedTriton:
             return [str(NVIDIA_IMAGE_BINARY), *args], env
         root = _pytriton_root() / "tritonserver"
         backends = self.workdir / "backends"
-        shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
-        stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
-        shutil.copy(stub / "triton_python_backend_stub", backends / "python" / "triton_python_backend_stub")
+        if not backends.exists():  # a restart reuses it (a killed Triton's stubs may still run the binary)
+            shutil.copytree(root / "backends", backends)
+            stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+            shutil.copy(stub / "triton_python_backend_stub", backends / "python" / "triton_python_backend_stub")
         libs = root.parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

@@ -192,6 +192,7 @@ def fragile_stack(serving_repository: Path, tmp_path_factory: pytest.TempPathFac
 def test_triton_outage_gives_quick_clean_errors_and_recovery(fragile_stack) -> None:
     triton, url = fragile_stack
     assert_still_serves(url)
+
     triton.terminate()
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -275,3 +276,27 @@ def test_queue_full_is_retried_with_backoff_then_reported_clearly(overloaded_tri
     assert {str(e) for e in with_retries if isinstance(e, Exception)} <= {
         "the depth model is overloaded; try again later"
     }
+
+
+def test_triton_killed_mid_job_fails_the_images_in_flight_within_the_deadline(overloaded_triton) -> None:
+    async def run() -> tuple[list, float]:
+        models = TritonModels(overloaded_triton.grpc_url, max_loaded=1, timeout=10, retries=2)
+        model = await models.ensure_loaded("depth_anything_v2_small")
+        image = np.zeros((518, 518, 3), np.uint8)
+        in_flight = [asyncio.create_task(models.infer(model, image)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # the first is executing (0.5 s), the second queued
+        overloaded_triton.process.kill()  # a crash, not a graceful stop
+        started = time.monotonic()
+        results = await asyncio.gather(*in_flight, return_exceptions=True)
+        await models.close()
+        return results, time.monotonic() - started
+
+    try:
+        results, elapsed = asyncio.run(run())
+    finally:
+        overloaded_triton.terminate()
+        overloaded_triton.start()
+    assert elapsed < 10
+    assert all(isinstance(result, ImageError) for result in results), results
+    for result in results:
+        assert_clean_message(str(result))
