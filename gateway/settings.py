@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
 
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
-def _list(name: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+def _items(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -43,22 +36,32 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(
-            default_model=os.environ.get("DEPTH_MODEL", DEFAULT_MODEL),
-            triton_url=os.environ.get("TRITON_URL") or None,
-            model_repository=Path(os.environ.get("MODEL_REPOSITORY", "model_repository")),
-            max_loaded_models=_int("MAX_LOADED_MODELS", 2),
-            concurrency=_int("CONCURRENCY", 8),
-            max_images=_int("MAX_IMAGES", 16),
-            max_download_bytes=_int("MAX_DOWNLOAD_BYTES", 25 << 20),
-            download_timeout=_float("DOWNLOAD_TIMEOUT", 15.0),
-            max_b64_chars=_int("MAX_B64_CHARS", 36 << 20),
-            max_pixels=_int("MAX_PIXELS", 50_000_000),
-            max_response_bytes=_int("MAX_RESPONSE_BYTES", 20_000_000),
-            triton_timeout=_float("TRITON_TIMEOUT", 60.0),
-            triton_retries=_int("TRITON_RETRIES", 3),
-            triton_start_timeout=_float("TRITON_START_TIMEOUT", 180.0),
-            postprocess_threads=_int("POSTPROCESS_THREADS", os.cpu_count() or 2),
-            url_allowlist=_list("URL_ALLOWLIST"),
-            triton_ports=tuple(int(port) for port in _list("TRITON_PORTS")) or (8000, 8001, 8002),
-        )
+        """Defaults, overridden by every variable of ``ENVIRONMENT`` that is set and not empty."""
+        values = {
+            name: parse(os.environ[variable].strip())
+            for name, (variable, parse) in ENVIRONMENT.items()
+            if os.environ.get(variable, "").strip()
+        }
+        return cls(**values)
+
+
+# Settings field -> (environment variable, parser).
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
+    "default_model": ("DEPTH_MODEL", str),
+    "triton_url": ("TRITON_URL", str),
+    "model_repository": ("MODEL_REPOSITORY", Path),
+    "max_loaded_models": ("MAX_LOADED_MODELS", int),
+    "concurrency": ("CONCURRENCY", int),
+    "max_images": ("MAX_IMAGES", int),
+    "max_download_bytes": ("MAX_DOWNLOAD_BYTES", int),
+    "download_timeout": ("DOWNLOAD_TIMEOUT", float),
+    "max_b64_chars": ("MAX_B64_CHARS", int),
+    "max_pixels": ("MAX_PIXELS", int),
+    "max_response_bytes": ("MAX_RESPONSE_BYTES", int),
+    "triton_timeout": ("TRITON_TIMEOUT", float),
+    "triton_retries": ("TRITON_RETRIES", int),
+    "triton_start_timeout": ("TRITON_START_TIMEOUT", float),
+    "postprocess_threads": ("POSTPROCESS_THREADS", int),
+    "url_allowlist": ("URL_ALLOWLIST", _items),
+    "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),
+}

@@ -45,8 +45,8 @@ def wait_for_triton(triton: TritonModels, timeout: float) -> None:
         raise TritonStartError(f"Triton at {triton.url} not reachable after {timeout:g} s") from None
 
 
-def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | None]:
-    server = None
+def build_service(settings: Settings) -> DepthService:
+    """Connect to (or start) Triton, wait for it, and preload the default model."""
     url = settings.triton_url
     blocked_ports = list(settings.triton_ports)  # never reachable through an image URL
     if url is None:
@@ -64,7 +64,7 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
     )
     service = DepthService(settings, triton, fetcher)
     asyncio.run(service.startup())
-    return service, server
+    return service
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")  # DEBUG would log every base64 output in full
     settings = Settings.from_env()
     try:
-        service, _ = build_service(settings)
+        service = build_service(settings)
     except TritonStartError as error:
         log.error("could not start: %s", error)
         sys.exit(1)
