@@ -119,7 +119,7 @@ class Ours:
         return pp.upsample(depth, WIDTH, HEIGHT)
 
     def unit(self, depth: np.ndarray) -> np.ndarray:
-        return pp.normalized(depth, normalize=True, invert=False, max_depth=None)
+        return pp.normalized(depth, normalize=True, max_depth=None)
 
     def depth_png(self, depth: np.ndarray) -> str:
         return b64(encode_image(pp.depth_uint16(depth), "png"))

@@ -4,7 +4,8 @@ All outputs are at the original image size. A flat or constant depth map gives v
 normalization), never a division by zero or NaN. Conventions:
 
 - ``normalized``: (d - min) / (max - min) with ``normalize``; otherwise a fixed scale, d / max_depth for
-  metric models and d clipped to [0, 1] for relative ones; then ``invert`` swaps near and far.
+  metric models and d clipped to [0, 1] for relative ones. ``invert`` (1 - that) applies to the
+  colorized output only; normals always follow the depth as it is.
 - normals: from the gradient of the normalized map scaled by the image's shorter side (a ramp over the
   full range across the image tilts about 45 degrees), unit length, encoded as (n + 1) / 2 * 255.
 - disparity: 1 / (d + eps) with eps a thousandth of the map's range, min-max normalized to 8 bits.
@@ -57,7 +58,7 @@ def _min_max(values: np.ndarray, top: float, dtype: int) -> np.ndarray:
     return cv2.normalize(values, None, 0.0, top, cv2.NORM_MINMAX, dtype)
 
 
-def normalized(depth: np.ndarray, normalize: bool, invert: bool, max_depth: float | None) -> np.ndarray:
+def normalized(depth: np.ndarray, normalize: bool, max_depth: float | None) -> np.ndarray:
     """Depth scaled to [0, 1] for the visual outputs (see module docstring)."""
     if normalize:
         out = _min_max(depth, 1.0, cv2.CV_32F)
@@ -65,7 +66,7 @@ def normalized(depth: np.ndarray, normalize: bool, invert: bool, max_depth: floa
         out = _unit_range(depth, 0.0, max_depth)
     else:
         out = np.clip(depth, 0.0, 1.0).astype(np.float32)
-    return 1.0 - out if invert else out
+    return out
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:

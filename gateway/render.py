@@ -39,7 +39,7 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
     fmt, mime = request.output_format, MIME[request.output_format]
     unit = None
     if {"colorized", "normals"} & set(request.tasks):
-        unit = pp.normalized(depth, request.normalize, request.invert, model.max_depth)
+        unit = pp.normalized(depth, request.normalize, model.max_depth)
     for task in request.tasks:
         if task == "depth":
             out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth), "png"))
@@ -47,7 +47,8 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
             if request.include_raw:
                 out["depth_npz_b64"] = b64(encode_npz(depth))
         elif task == "colorized":
-            out["colorized_b64"] = b64(encode_image(pp.colorize(unit, request.colormap), fmt, request.quality))
+            shown = 1.0 - unit if request.invert else unit
+            out["colorized_b64"] = b64(encode_image(pp.colorize(shown, request.colormap), fmt, request.quality))
             out["colorized_mime"] = mime
             out["colormap"] = request.colormap
         elif task == "normals":

@@ -157,7 +157,7 @@ def test_seed_example_point_cloud_grid(run_job, photo_urls: dict[str, str]) -> N
 def test_seed_example_invert_magma(run_job, photo_urls: dict[str, str]) -> None:
     common = {
         "image_url": photo_urls["coffee"],
-        "tasks": ["colorized", "depth"],
+        "tasks": ["colorized", "depth", "normals"],
         "colormap": "magma",
         "include_raw": True,
     }
@@ -166,6 +166,7 @@ def test_seed_example_invert_magma(run_job, photo_urls: dict[str, str]) -> None:
     unit = normalized(raw_depth(plain))
     assert_colormap(decode_image(plain["colorized_b64"]), "magma", unit)
     assert_colormap(decode_image(inverted["colorized_b64"]), "magma", 1 - unit)
+    assert inverted["normals_b64"] == plain["normals_b64"]  # invert is for the colorization only
 
 
 # --------------------------------------------------------------------------- content of every output

@@ -21,7 +21,7 @@ def plane(height: int = 60, width: int = 80) -> np.ndarray:
 
 
 def test_normals_of_a_plane_are_constant_unit_vectors() -> None:
-    unit = pp.normalized(plane(), normalize=True, invert=False, max_depth=None)
+    unit = pp.normalized(plane(), normalize=True, max_depth=None)
     vectors = pp.decode_normals(pp.normals(unit))
     assert np.abs(vectors - vectors[0, 0]).max() <= 1 / 127.5
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
@@ -32,7 +32,7 @@ def test_normals_of_a_plane_are_constant_unit_vectors() -> None:
 @pytest.mark.parametrize("value", [0.0, 3.5])
 def test_a_constant_map_gives_valid_outputs(value: float) -> None:
     depth = np.full((20, 30), value, np.float32)
-    unit = pp.normalized(depth, normalize=True, invert=False, max_depth=None)
+    unit = pp.normalized(depth, normalize=True, max_depth=None)
     assert np.array_equal(unit, np.zeros_like(unit))
     assert np.array_equal(pp.depth_uint16(depth), np.zeros((20, 30), np.uint16))
     vectors = pp.decode_normals(pp.normals(unit))
@@ -59,11 +59,10 @@ def test_depth_uint16_spans_the_full_range() -> None:
     assert np.array_equal(round_trip, quantized)
 
 
-def test_normalize_false_and_invert() -> None:
+def test_normalize_false_uses_a_fixed_scale() -> None:
     depth = np.array([[0.0, 10.0, 20.0, 40.0]], np.float32)
-    assert pp.normalized(depth, normalize=False, invert=False, max_depth=20.0).tolist() == [[0, 0.5, 1, 1]]
-    assert pp.normalized(depth, normalize=False, invert=True, max_depth=20.0).tolist() == [[1, 0.5, 0, 0]]
-    assert pp.normalized(depth / 40, normalize=False, invert=False, max_depth=None).tolist() == [[0, 0.25, 0.5, 1]]
+    assert pp.normalized(depth, normalize=False, max_depth=20.0).tolist() == [[0, 0.5, 1, 1]]
+    assert pp.normalized(depth / 40, normalize=False, max_depth=None).tolist() == [[0, 0.25, 0.5, 1]]
 
 
 def test_disparity_is_inverse_depth_normalized() -> None:
@@ -108,7 +107,7 @@ def test_limit_size_and_to_bucket() -> None:
 @pytest.mark.parametrize("shape", [(1, 1), (1, 50), (50, 1)])
 def test_single_pixel_rows_and_columns(shape: tuple[int, int]) -> None:
     depth = np.linspace(1, 2, shape[0] * shape[1], dtype=np.float32).reshape(shape)
-    unit = pp.normalized(depth, normalize=True, invert=False, max_depth=None)
+    unit = pp.normalized(depth, normalize=True, max_depth=None)
     vectors = pp.decode_normals(pp.normals(unit))
     assert vectors.shape == (*shape, 3)
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
