@@ -45,14 +45,6 @@ def depth_stats(depth: np.ndarray) -> tuple[float, float, float]:
     return float(depth.min()), float(depth.max()), float(depth.mean(dtype=np.float64))
 
 
-def _unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    span = high - low
-    if not np.isfinite(span) or span <= 0:
-        return np.zeros(values.shape, np.float32)
-    out = (values - np.float32(low)) * np.float32(1.0 / span)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
 def _min_max(values: np.ndarray, top: float, dtype: int) -> np.ndarray:
     """min -> 0 and max -> ``top`` in one pass (rounded and saturated for integer types); flat -> 0."""
     return cv2.normalize(values, None, 0.0, top, cv2.NORM_MINMAX, dtype)
@@ -61,12 +53,9 @@ def _min_max(values: np.ndarray, top: float, dtype: int) -> np.ndarray:
 def normalized(depth: np.ndarray, normalize: bool, max_depth: float | None) -> np.ndarray:
     """Depth scaled to [0, 1] for the visual outputs (see module docstring)."""
     if normalize:
-        out = _min_max(depth, 1.0, cv2.CV_32F)
-    elif max_depth is not None:
-        out = _unit_range(depth, 0.0, max_depth)
-    else:
-        out = np.clip(depth, 0.0, 1.0).astype(np.float32)
-    return out
+        return _min_max(depth, 1.0, cv2.CV_32F)
+    scale = np.float32(1.0 / max_depth if max_depth else 1.0)  # relative models: d clipped to [0, 1]
+    return np.clip(depth * scale, 0.0, 1.0)
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:
