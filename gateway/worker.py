@@ -18,7 +18,7 @@ import runpod
 from gateway.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.settings import Settings
-from gateway.triton import TritonModels
+from gateway.triton import ModelUnavailable, TritonModels
 from gateway.triton_process import EmbeddedTriton, TritonStartError
 
 log = logging.getLogger("gateway")
@@ -34,7 +34,7 @@ def wait_for_triton(triton: TritonModels, timeout: float) -> None:
                     try:
                         await triton.served_names()
                         return
-                    except Exception:
+                    except ModelUnavailable:  # not answering yet
                         await asyncio.sleep(0.5)
         finally:
             await triton.close()
