@@ -4,15 +4,22 @@ http(s) only. Every address a host name resolves to is checked by the connector'
 connection goes to exactly those checked addresses (no second lookup); IP literals are checked directly.
 Refused by default: everything that is not globally routable (loopback, RFC 1918, unique-local,
 link-local and the metadata address, carrier-grade NAT, reserved, unspecified), multicast, and the
-IPv4-mapped / 6to4 / NAT64 / Teredo forms of those. ``URL_ALLOWLIST`` (hosts or networks) opens chosen
+IPv6 forms that embed or translate to one of those (mapped, IPv4-compatible, SIIT, 6to4,
+Teredo, NAT64 including the local-use prefix). ``URL_ALLOWLIST`` (hosts or networks) opens chosen
 ones for tests and private deployments; the Triton server's own ports stay closed even then. Redirects
 are followed by hand, each hop checked the same way, at most ``MAX_REDIRECTS``. Size is bounded on
 Content-Length and while streaming, time by one deadline for the whole download.
+
+Fairness between clients: downloads carry no cookies (no jar is shared between jobs), a job runs at most
+``per_job`` downloads at once (a ``DownloadSlots`` per job), and the deadline starts when the download
+gets its slot, so one client's dead URLs delay only that client's own images. The shared connection pool
+is sized above ``per_job`` times the worker's job concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -26,18 +33,46 @@ from gateway.errors import ImageError
 
 MAX_REDIRECTS = 5
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible ::a.b.c.d
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # stateless IP/ICMP translation (RFC 7915)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 prefix (RFC 8215)
+# RFC 6052 places the IPv4 address around the reserved "u" octet (bits 64-71) by prefix length:
+# (first bit, bit count) of each piece. A local-use prefix may be any of /48, /56, /64 or /96.
+_RFC6052_LAYOUTS = (((48, 16), (72, 16)), ((56, 8), (72, 24)), ((72, 32),), ((96, 32),))
+
+
+def _bits(value: int, first: int, count: int) -> int:
+    """``count`` bits of a 128-bit ``value`` starting at bit ``first`` (0 = most significant)."""
+    return (value >> (128 - first - count)) & ((1 << count) - 1)
+
+
+def _rfc6052_candidates(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    found = []
+    for layout in _RFC6052_LAYOUTS:
+        value = 0
+        for first, count in layout:
+            value = (value << count) | _bits(int(address), first, count)
+        found.append(ipaddress.IPv4Address(value))
+    return found
 
 
 def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses carried inside an IPv6 one (mapped, 6to4, NAT64, Teredo)."""
+    """Every IPv4 address an IPv6 one carries or may be translated to.
+
+    Mapped, IPv4-compatible, SIIT, 6to4, Teredo (server and client), the well-known NAT64 prefix and
+    every RFC 6052 layout of the local-use NAT64 prefix.
+    """
     if isinstance(address, ipaddress.IPv4Address):
         return []
     found = [address.ipv4_mapped, address.sixtofour]
     if address.teredo:
         found += list(address.teredo)
-    if address in _NAT64:
-        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in network for network in (_V4_COMPATIBLE, _SIIT, _NAT64)):
+        found.append(low32)
+    if address in _NAT64_LOCAL:
+        found += _rfc6052_candidates(address)
     return [ip for ip in found if ip is not None]
 
 
@@ -88,20 +123,29 @@ class GuardedResolver(AbstractResolver):
         await self.inner.close()
 
 
+POOL_CONNECTIONS = 512
+
+
 class Fetcher:
     """One aiohttp session per event loop, with the guarded resolver; ``fetch`` returns the body bytes."""
 
-    def __init__(self, policy: AddressPolicy, max_bytes: int, timeout: float) -> None:
+    def __init__(self, policy: AddressPolicy, max_bytes: int, timeout: float, per_job: int = 4) -> None:
         self.policy = policy
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.per_job = per_job
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.policy), use_dns_cache=False, limit=64)
+            connector = aiohttp.TCPConnector(
+                resolver=GuardedResolver(self.policy), use_dns_cache=False, limit=POOL_CONNECTIONS
+            )
             self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=False, headers={"User-Agent": "depth-gateway/0.1"}
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # no cookies: nothing carries from one job to another
+                trust_env=False,
+                headers={"User-Agent": "depth-gateway/0.1"},
             )
         return self._session
 
@@ -109,14 +153,20 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch(self, url: str) -> bytes:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._follow(url)
-        except TimeoutError:
-            raise ImageError(f"image download timed out after {self.timeout:g} s") from None
-        except aiohttp.ClientError:
-            raise ImageError("could not download the image") from None
+    def slots(self) -> asyncio.Semaphore:
+        """A new job's download slots: at most ``per_job`` of its downloads run at once."""
+        return asyncio.Semaphore(self.per_job)
+
+    async def fetch(self, url: str, slots: asyncio.Semaphore | None = None) -> bytes:
+        """The body of ``url``; waiting for one of the job's ``slots`` does not count against the deadline."""
+        async with slots if slots is not None else contextlib.nullcontext():
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await self._follow(url)
+            except TimeoutError:
+                raise ImageError(f"image download timed out after {self.timeout:g} s") from None
+            except aiohttp.ClientError:
+                raise ImageError("could not download the image") from None
 
     async def _follow(self, url: str) -> bytes:
         target = self._checked_url(url)
@@ -126,25 +176,34 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise ImageError("image URL redirected without a location")
-                    target = self._checked_url(str(target.join(URL(location))))
+                    target = self._checked_url(self._join(target, location))
                     continue
                 if response.status != 200:
                     raise ImageError(f"image download failed with HTTP status {response.status}")
                 return await self._read_bounded(response)
         raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times")
 
+    @staticmethod
+    def _join(base: URL, location: str) -> str:
+        try:
+            return str(base.join(URL(location)))
+        except (ValueError, TypeError):
+            raise ImageError("image URL redirected to an invalid URL") from None
+
     def _checked_url(self, url: str) -> URL:
         try:
+            url.encode("utf-8")
             parsed = URL(url)
-        except (ValueError, TypeError):
+            scheme, host, port = parsed.scheme, parsed.host, parsed.port or 0
+        except (ValueError, TypeError):  # bad port, bracket, encoding: yarl and str say ValueError
             raise ImageError("invalid image URL") from None
-        if parsed.scheme not in ("http", "https") or not parsed.host:
+        if scheme not in ("http", "https") or not host:
             raise ImageError("image URL must be http or https with a host")
         try:
-            literal = ipaddress.ip_address(parsed.host)
+            literal = ipaddress.ip_address(host)
         except ValueError:
             return parsed
-        self.policy.check(parsed.host, literal, parsed.port or 0)
+        self.policy.check(host, literal, port)
         return parsed
 
     async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:

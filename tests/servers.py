@@ -22,6 +22,7 @@ class ImageServer:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.hits: Counter[str] = Counter()
+        self.cookies: list[str] = []  # every Cookie header received
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.getaddrinfo(host, 0)[0][0]})
         self._httpd = server_class((host, 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -48,6 +49,8 @@ class ImageServer:
             def do_GET(self) -> None:
                 parsed = urlparse(self.path)
                 server.hits[parsed.path] += 1
+                if self.headers.get("Cookie"):
+                    server.cookies.append(self.headers["Cookie"])
                 query = parse_qs(parsed.query)
                 route = parsed.path.split("/")[1]
                 handler = getattr(self, f"route_{route}", None)
@@ -70,6 +73,15 @@ class ImageServer:
                     self.send_error(404)
                     return
                 self.send_body(*server.files[name])
+
+            def route_cookie(self, path: str, _query: dict) -> None:
+                """An image that also sets a cookie for the whole host."""
+                self.send_response(200)
+                self.send_header("Set-Cookie", "session=secret-of-another-client; Path=/")
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"\xff\xd8\xff\xd9")
 
             def route_redirect(self, _path: str, query: dict) -> None:
                 self.send_response(302)

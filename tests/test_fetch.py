@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.errors import ImageError
-from gateway.fetch import MAX_REDIRECTS, AddressPolicy, Fetcher, is_public
+from gateway.fetch import MAX_REDIRECTS, AddressPolicy, Fetcher, embedded_ipv4, is_public
 from tests.servers import ImageServer, running_image_server
 
 PRIVATE = "image URL points to a private, loopback or reserved address"
@@ -101,7 +101,10 @@ def test_redirects_to_this_machine_never_reach_it(
     "address",
     ["169.254.169.254", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "224.0.0.1", "0.0.0.0",
      "255.255.255.255", "fd00::1", "fe80::1", "ff02::1", "::", "::ffff:10.0.0.1", "2002:a9fe:a9fe::1",
-     "64:ff9b::a9fe:a9fe", "2001:0:4136:e378:8000:63bf:3fff:fdd2"],
+     "64:ff9b::a9fe:a9fe", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+     # IPv4-compatible, SIIT, local-use NAT64 (RFC 6052 /96 and /48 layouts): metadata and loopback
+     "::169.254.169.254", "::7f00:1", "::ffff:0:127.0.0.1", "::ffff:0:a9fe:a9fe", "64:ff9b:1::a9fe:a9fe",
+     "64:ff9b:1:7f00:0:100::"],
 )  # fmt: skip
 def test_non_public_addresses_are_refused_before_connecting(address: str) -> None:
     assert not is_public(ipaddress.ip_address(address))
@@ -112,8 +115,100 @@ def test_non_public_addresses_are_refused_before_connecting(address: str) -> Non
 
 
 def test_public_addresses_are_public() -> None:
-    for address in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
+    for address in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "64:ff9b::808:808", "::8.8.8.8"):
         assert is_public(ipaddress.ip_address(address))
+
+
+def test_the_ipv4_inside_each_translated_form_is_found() -> None:
+    for address in ("::7f00:1", "::ffff:0:127.0.0.1", "64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "64:ff9b:1:7f00:0:100::"):
+        assert ipaddress.IPv4Address("127.0.0.1") in embedded_ipv4(ipaddress.ip_address(address)), address
+
+
+EMBEDDED_LOOPBACK = ["::127.0.0.1", "::ffff:0:127.0.0.1", "64:ff9b:1::7f00:1"]
+
+
+@pytest.mark.parametrize("literal", EMBEDDED_LOOPBACK)
+def test_ipv4_embedding_forms_are_refused_directly_and_by_redirect(
+    literal: str, allowed: ImageServer, victim: ImageServer
+) -> None:
+    url = f"http://[{literal}]:{victim.port}/files/secret.jpg"
+    refused(url)
+    refused(allowed.url(f"/redirect?to={quote(url, safe='')}"))
+    assert sum(victim.hits.values()) == 0
+
+
+@pytest.mark.parametrize("answer", ["::7f00:1", "::ffff:0:a9fe:a9fe", "64:ff9b:1::a9fe:a9fe"])
+def test_names_resolving_to_embedded_private_addresses_are_refused(answer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def fake_resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict]:
+        return [{"hostname": host, "host": answer, "port": port, "family": socket.AF_INET6, "proto": 0, "flags": 0}]
+
+    monkeypatch.setattr("aiohttp.resolver.ThreadedResolver.resolve", fake_resolve)
+    refused("http://translated.example/latest/meta-data/")
+
+
+def test_downloads_carry_no_cookies_from_other_downloads(allowed: ImageServer) -> None:
+    async def run() -> None:
+        fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, 2.0)
+        try:
+            assert await fetcher.fetch(allowed.url("/cookie")) == b"\xff\xd8\xff\xd9"  # sets a cookie
+            await fetcher.fetch(allowed.url("/files/ok.jpg"))  # another job, same host
+        finally:
+            await fetcher.close()
+
+    asyncio.run(run())
+    assert allowed.hits["/cookie"] == 1
+    assert allowed.cookies == []
+
+
+def test_one_clients_dead_urls_do_not_delay_another_clients_download(allowed: ImageServer) -> None:
+    """Five jobs of 16 URLs that never answer, then one good URL of another job."""
+
+    async def run() -> tuple[bytes, float]:
+        fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, timeout=3.0)
+        try:
+            jobs = [fetcher.slots() for _ in range(5)]
+            dead = [asyncio.create_task(fetcher.fetch(allowed.url("/hang"), slots)) for slots in jobs for _ in range(16)]
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            body = await fetcher.fetch(allowed.url("/files/ok.jpg"), fetcher.slots())
+            elapsed = time.monotonic() - started
+            for task in dead:
+                task.cancel()
+            await asyncio.gather(*dead, return_exceptions=True)
+            return body, elapsed
+        finally:
+            await fetcher.close()
+
+    body, elapsed = asyncio.run(run())
+    assert body == b"\xff\xd8 image bytes"
+    assert elapsed < 1.0
+    assert 0 < allowed.hits["/hang"] <= 5 * 4  # each job holds at most its own slots
+
+
+def test_a_jobs_slots_wait_outside_the_deadline(allowed: ImageServer) -> None:
+    """Three URLs of one job, one slot: each gets the whole deadline however long it queued."""
+
+    async def run() -> list:
+        fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, timeout=0.5, per_job=1)
+        slots = fetcher.slots()
+        try:
+            urls = [allowed.url("/hang")] * 2 + [allowed.url("/files/ok.jpg")]
+            return await asyncio.gather(*(fetcher.fetch(url, slots) for url in urls), return_exceptions=True)
+        finally:
+            await fetcher.close()
+
+    first, second, good = asyncio.run(run())
+    assert str(first) == str(second) == "image download timed out after 0.5 s"
+    assert good == b"\xff\xd8 image bytes"  # waited 1 s for its slot, then downloaded
+
+
+@pytest.mark.parametrize("location", ["http://127.0.0.2:99999/x", "http://[::1:80/x", "http://exa mple.com:-1/"])
+def test_redirects_to_malformed_urls_fail_cleanly(allowed: ImageServer, location: str) -> None:
+    refused(allowed.url(f"/redirect?to={quote(location, safe='')}"), "image URL redirected to an invalid URL")
+
+
+def test_urls_with_lone_surrogates_fail_cleanly() -> None:
+    refused("http://example.com/\ud800", "invalid image URL")
 
 
 def test_names_resolving_to_metadata_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
