@@ -1,7 +1,8 @@
 """Image bytes -> RGB ``uint8 [H, W, 3]``, bounded and allow-listed. Pure: no runpod, no tritonclient.
 
 Base64 (raw or ``data:`` URI) is length-checked before decoding and decoded with ``validate=True``. The
-pixel count is checked from the header before any pixel is decoded (decompression bombs), only the
+pixel count is checked from the header before any pixel is decoded (decompression bombs), decode work
+is bounded first (``decode_limits``: JPEG scans, TIFF strips and tiles), only the
 allow-listed formats are opened (GIF: its first frame), EXIF orientation is applied, and every mode
 (grayscale, palette, transparency, CMYK, 16-bit) is converted to 8-bit RGB.
 """
@@ -13,10 +14,12 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gateway.decode_limits import check_decode_work
 from gateway.errors import ImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
@@ -40,8 +43,13 @@ def decode_base64(text: str, max_chars: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode ``data`` to RGB uint8, with EXIF orientation applied."""
+def decode_image(data: bytes, max_pixels: int, admit: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Decode ``data`` to RGB uint8, with EXIF orientation applied.
+
+    ``admit(width, height)`` runs after the header is read and before any pixel is decoded; it raises
+    ImageError to refuse the image (the job's budget).
+    """
+    check_decode_work(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,6 +65,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(f"image too large: {width}x{height} pixels, at most {max_pixels} pixels")
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
+    if admit is not None:
+        admit(width, height)
     try:
         image.load()
         if image.getexif().get(ORIENTATION, 1) != 1:
@@ -79,9 +89,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGBA")
+        if image.getchannel("A").getextrema() != (255, 255):  # opaque everywhere: no copy to composite
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)

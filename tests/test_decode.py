@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from gateway.decode import decode_base64, decode_image
+from gateway.decode_limits import tiff_block_count
 from gateway.errors import ImageError
 from tests import images
 
@@ -85,3 +87,53 @@ def test_base64_forms() -> None:
     ]:
         with pytest.raises(ImageError, match=message):
             decode_base64(bad, 100 if bad == text else 10**6)
+
+
+def test_a_scan_bomb_is_refused_before_decoding() -> None:
+    """64 kB of progressive JPEG repeating one scan 3000 times: seconds of CPU if decoded."""
+    bomb = images.scan_bomb_jpeg()
+    assert len(bomb) < 100_000
+    started = time.process_time()
+    with pytest.raises(ImageError, match=r"JPEG has too many scans: 300\d, at most 100"):
+        decode_image(bomb, LIMIT)
+    assert time.process_time() - started < 0.05
+
+
+def test_progressive_jpegs_within_the_scan_limit_decode() -> None:
+    progressive = images.encode(Image.fromarray(images.photo_like(64, 48)), "JPEG", progressive=True)
+    assert decode_image(progressive, LIMIT).shape == (48, 64, 3)
+    assert decode_image(images.scan_bomb_jpeg(side=64, repeats=50), LIMIT).shape == (64, 64, 3)
+
+
+def test_a_strip_bomb_tiff_is_refused_before_decoding() -> None:
+    """A 12 MB TIFF of 4x4 pixels listing 1.5 million strips: seconds and hundreds of MB in Pillow."""
+    bomb = images.strip_bomb_tiff()
+    assert tiff_block_count(bomb) == 1_500_000
+    started = time.process_time()
+    with pytest.raises(ImageError, match="TIFF has too many strips or tiles: 1500000, at most 65536"):
+        decode_image(bomb, LIMIT)
+    assert time.process_time() - started < 0.05
+
+
+@pytest.mark.parametrize("options", [{}, {"compression": "tiff_lzw"}, {"big_tiff": True}])
+def test_ordinary_tiffs_decode_and_their_strips_are_counted(options: dict) -> None:
+    tiff = images.encode(Image.fromarray(images.photo_like(40, 30)), "TIFF", **options)
+    assert 1 <= tiff_block_count(tiff) <= 30
+    assert decode_image(tiff, LIMIT).shape == (30, 40, 3)
+    assert decode_image(images.strip_bomb_tiff(strips=4), LIMIT).shape == (4, 4, 3)
+
+
+def test_the_admit_hook_sees_the_size_before_any_pixel_is_decoded() -> None:
+    seen = []
+
+    def refuse(width: int, height: int) -> None:
+        seen.append((width, height))
+        raise ImageError("over budget")
+
+    webp = images.huge_canvas_webp()
+    assert len(webp) < 200
+    started = time.process_time()
+    with pytest.raises(ImageError, match="over budget"):
+        decode_image(webp, LIMIT, refuse)
+    assert seen == [(7000, 7000)]
+    assert time.process_time() - started < 0.1  # a 7000 x 7000 decode takes about half a second
