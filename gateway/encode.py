@@ -1,6 +1,7 @@
 """Arrays -> encoded image bytes, and bytes -> base64 text. Pure.
 
-PNG goes through the fast encoder in ``gateway.png``; JPEG and WebP through OpenCV's codecs.
+PNG goes through the fast encoder in ``gateway.png``; JPEG and WebP through OpenCV's codecs. An image
+wider or taller than WebP (16383 px) or JPEG (65500 px) allows is written as PNG instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import numpy as np
 from gateway.png import encode_png
 
 MIME = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
+MAX_SIDE = {"webp": 16383, "jpg": 65500}  # the formats' own limits (libwebp, libjpeg)
+
+
+def writable_format(fmt: str, height: int, width: int) -> str:
+    """``fmt``, or ``png`` when the image is larger than ``fmt`` can hold (the ``*_mime`` key says which)."""
+    return "png" if max(height, width) > MAX_SIDE.get(fmt, 1 << 31) else fmt
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:

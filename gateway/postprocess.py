@@ -108,7 +108,8 @@ def point_cloud(image: np.ndarray, distance: np.ndarray, grid: int) -> np.ndarra
     """Top-down (x, distance) preview: ``distance`` in [0, 1] (0 = at the camera), RGB uint8 grid x grid."""
     width = distance.shape[1]
     columns = np.rint(np.arange(width) * ((grid - 1) / max(width - 1, 1))).astype(np.intp)
-    rows = cv2.convertScaleAbs(distance, alpha=-(grid - 1), beta=grid - 1).astype(np.intp)  # far at the top
+    rows = np.rint((1.0 - distance) * np.float32(grid - 1)).astype(np.intp)  # far at the top
+    np.clip(rows, 0, grid - 1, out=rows)
     rows *= grid
     rows += columns
     cells = rows.ravel()  # intp, as bincount wants: no conversion in each of the four calls

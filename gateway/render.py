@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway import postprocess as pp
-from gateway.encode import MIME, b64, encode_image, encode_npz
+from gateway.encode import MIME, b64, encode_image, encode_npz, writable_format
 from gateway.resize import limit_size, nearest_bucket, to_bucket
 from gateway.schema import DepthRequest
 from gateway.triton import ServedModel
@@ -36,7 +36,8 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
     depth = pp.upsample(network_depth, width, height)
     low, high, mean = pp.depth_stats(depth)
     out: dict = {"depth_min": low, "depth_max": high, "depth_mean": mean, "tasks": list(request.tasks)}
-    fmt, mime = request.output_format, MIME[request.output_format]
+    fmt = writable_format(request.output_format, height, width)
+    mime = MIME[fmt]
     unit = None
     if {"colorized", "normals"} & set(request.tasks):
         unit = pp.normalized(depth, request.normalize, model.max_depth)

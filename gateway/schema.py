@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.errors import QUOTE_LIMIT, quoted, safe_text
+
 Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud"]
 Colormap = Literal["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 OutputFormat = Literal["png", "webp", "jpg"]
@@ -90,11 +92,12 @@ def parse_request(payload: object, max_images: int) -> ParsedRequest:
 
 
 def _describe(error: ValidationError) -> str:
+    """One sentence naming the first problem; user input is quoted short (see ``errors.quoted``)."""
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "input"
+    where = safe_text(".".join(str(part)[:QUOTE_LIMIT] for part in first["loc"])) or "input"
     if first["type"] == "extra_forbidden":
-        return f"unknown field {where!r}"
+        return f"unknown field {quoted(where)}"
     if first["type"] == "literal_error":
         expected = first["msg"].removeprefix("Input should be ")
-        return f"invalid value {first.get('input')!r} for {where}: expected {expected}"
-    return f"invalid {where}: {first['msg']}"
+        return f"invalid value {quoted(first.get('input'))} for {where}: expected {expected}"
+    return f"invalid {where}: {safe_text(first['msg'])[:200]}"

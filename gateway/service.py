@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+from gateway.budget import JobBudget, estimated_output_bytes
 from gateway.decode import decode_base64, decode_image
-from gateway.errors import ImageError
+from gateway.errors import ImageError, safe_text
 from gateway.fetch import Fetcher
 from gateway.render import prepare, render
 from gateway.schema import DepthRequest, ImageSource, RequestError, parse_request
@@ -41,6 +42,29 @@ class Stopwatch:
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 5)
         self.last = now
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the images of one job share: its budget and its download slots."""
+
+    budget: JobBudget
+    download_slots: asyncio.Semaphore
+
+
+def approximate_json_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON, to within a few bytes per item, without serializing it.
+
+    Outputs are base64 (ASCII), so their lengths are their JSON sizes; walking the few keys costs
+    microseconds where ``json.dumps`` of megabytes costs milliseconds of the event loop.
+    """
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(len(str(key)) + 4 + approximate_json_size(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return 2 + sum(approximate_json_size(item) + 1 for item in value)
+    return 24
 
 
 class DepthService:
@@ -69,8 +93,20 @@ class DepthService:
             model = await self.triton.ensure_loaded(name)
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
+        budget = JobBudget(
+            self.settings.max_job_pixels,
+            self.settings.max_response_bytes,
+            functools.partial(
+                estimated_output_bytes,
+                tasks=tuple(request.tasks),
+                output_format=request.output_format,
+                include_raw=request.include_raw,
+                point_cloud_grid=request.point_cloud_grid,
+            ),
+        )
+        job = JobContext(budget, self.fetcher.slots())
         results = await asyncio.gather(
-            *(self._one(index, source, request, model) for index, source in enumerate(parsed.sources))
+            *(self._one(index, source, request, model, job) for index, source in enumerate(parsed.sources))
         )
         response = {
             "results": results,
@@ -82,7 +118,7 @@ class DepthService:
             "count": len(results),
             "elapsed_sec": round(time.perf_counter() - started, 4),
         }
-        size = len(json.dumps(response))
+        size = approximate_json_size(response)
         if size > self.settings.max_response_bytes:
             limit_mb = self.settings.max_response_bytes / 1e6
             return {
@@ -91,19 +127,23 @@ class DepthService:
             }
         return response
 
-    async def _one(self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel) -> dict:
+    async def _one(
+        self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel, job: JobContext
+    ) -> dict:
         started = time.perf_counter()
-        described: dict = {"kind": "url", "url": source.data} if source.type == "url" else {"kind": "b64", "bytes": 0}
+        described: dict = (
+            {"kind": "url", "url": safe_text(source.data)} if source.type == "url" else {"kind": "b64", "bytes": 0}
+        )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
         try:
             if source.type == "url":
-                data = await self.fetcher.fetch(source.data)
+                data = await self.fetcher.fetch(source.data, job.download_slots)
             else:
                 data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
                 described["bytes"] = len(data)
             clock.lap("fetch")
-            image = await self._cpu(decode_image, data, self.settings.max_pixels)
+            image = await self._cpu(decode_image, data, self.settings.max_pixels, job.budget.admit)
             clock.lap("decode")
             prepared = await self._cpu(prepare, image, request.max_size, model)
             clock.lap("resize")

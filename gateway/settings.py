@@ -24,12 +24,15 @@ class Settings:
     max_images: int = 16
     max_download_bytes: int = 25 << 20
     download_timeout: float = 15.0
+    downloads_per_job: int = 4
     max_b64_chars: int = 36 << 20
     max_pixels: int = 50_000_000
+    max_job_pixels: int = 64_000_000
     max_response_bytes: int = 20_000_000
     triton_timeout: float = 60.0
     triton_retries: int = 3
     triton_start_timeout: float = 180.0
+    triton_max_restarts: int = 5
     postprocess_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     url_allowlist: tuple[str, ...] = ()
     triton_ports: tuple[int, ...] = (8000, 8001, 8002)
@@ -55,12 +58,15 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_images": ("MAX_IMAGES", int),
     "max_download_bytes": ("MAX_DOWNLOAD_BYTES", int),
     "download_timeout": ("DOWNLOAD_TIMEOUT", float),
+    "downloads_per_job": ("DOWNLOADS_PER_JOB", int),
     "max_b64_chars": ("MAX_B64_CHARS", int),
     "max_pixels": ("MAX_PIXELS", int),
+    "max_job_pixels": ("MAX_JOB_PIXELS", int),
     "max_response_bytes": ("MAX_RESPONSE_BYTES", int),
     "triton_timeout": ("TRITON_TIMEOUT", float),
     "triton_retries": ("TRITON_RETRIES", int),
     "triton_start_timeout": ("TRITON_START_TIMEOUT", float),
+    "triton_max_restarts": ("TRITON_MAX_RESTARTS", int),
     "postprocess_threads": ("POSTPROCESS_THREADS", int),
     "url_allowlist": ("URL_ALLOWLIST", _items),
     "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),

@@ -26,11 +26,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from export.models import MODELS
-from gateway.errors import ImageError
+from gateway.errors import ImageError, quoted
 
 DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
+
+
+MODEL_CHOICES = (
+    "expected depth-anything/Depth-Anything-V2-{Small,Base,Large,Metric-Indoor-Large,Metric-Outdoor-Large}-hf"
+    " or Intel/dpt-large"
+)
 
 
 class ModelUnavailable(ValueError):
@@ -109,7 +115,7 @@ class TritonModels:
     async def resolve(self, hf_id: str, dtype: str | None) -> tuple[str, str]:
         """(Triton name, dtype) serving ``hf_id`` at ``dtype`` (default: float16 on GPU, float32 on CPU)."""
         if hf_id not in MODELS:
-            raise ModelUnavailable(f"unknown model {hf_id!r}; expected one of: {', '.join(MODELS)}")
+            raise ModelUnavailable(f"unknown model {quoted(hf_id)}; {MODEL_CHOICES}")
         names = await self.served_names()
         served = [d for d in DTYPE_PRECISION if variant_name(hf_id, d) in names]
         if not served:
