@@ -5,10 +5,14 @@ else the one the ``nvidia-pytriton`` wheel ships (which needs its bundled librar
 holding the Python backend plus the stub for this interpreter, and this interpreter's environment on
 PATH so the stub finds numpy and onnxruntime). Triton runs in explicit model-control mode on free ports;
 ``start`` waits for readiness with a deadline and fails loudly, with the end of Triton's log.
+
+Triton runs in a process group of its own, which its Python-backend stubs share: stopping it (or
+cleaning up after it crashed) signals the whole group, so no ``triton_python_backend_stub`` outlives it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -103,7 +107,12 @@ class EmbeddedTriton:
         command, env = self.command_and_env()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,  # its own process group, shared with its backend stubs
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -134,11 +143,40 @@ class EmbeddedTriton:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def terminate(self) -> None:
-        """Stop the Triton process; ``start`` brings it back on the same ports."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+        """Stop Triton and its backend stubs; ``start`` brings it back on the same ports."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
+        self._signal_group(signal.SIGKILL)  # stubs left behind, e.g. after Triton itself was killed
+
+    def crash(self) -> None:
+        """SIGKILL the tritonserver process alone, as an OOM kill would (tests); its stubs stay."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def group_members(self) -> list[int]:
+        """Process ids still in Triton's process group (Triton and its stubs)."""
+        if self.process is None:
+            return []
+        members = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError):
+                    if os.getpgid(int(entry.name)) == self.process.pid:
+                        members.append(int(entry.name))
+        return members
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)

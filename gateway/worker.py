@@ -1,7 +1,12 @@
 """``python -m gateway``: the Runpod worker, with an embedded Triton when ``TRITON_URL`` is unset.
 
 Runpod's own flags pass through, e.g. ``python -m gateway --rp_serve_api --rp_api_port 8000`` serves
-Runpod's local HTTP API. The embedded Triton binds loopback only and stops with the worker.
+Runpod's local HTTP API. The embedded Triton binds loopback only, is supervised (``gateway.supervisor``)
+and stops with the worker; the worker exits with status 1 when Triton cannot be brought back.
+
+Runpod's logger logs every job's whole output at DEBUG, its default, and fixes its level when runpod is
+imported; ``quiet_runpod_logs`` sets it on the logger itself (INFO unless ``RUNPOD_LOG_LEVEL`` or
+``RUNPOD_DEBUG_LEVEL`` asks otherwise), whatever was imported first.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import runpod
 from gateway.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.settings import Settings
+from gateway.supervisor import TritonSupervisor
 from gateway.triton import ModelUnavailable, TritonModels
 from gateway.triton_process import EmbeddedTriton, TritonStartError
 
@@ -45,10 +51,17 @@ def wait_for_triton(triton: TritonModels, timeout: float) -> None:
         raise TritonStartError(f"Triton at {triton.url} not reachable after {timeout:g} s") from None
 
 
-def build_service(settings: Settings) -> DepthService:
+def quiet_runpod_logs() -> None:
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger().set_level(os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL") or "INFO")
+
+
+def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | None]:
     """Connect to (or start) Triton, wait for it, and preload the default model."""
     url = settings.triton_url
     blocked_ports = list(settings.triton_ports)  # never reachable through an image URL
+    server = None
     if url is None:
         server = EmbeddedTriton(settings.model_repository, settings.triton_start_timeout).start()
         atexit.register(server.stop)
@@ -60,22 +73,39 @@ def build_service(settings: Settings) -> DepthService:
     triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
     wait_for_triton(triton, settings.triton_start_timeout)
     fetcher = Fetcher(
-        AddressPolicy(settings.url_allowlist, blocked_ports), settings.max_download_bytes, settings.download_timeout
+        AddressPolicy(settings.url_allowlist, blocked_ports),
+        settings.max_download_bytes,
+        settings.download_timeout,
+        settings.downloads_per_job,
     )
     service = DepthService(settings, triton, fetcher)
     asyncio.run(service.startup())
-    return service
+    return service, server
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")  # DEBUG would log every base64 output in full
+    quiet_runpod_logs()
     settings = Settings.from_env()
     try:
-        service = build_service(settings)
+        service, server = build_service(settings)
     except TritonStartError as error:
         log.error("could not start: %s", error)
         sys.exit(1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit (stops the embedded Triton)
+    supervisor = None
+    if server is not None:
+        supervisor = TritonSupervisor(
+            server,
+            models_in_use=lambda: service.triton.loaded,
+            on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM),
+            max_restarts=settings.triton_max_restarts,
+        ).start()
+        atexit.register(supervisor.stop)  # runs before server.stop (atexit is last in, first out)
+
+    def exit_status() -> int:
+        return 1 if supervisor is not None and supervisor.gave_up else 0
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(exit_status()))  # runs atexit (stops the embedded Triton)
     concurrency = settings.concurrency
     runpod.serverless.start({"handler": service.handle_job, "concurrency_modifier": lambda _current: concurrency})
+    sys.exit(exit_status())
