@@ -87,10 +87,16 @@ def photo_urls(image_server: ImageServer, photos: dict[str, np.ndarray]) -> dict
 
 
 @pytest.fixture(scope="session")
-def gateway_url(triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the shared gateway (``gateway_url``) writes its stdout and stderr."""
+    return tmp_path_factory.mktemp("gateway") / "gateway.log"
+
+
+@pytest.fixture(scope="session")
+def gateway_url(triton: EmbeddedTriton, gateway_log: Path) -> Iterator[str]:
     """``python -m gateway`` with Runpod's local API, talking to the test's Triton over gRPC."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    log_path = gateway_log
     env = {
         "TRITON_URL": triton.grpc_url,
         "TRITON_PORTS": f"{triton.grpc_port},{triton.http_port}",

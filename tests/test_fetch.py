@@ -138,7 +138,9 @@ def test_ipv4_embedding_forms_are_refused_directly_and_by_redirect(
 
 
 @pytest.mark.parametrize("answer", ["::7f00:1", "::ffff:0:a9fe:a9fe", "64:ff9b:1::a9fe:a9fe"])
-def test_names_resolving_to_embedded_private_addresses_are_refused(answer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_names_resolving_to_embedded_private_addresses_are_refused(
+    answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def fake_resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict]:
         return [{"hostname": host, "host": answer, "port": port, "family": socket.AF_INET6, "proto": 0, "flags": 0}]
 
@@ -167,7 +169,8 @@ def test_one_clients_dead_urls_do_not_delay_another_clients_download(allowed: Im
         fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, timeout=3.0)
         try:
             jobs = [fetcher.slots() for _ in range(5)]
-            dead = [asyncio.create_task(fetcher.fetch(allowed.url("/hang"), slots)) for slots in jobs for _ in range(16)]
+            hang = allowed.url("/hang")
+            dead = [asyncio.create_task(fetcher.fetch(hang, slots)) for slots in jobs for _ in range(16)]
             await asyncio.sleep(0.3)
             started = time.monotonic()
             body = await fetcher.fetch(allowed.url("/files/ok.jpg"), fetcher.slots())

@@ -10,7 +10,7 @@ from matplotlib import colormaps
 
 from export.models import DEPTH_ANYTHING_BUCKETS
 from gateway import postprocess as pp
-from gateway.encode import encode_image
+from gateway.encode import encode_image, writable_format
 from gateway.resize import limit_size, nearest_bucket, to_bucket
 from tests.helpers import decode_image
 
@@ -113,3 +113,25 @@ def test_single_pixel_rows_and_columns(shape: tuple[int, int]) -> None:
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
     assert pp.disparity(depth).shape == shape
     assert pp.point_cloud(np.zeros((*shape, 3), np.uint8), unit, 16).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("grid", [512, 1024])
+def test_point_cloud_rows_reach_every_band_of_a_large_grid(grid: int) -> None:
+    """A depth ramp from the camera to the far end fills rows 0..grid-1, not only the first 256."""
+    height, width = 400, 300
+    distance = np.repeat(np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None], width, axis=1)
+    image = np.full((height, width, 3), 200, np.uint8)
+    used_rows = np.flatnonzero(pp.point_cloud(image, distance, grid).sum(axis=(1, 2)))
+    assert used_rows.min() == 0
+    assert used_rows.max() == grid - 1
+    bands = np.unique(used_rows * 8 // grid)  # eight horizontal bands of the canvas
+    assert bands.tolist() == list(range(8))
+    assert len(used_rows) == height  # one row per depth level: nothing piles up on one row
+
+
+def test_formats_fall_back_to_png_past_their_size_limits() -> None:
+    assert writable_format("webp", 10, 16383) == "webp"
+    assert writable_format("webp", 10, 20000) == "png"
+    assert writable_format("jpg", 65500, 10) == "jpg"
+    assert writable_format("jpg", 70000, 10) == "png"
+    assert writable_format("png", 70000, 10) == "png"

@@ -110,9 +110,25 @@ def check_one_job(gateway_url: str, cases: list[tuple]) -> None:
             assert_clean_message(result["error"])
 
 
-def test_too_large_a_response_is_refused_clearly(gateway_url: str, photo_urls: dict[str, str]) -> None:
-    big = images.encode(images.Image.fromarray(images.photo_like(4000, 3000)), "PNG")
-    reply = post(gateway_url, {"image_b64": b64(big), "tasks": ["depth", "normals", "colorized"], "include_raw": True})
+BIG_PHOTO = images.encode(images.Image.fromarray(images.photo_like(4000, 3000)), "PNG")
+
+
+def test_an_image_whose_outputs_cannot_fit_is_refused_before_rendering(gateway_url: str) -> None:
+    sources = [{"type": "b64", "data": GOOD_IMAGE}, {"type": "b64", "data": b64(BIG_PHOTO)}]
+    job = {"images": sources, "tasks": ["depth", "normals", "colorized"], "include_raw": True}
+    reply = post(gateway_url, job)
+    assert reply["status"] == "COMPLETED", reply
+    good, big = reply["output"]["results"]
+    assert decode_image(good["normals_b64"]).shape == (24, 32, 3)
+    assert big["error"].startswith("this image's outputs (about ")
+    assert "20 MB limit" in big["error"]
+    assert_clean_message(big["error"])
+    assert "timings" not in big  # refused before decoding: no stage ran
+
+
+def test_too_large_a_response_is_still_refused_clearly(gateway_url: str) -> None:
+    """Estimates are low on purpose; the response's real size is checked at the end."""
+    reply = post(gateway_url, {"images": [{"type": "b64", "data": b64(BIG_PHOTO)}] * 3, "tasks": ["depth"]})
     assert reply["status"] == "FAILED"
     assert reply["error"].startswith("response too large:")
     assert "20 MB limit" in reply["error"]
@@ -285,7 +301,7 @@ def test_triton_killed_mid_job_fails_the_images_in_flight_within_the_deadline(ov
         image = np.zeros((518, 518, 3), np.uint8)
         in_flight = [asyncio.create_task(models.infer(model, image)) for _ in range(2)]
         await asyncio.sleep(0.2)  # the first is executing (0.5 s), the second queued
-        overloaded_triton.process.kill()  # a crash, not a graceful stop
+        overloaded_triton.crash()  # not a graceful stop
         started = time.monotonic()
         results = await asyncio.gather(*in_flight, return_exceptions=True)
         await models.close()
@@ -294,8 +310,11 @@ def test_triton_killed_mid_job_fails_the_images_in_flight_within_the_deadline(ov
     try:
         results, elapsed = asyncio.run(run())
     finally:
+        stubs = overloaded_triton.group_members()
         overloaded_triton.terminate()
+        assert overloaded_triton.group_members() == []
         overloaded_triton.start()
+    assert stubs, "the killed Triton left its backend stubs running (the case cleaned up above)"
     assert elapsed < 10
     assert all(isinstance(result, ImageError) for result in results), results
     for result in results:

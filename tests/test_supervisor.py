@@ -1,0 +1,140 @@
+"""Supervision of the embedded Triton: a crash is followed by a restart with the models reloaded, leftover
+backend stubs are killed, and a Triton that cannot come back makes the worker exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.devstack import post, start_gateway, wait_for_api
+from gateway.supervisor import TritonSupervisor
+from gateway.triton_process import EmbeddedTriton, free_port
+from tests.test_robustness import GOOD_JOB
+
+SMALL = "depth_anything_v2_small"
+
+
+def model_states(server: EmbeddedTriton) -> dict[str, str]:
+    request = urllib.request.Request(f"{server.http_url}/v2/repository/index", b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return {entry["name"]: entry.get("state", "") for entry in json.loads(response.read())}
+
+
+def load(server: EmbeddedTriton, name: str) -> None:
+    request = urllib.request.Request(f"{server.http_url}/v2/repository/models/{name}/load", b"", method="POST")
+    urllib.request.urlopen(request, timeout=300).close()
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def own_repository(serving_repository: Path, tmp_path: Path) -> Path:
+    """A copy of the small model's repository that a test may take away."""
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    shutil.copytree(serving_repository / SMALL, repository / SMALL)
+    return repository
+
+
+def test_a_crashed_triton_is_restarted_with_its_models_and_its_stubs_killed(own_repository: Path) -> None:
+    server = EmbeddedTriton(own_repository, start_timeout=120).start()
+    gave_up = threading.Event()
+    supervisor = TritonSupervisor(server, lambda: [SMALL], gave_up.set, first_pause=0.2, poll_interval=0.1)
+    try:
+        load(server, SMALL)
+        supervisor.start()
+        crashed_group = server.process.pid
+        assert len(server.group_members()) >= 2  # tritonserver and the model's backend stub
+        server.crash()
+        wait_until(lambda: server.process.pid != crashed_group and server.ready(), 120)
+        wait_until(lambda: model_states(server).get(SMALL) == "READY", 120)
+        leftovers = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _group_of(pid) == crashed_group]
+        assert leftovers == []
+        assert len(supervisor.restarts) == 1
+        assert not gave_up.is_set()
+    finally:
+        supervisor.stop()
+        server.stop()
+    assert server.group_members() == []
+
+
+def _group_of(proc: Path) -> int | None:
+    try:
+        return os.getpgid(int(proc.name))
+    except (OSError, ValueError):
+        return None
+
+
+def test_supervision_gives_up_after_its_restart_budget(own_repository: Path) -> None:
+    server = EmbeddedTriton(own_repository, start_timeout=60).start()
+    gave_up = threading.Event()
+    supervisor = TritonSupervisor(server, list, gave_up.set, max_restarts=2, first_pause=0.1, poll_interval=0.1)
+    try:
+        supervisor.start()
+        shutil.rmtree(own_repository)  # every restart now fails: Triton cannot read its repository
+        server.crash()
+        assert gave_up.wait(60)
+        assert supervisor.gave_up
+        assert len(supervisor.restarts) == 2
+        assert not server.running()
+    finally:
+        supervisor.stop()
+        server.stop()
+
+
+def triton_of(gateway: subprocess.Popen) -> int:
+    """The pid of the tritonserver the gateway started."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if int(stat[1]) == gateway.pid and name == "tritonserver":
+                return int(entry.name)
+    raise AssertionError("the gateway runs no tritonserver")
+
+
+def test_the_worker_recovers_from_a_crash_then_exits_non_zero_when_triton_cannot_return(
+    own_repository: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    env = {"MODEL_REPOSITORY": str(own_repository), "TRITON_MAX_RESTARTS": "2", "TRITON_TIMEOUT": "10"}
+    env = {**env, "DEPTH_MODEL": "depth-anything/Depth-Anything-V2-Small-hf"}
+    process = start_gateway(env, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(process, url, log_path)
+        os.kill(triton_of(process), 9)
+        deadline = time.monotonic() + 90
+        while (reply := post(url, GOOD_JOB))["status"] != "COMPLETED" or "error" in reply["output"]["results"][0]:
+            assert time.monotonic() < deadline, reply
+            time.sleep(1)
+        assert "reloaded model depth_anything_v2_small after the restart" in log_path.read_text()
+
+        shutil.rmtree(own_repository)
+        crashed = triton_of(process)
+        os.kill(crashed, 9)
+        assert process.wait(timeout=90) == 1
+        assert "giving up" in log_path.read_text()
+        leftovers = [pid for pid in Path("/proc").iterdir() if pid.name.isdigit() and _group_of(pid) == crashed]
+        assert leftovers == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
