@@ -154,6 +154,9 @@ class EmbeddedTriton:
                 self._signal_group(signal.SIGKILL)
                 self.process.wait()
         self._signal_group(signal.SIGKILL)  # stubs left behind, e.g. after Triton itself was killed
+        deadline = time.monotonic() + 5
+        while self.group_members() and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
+            time.sleep(0.05)
 
     def crash(self) -> None:
         """SIGKILL the tritonserver process alone, as an OOM kill would (tests); its stubs stay."""
@@ -165,14 +168,15 @@ class EmbeddedTriton:
         return self.process is not None and self.process.poll() is None
 
     def group_members(self) -> list[int]:
-        """Process ids still in Triton's process group (Triton and its stubs)."""
+        """Live (not zombie) processes in Triton's process group: Triton and its backend stubs."""
         if self.process is None:
             return []
         members = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError):
-                    if os.getpgid(int(entry.name)) == self.process.pid:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if fields[0] != "Z" and int(fields[2]) == self.process.pid:  # state, process group
                         members.append(int(entry.name))
         return members
 

