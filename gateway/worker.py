@@ -20,6 +20,7 @@ import sys
 
 import runpod
 
+from gateway import jobloop
 from gateway.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.settings import Settings
@@ -107,5 +108,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(exit_status()))  # runs atexit (stops the embedded Triton)
     concurrency = settings.concurrency
+    jobloop.install()
     runpod.serverless.start({"handler": service.handle_job, "concurrency_modifier": lambda _current: concurrency})
     sys.exit(exit_status())

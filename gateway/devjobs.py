@@ -1,0 +1,139 @@
+"""A loopback stand-in for Runpod's job API, to run ``python -m gateway`` as it is deployed.
+
+Without ``--rp_serve_api`` the worker runs runpod's production job loop: it long-polls
+``RUNPOD_WEBHOOK_GET_JOB`` (``/job-take/<worker>``, or ``/job-take-batch/<worker>?batch_size=N`` when
+several slots are free), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
+and long-polls ``/job-stop/<worker>`` for cancellations. This server speaks that protocol on 127.0.0.1:
+jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), and
+the number of jobs in flight is tracked. For tests and benchmarks only; the worker does not use it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
+
+
+class JobApi:
+    def __init__(self) -> None:
+        self.queue: deque[dict] = deque()
+        self.results: defaultdict[str, list[dict]] = defaultdict(list)
+        self.taken_at: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.takes = {"job-take": 0, "job-take-batch": 0}
+        self._lock = threading.Condition()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def env(self, worker_id: str = "worker-1") -> dict[str, str]:
+        """The variables that point runpod's job loop at this server."""
+        return {
+            "RUNPOD_WEBHOOK_GET_JOB": f"{self.base}/job-take/$ID?gpu=standin",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.base}/job-done/$RUNPOD_POD_ID/$ID?gpu=standin",
+            "RUNPOD_POD_ID": worker_id,
+        }
+
+    def submit(self, job_input: dict, job_id: str | None = None) -> str:
+        job_id = job_id or uuid.uuid4().hex
+        with self._lock:
+            self.queue.append({"id": job_id, "input": job_input})
+            self._lock.notify_all()
+        return job_id
+
+    def wait_for(self, job_ids: list[str], timeout: float) -> dict[str, dict]:
+        """The first result of each job; raises TimeoutError naming how many are missing."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(job_id not in self.results for job_id in job_ids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sum(job_id not in self.results for job_id in job_ids)
+                    raise TimeoutError(f"{missing} of {len(job_ids)} jobs unanswered after {timeout:g} s")
+                self._lock.wait(remaining)
+            return {job_id: self.results[job_id][0] for job_id in job_ids}
+
+    def _take(self, count: int) -> list[dict]:
+        deadline = time.monotonic() + LONG_POLL
+        with self._lock:
+            while not self.queue and (remaining := deadline - time.monotonic()) > 0:
+                self._lock.wait(remaining)
+            jobs = [self.queue.popleft() for _ in range(min(count, len(self.queue)))]
+            now = time.monotonic()
+            for job in jobs:
+                self.taken_at[job["id"]] = now
+            self.in_flight += len(jobs)
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return jobs
+
+    def _done(self, job_id: str, result: dict) -> None:
+        with self._lock:
+            if job_id not in self.results:
+                self.in_flight -= 1
+                self.done_at[job_id] = time.monotonic()
+            self.results[job_id].append(result)
+            self._lock.notify_all()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, status: int, body: object = None) -> None:
+                data = b"" if body is None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                kind = url.path.split("/")[1]
+                if kind == "job-stop":
+                    time.sleep(LONG_POLL)
+                    self.reply(204)
+                    return
+                if kind not in api.takes:
+                    self.reply(404)
+                    return
+                api.takes[kind] += 1
+                count = int(parse_qs(url.query).get("batch_size", ["1"])[0]) if kind == "job-take-batch" else 1
+                jobs = api._take(count)
+                if not jobs:
+                    self.reply(204)
+                else:
+                    self.reply(200, jobs if kind == "job-take-batch" else jobs[0])
+
+            def do_POST(self) -> None:
+                url = urlparse(self.path)
+                parts = url.path.split("/")
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if parts[1] != "job-done" or len(parts) != 4:
+                    self.reply(404)
+                    return
+                api._done(parts[3], json.loads(body))
+                self.reply(200, {})
+
+        return Handler
+
+    def start(self) -> JobApi:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,152 @@
+"""``python -m gateway`` as deployed: runpod's production job loop against a loopback stand-in for its
+job API (``gateway.devjobs``), with the real Triton of the session behind it.
+
+Every job must be answered exactly once, with its results intact, per-image errors in place and request
+errors as the job's ``error``; jobs run concurrently; intake refills as slots free (runpod alone slept a
+second whenever its slots were full); SIGTERM lets the jobs in flight finish and post their results.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from runpod.serverless.modules import rp_http, rp_job, rp_scale
+
+from gateway import jobloop
+from gateway.devjobs import JobApi
+from gateway.triton_process import EmbeddedTriton
+from tests import images
+from tests.conftest import RELATIVE_ID
+from tests.helpers import decode_image
+from tests.test_robustness import GOOD_IMAGE, b64
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_IMAGE = b64(images.truncated_jpeg())
+
+
+def start_worker(api: JobApi, triton: EmbeddedTriton, log_path: Path, concurrency: int) -> subprocess.Popen:
+    env = {
+        **api.env(),
+        "TRITON_URL": triton.grpc_url,
+        "TRITON_PORTS": f"{triton.grpc_port},{triton.http_port}",
+        "DEPTH_MODEL": RELATIVE_ID,
+        "CONCURRENCY": str(concurrency),
+        "TRITON_TIMEOUT": "20",
+    }
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway"], cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+@pytest.fixture
+def worker(triton: EmbeddedTriton, tmp_path: Path) -> Iterator[tuple[JobApi, subprocess.Popen, Path]]:
+    api = JobApi().start()
+    log_path = tmp_path / "worker.log"
+    process = start_worker(api, triton, log_path, concurrency=8)
+    try:
+        first = api.submit({"image_b64": GOOD_IMAGE})
+        api.wait_for([first], timeout=120)  # the worker is up and serving
+        yield api, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        api.stop()
+
+
+def mixed_job(index: int) -> dict:
+    kind = index % 5
+    if kind == 0:
+        return {"image_b64": GOOD_IMAGE, "tasks": ["depth", "colorized"]}
+    if kind == 1:
+        return {"images": [{"type": "b64", "data": GOOD_IMAGE}, {"type": "b64", "data": BAD_IMAGE}]}
+    if kind == 2:
+        return {"image_b64": GOOD_IMAGE, "tasks": ["bogus"]}
+    if kind == 3:
+        return {"image_b64": BAD_IMAGE}
+    return {"images": [{"type": "b64", "data": GOOD_IMAGE}] * 3, "tasks": ["normals"]}
+
+
+def test_two_hundred_mixed_jobs_are_each_answered_once_and_intact(worker) -> None:
+    api, _process, log_path = worker
+    job_ids = [api.submit(mixed_job(index)) for index in range(200)]
+    results = api.wait_for(job_ids, timeout=240)
+    time.sleep(1)  # a duplicate post would arrive now
+    assert all(len(api.results[job_id]) == 1 for job_id in job_ids)
+    for index, job_id in enumerate(job_ids):
+        result, kind = results[job_id], index % 5
+        if kind == 2:
+            assert set(result) == {"error"}
+            assert result["error"].startswith("invalid value 'bogus' for tasks.0")
+            continue
+        output = result["output"]
+        if kind == 0:
+            (image,) = output["results"]
+            assert decode_image(image["depth_png_b64"]).shape == (24, 32)
+            assert decode_image(image["colorized_b64"]).shape == (24, 32, 3)
+        elif kind == 1:
+            good, bad = output["results"]
+            assert good["width"] == 32
+            assert bad["error"] == "image data is corrupt or truncated"
+        elif kind == 3:
+            assert output["results"][0]["error"] == "image data is corrupt or truncated"
+        else:
+            assert [decode_image(r["normals_b64"]).shape for r in output["results"]] == [(24, 32, 3)] * 3
+    assert api.max_in_flight > 1
+    assert api.takes["job-take-batch"] > 0  # several free slots are asked for at once
+    assert "Handler output" not in log_path.read_text()
+
+
+def test_intake_refills_slots_as_they_free(worker) -> None:
+    """100 one-image jobs through 8 slots: runpod's own loop slept 1 s whenever the 8 were full."""
+    api, _process, _log = worker
+    started = time.monotonic()
+    job_ids = [api.submit({"image_b64": GOOD_IMAGE}) for _ in range(100)]
+    api.wait_for(job_ids, timeout=120)
+    elapsed = time.monotonic() - started
+    assert elapsed < 100 / 8 * 0.6, f"{elapsed:.1f} s"  # 12.5 s is what one take per second allows
+
+
+def test_sigterm_finishes_the_jobs_in_flight_and_posts_their_results(worker) -> None:
+    api, process, _log = worker
+    job_ids = [api.submit({"images": [{"type": "b64", "data": GOOD_IMAGE}] * 4}) for _ in range(40)]
+    deadline = time.monotonic() + 60
+    while api.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    taken = [job_id for job_id in job_ids if job_id in api.taken_at]
+    assert taken, "no job was in flight"
+    for job_id in taken:
+        assert len(api.results[job_id]) == 1, job_id
+        assert all("depth_png_b64" in r for r in api.results[job_id][0]["output"]["results"])
+    assert api.in_flight == 0
+
+
+def test_the_sdk_internals_the_adapter_relies_on_are_there() -> None:
+    """runpod is pinned; if an upgrade moves what EagerJobScaler replaces or calls, this fails first."""
+    assert inspect.iscoroutinefunction(rp_scale.JobScaler.get_jobs)
+    assert inspect.iscoroutinefunction(rp_scale.JobScaler.handle_job)
+    assert list(inspect.signature(rp_http._transmit).parameters) == ["client_session", "url", "job_data"]
+    assert "$ID" in rp_http.JOB_DONE_URL_TEMPLATE or rp_http.JOB_DONE_URL_TEMPLATE == "JOB_DONE_URL"
+    assert list(inspect.signature(rp_job.get_job).parameters) == ["session", "num_jobs"]
+    scaler = jobloop.EagerJobScaler({"handler": lambda job: job})
+    assert scaler.jobs_handler is jobloop.run_and_send
+    assert hasattr(scaler, "jobs_queue")
+    assert hasattr(scaler, "job_progress")
+
+
+def test_job_results_have_runpods_shape() -> None:
+    assert jobloop.job_result({"results": [1]}) == {"output": {"results": [1]}}
+    assert jobloop.job_result({"error": "bad request"}) == {"error": "bad request"}
+    assert jobloop.job_result([1, 2]) == {"output": [1, 2]}
+    assert jobloop.job_result({}) == {}
