@@ -9,14 +9,13 @@ allow-listed formats are opened (GIF: its first frame), EXIF orientation is appl
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import re
 import warnings
-from collections.abc import Callable
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gateway.decode_limits import check_decode_work
@@ -35,7 +34,7 @@ def decode_base64(text: str, max_chars: int) -> bytes:
     if len(payload) > max_chars:
         raise ImageError(f"base64 image too large: {len(payload)} characters, at most {max_chars}")
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = pybase64.b64decode(payload, validate=True)  # SIMD: 50x the stdlib's validating decode
     except (binascii.Error, ValueError):
         raise ImageError("invalid base64 image data") from None
     if not data:
@@ -43,12 +42,8 @@ def decode_base64(text: str, max_chars: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, max_pixels: int, admit: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Decode ``data`` to RGB uint8, with EXIF orientation applied.
-
-    ``admit(width, height)`` runs after the header is read and before any pixel is decoded; it raises
-    ImageError to refuse the image (the job's budget).
-    """
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read only the header of ``data``: decode-work limits, format allow-list and pixel count checked."""
     check_decode_work(data)
     try:
         with warnings.catch_warnings():
@@ -65,8 +60,12 @@ def decode_image(data: bytes, max_pixels: int, admit: Callable[[int, int], None]
         raise ImageError(f"image too large: {width}x{height} pixels, at most {max_pixels} pixels")
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
-    if admit is not None:
-        admit(width, height)
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode ``data`` to RGB uint8, with EXIF orientation applied (``open_image``'s checks first)."""
+    image = open_image(data, max_pixels)
     try:
         image.load()
         if image.getexif().get(ORIENTATION, 1) != 1:

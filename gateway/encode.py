@@ -6,11 +6,11 @@ wider or taller than WebP (16383 px) or JPEG (65500 px) allows is written as PNG
 
 from __future__ import annotations
 
-import base64
 import io
 
 import cv2
 import numpy as np
+import pybase64
 
 from gateway.png import encode_png
 
@@ -49,4 +49,4 @@ def encode_npz(depth: np.ndarray) -> bytes:
 
 
 def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return pybase64.b64encode(data).decode("ascii")  # SIMD base64: twice the stdlib's speed

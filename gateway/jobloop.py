@@ -50,7 +50,7 @@ def job_result(output: Any) -> dict:
 async def send_job_result(session: Any, job: dict, result: dict) -> None:
     """POST ``result`` to runpod's job-done URL for ``job``, as ``rp_http.send_result`` does."""
     url = rp_http.JOB_DONE_URL.replace("$ID", job["id"]) + "&isStream=false"
-    body = orjson.dumps(result).decode()
+    body = orjson.dumps(result)  # bytes: aiohttp sends them as they are
     try:
         await rp_http._transmit(session, url, body)
     except Exception as error:  # the SDK logs and drops a failed post the same way

@@ -1,7 +1,8 @@
 """One image's CPU work around inference: network input before, every requested output after. Pure.
 
 ``prepare`` applies ``max_size`` and snaps to the model's nearest bucket. ``render`` upsamples the
-network's depth to the original size and produces the response keys of each requested task.
+network's depth to the original size and produces the response keys of each requested task; it reads
+the photo itself only for the point cloud (``needs_photo``), so the photo need not travel otherwise.
 """
 
 from __future__ import annotations
@@ -30,9 +31,23 @@ def prepare(image: np.ndarray, max_size: int, model: ServedModel) -> Prepared:
     return Prepared(to_bucket(limited, bucket, model.resample), (width, height))
 
 
-def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, model: ServedModel) -> dict:
-    """Stats and every requested task's keys, all at the original image size."""
-    height, width = image.shape[:2]
+def needs_photo(tasks: list[str]) -> bool:
+    """Whether rendering ``tasks`` reads the photo's pixels (only the point cloud's colours do)."""
+    return "point_cloud" in tasks
+
+
+def render(
+    size: tuple[int, int],
+    photo: np.ndarray | None,
+    network_depth: np.ndarray,
+    request: DepthRequest,
+    model: ServedModel,
+) -> dict:
+    """Stats and every requested task's keys, all at the original ``size`` (width, height).
+
+    ``photo`` (RGB at ``size``) is needed only when ``needs_photo(request.tasks)``.
+    """
+    width, height = size
     depth = pp.upsample(network_depth, width, height)
     low, high, mean = pp.depth_stats(depth)
     out: dict = {"depth_min": low, "depth_max": high, "depth_mean": mean, "tasks": list(request.tasks)}
@@ -60,7 +75,8 @@ def render(image: np.ndarray, network_depth: np.ndarray, request: DepthRequest, 
             out["disparity_mime"] = mime
         elif task == "point_cloud":
             distance = pp.distance_from_camera(depth, model.metric)
-            preview = pp.point_cloud(image, distance, request.point_cloud_grid)
+            assert photo is not None, "point_cloud needs the photo"
+            preview = pp.point_cloud(photo, distance, request.point_cloud_grid)
             out["point_cloud_b64"] = b64(encode_image(preview, "png"))
             out["point_cloud_mime"] = MIME["png"]
             out["point_cloud_grid"] = request.point_cloud_grid

@@ -1,7 +1,8 @@
 """The request handler: validation, per-image fetch/decode/infer/render, and the response of API.md.
 
-All images of a job run concurrently; CPU work goes to a thread pool (OpenCV and NumPy release the GIL),
-inference to Triton as one request per image so that its dynamic batcher groups images across jobs.
+All images of a job run concurrently. Decoding, resizing and rendering run in worker processes
+(``imagework``); base64 and header checks in a few threads here, where the job's budget lives; inference
+goes to Triton as one request per image so that its dynamic batcher groups images across jobs.
 A request that is wrong as a whole returns ``{"error": ...}`` and runs nothing; an image that fails gets
 its own ``error`` and costs the others nothing.
 """
@@ -18,16 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.budget import JobBudget, estimated_output_bytes
-from gateway.decode import decode_base64, decode_image
+from gateway.decode import decode_base64, open_image
 from gateway.errors import ImageError, safe_text
 from gateway.fetch import Fetcher
-from gateway.render import prepare, render
+from gateway.imagework import ImageWorkers
 from gateway.schema import DepthRequest, ImageSource, RequestError, parse_request
 from gateway.settings import Settings
 from gateway.triton import ModelUnavailable, ServedModel, TritonModels
 
 log = logging.getLogger("gateway")
 
+PARENT_THREADS = 4
 ECHOED = ("tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size", "point_cloud_grid")
 
 
@@ -72,10 +74,12 @@ class DepthService:
         self.settings = settings
         self.triton = triton
         self.fetcher = fetcher
-        self.executor = ThreadPoolExecutor(settings.postprocess_threads, thread_name_prefix="postprocess")
+        self.executor = ThreadPoolExecutor(PARENT_THREADS, thread_name_prefix="inputs")  # base64, headers
+        self.workers = ImageWorkers(settings.cpu_workers)
 
     async def startup(self) -> None:
-        """Load the default model so that the first request pays no load time (and the device is known)."""
+        """Start the image workers and load the default model, so that the first request waits for neither."""
+        self.workers.warm_up()
         name, _ = await self.triton.resolve(self.settings.default_model, None)
         await self.triton.ensure_loaded(name)
         await self.triton.close()
@@ -143,20 +147,20 @@ class DepthService:
                 data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
                 described["bytes"] = len(data)
             clock.lap("fetch")
-            image = await self._cpu(decode_image, data, self.settings.max_pixels, job.budget.admit)
-            clock.lap("decode")
-            prepared = await self._cpu(prepare, image, request.max_size, model)
-            clock.lap("resize")
-            depth = await self.triton.infer(model, prepared.network_input)
+            header = await self._cpu(open_image, data, self.settings.max_pixels)
+            job.budget.admit(*header.size)  # before any pixel is decoded
+            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model)
+            clock.lap("decode")  # and resize to the network
+            depth = await self.triton.infer(model, decoded.network_input)
             clock.lap("infer")
-            outputs = await self._cpu(render, image, depth, request, model)
+            outputs = await self.workers.render(decoded, depth, request, model)
             clock.lap("render")
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}
         except Exception:
             log.exception("image %d failed unexpectedly", index)
             return {"index": index, "input": described, "error": "internal error while processing this image"}
-        height, width = image.shape[:2]
+        width, height = decoded.size
         return {
             "index": index,
             "input": described,
@@ -164,7 +168,7 @@ class DepthService:
             "metric": model.metric,
             "width": width,
             "height": height,
-            "inference_size": list(prepared.inference_size),
+            "inference_size": list(decoded.inference_size),
             **outputs,
             "timings": timings,
             "elapsed_sec": round(time.perf_counter() - started, 4),

@@ -20,7 +20,7 @@ class Settings:
     triton_url: str | None = None
     model_repository: Path = Path("model_repository")
     max_loaded_models: int = 2
-    concurrency: int = 8
+    concurrency: int = 32
     max_images: int = 16
     max_download_bytes: int = 25 << 20
     download_timeout: float = 15.0
@@ -33,7 +33,7 @@ class Settings:
     triton_retries: int = 3
     triton_start_timeout: float = 180.0
     triton_max_restarts: int = 5
-    postprocess_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    cpu_workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     url_allowlist: tuple[str, ...] = ()
     triton_ports: tuple[int, ...] = (8000, 8001, 8002)
 
@@ -67,7 +67,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "triton_retries": ("TRITON_RETRIES", int),
     "triton_start_timeout": ("TRITON_START_TIMEOUT", float),
     "triton_max_restarts": ("TRITON_MAX_RESTARTS", int),
-    "postprocess_threads": ("POSTPROCESS_THREADS", int),
+    "cpu_workers": ("CPU_WORKERS", int),
     "url_allowlist": ("URL_ALLOWLIST", _items),
     "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),
 }

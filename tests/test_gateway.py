@@ -69,7 +69,7 @@ def test_seed_example_depth_only(run_job, photo_urls: dict[str, str], photos: di
     assert result["metric"] is False
     assert_full_result(result, ["depth"], 600, 400)
     assert result["inference_size"] == [600, 400]
-    assert list(result["timings"]) == ["fetch", "decode", "resize", "infer", "render"]
+    assert list(result["timings"]) == ["fetch", "decode", "infer", "render"]
     assert 0 < sum(result["timings"].values()) <= result["elapsed_sec"]
 
 

@@ -63,15 +63,17 @@ DECODE_FOUR = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
 from gateway.budget import JobBudget
-from gateway.decode import decode_image
+from gateway.decode import decode_image, open_image
 from gateway.errors import ImageError
 from tests.images import huge_canvas_webp
 webp = huge_canvas_webp()
-admit = JobBudget(64_000_000, 10**12, lambda pixels: 0).admit if sys.argv[1] == "budget" else None
+budget = JobBudget(64_000_000, 10**12, lambda pixels: 0)
 
 def decode(_):
     try:
-        return decode_image(webp, 50_000_000, admit)  # held until rendered, as the worker does
+        if sys.argv[1] == "budget":  # as the gateway does, before handing the bytes to a worker
+            budget.admit(*open_image(webp, 50_000_000).size)
+        return decode_image(webp, 50_000_000)  # held until rendered, as the worker does
     except ImageError as error:
         return str(error)
 

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.devstack import post
 from gateway.schema import parse_request
+from gateway.settings import ENVIRONMENT, Settings
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.helpers import decode_image
 
@@ -86,6 +87,10 @@ def test_runpod_files_are_valid() -> None:
         "MAX_IMAGES",
         "MAX_LOADED_MODELS",
     }
+    defaults = Settings()
+    variables = {variable: name for name, (variable, _parse) in ENVIRONMENT.items()}
+    for env in hub["config"]["env"]:  # the hub offers the worker's own defaults
+        assert env["input"]["default"] == getattr(defaults, variables[env["key"]]), env["key"]
     tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
     assert tests["tests"]
     inputs = [test["input"] for test in tests["tests"]]
