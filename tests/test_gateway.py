@@ -70,7 +70,7 @@ def test_seed_example_depth_only(run_job, photo_urls: dict[str, str], photos: di
     assert_full_result(result, ["depth"], 600, 400)
     assert result["inference_size"] == [600, 400]
     assert list(result["timings"]) == ["fetch", "decode", "infer", "render"]
-    assert 0 < sum(result["timings"].values()) <= result["elapsed_sec"]
+    assert 0 < sum(result["timings"].values()) <= result["elapsed_sec"] + 1e-4  # rounded to 5 and 4 decimals
 
 
 def test_seed_example_colorized_viridis(run_job, photo_urls: dict[str, str]) -> None:
