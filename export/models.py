@@ -28,6 +28,23 @@ DEPTH_ANYTHING_BUCKETS: tuple[tuple[int, int], ...] = (
     (924, 518),
 )
 DPT_BUCKETS: tuple[tuple[int, int], ...] = ((384, 384),)
+PATCH = 14
+
+Bucket = tuple[int, int]
+
+
+def scaled_family(base: tuple[Bucket, ...], short_side: int) -> tuple[Bucket, ...]:
+    """``base`` (a 518 px family) scaled to ``short_side``, each side a multiple of the 14 px patch."""
+    factor = short_side / min(base[0])
+    return tuple((round(h * factor / PATCH) * PATCH, round(w * factor / PATCH) * PATCH) for h, w in base)
+
+
+# Network short sides ("process_res") -> buckets. Depth-Anything runs at any multiple of 14: 518 is its
+# training size and the default, 770 and 1036 trade latency for finer edges. DPT-large has one size.
+DEPTH_ANYTHING_FAMILIES: tuple[tuple[int, tuple[Bucket, ...]], ...] = tuple(
+    (size, scaled_family(DEPTH_ANYTHING_BUCKETS, size)) for size in (518, 770, 1036)
+)
+DPT_FAMILIES: tuple[tuple[int, tuple[Bucket, ...]], ...] = ((384, DPT_BUCKETS),)
 
 
 @dataclass(frozen=True)
@@ -39,11 +56,25 @@ class ModelSpec:
     architecture: Architecture
     metric: bool
     max_depth: float | None
-    buckets: tuple[tuple[int, int], ...]
+    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (process_res, buckets); the first is the default
     max_batch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resample: Literal["bicubic", "bilinear"]
+    license: str  # SPDX id, as the checkpoint's model card states it
+
+    @property
+    def default_res(self) -> int:
+        return self.families[0][0]
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The default family's buckets."""
+        return self.families[0][1]
+
+    @property
+    def all_buckets(self) -> tuple[Bucket, ...]:
+        return tuple(bucket for _size, buckets in self.families for bucket in buckets)
 
     @property
     def dynamic_shape(self) -> bool:
@@ -55,37 +86,40 @@ class ModelSpec:
         return self.triton_name if precision == "fp16" else f"{self.triton_name}_fp32"
 
 
-def _depth_anything(hf_id: str, name: str, batch: int, max_depth: float | None = None) -> ModelSpec:
+def _depth_anything(hf_id: str, name: str, batch: int, license: str, max_depth: float | None = None) -> ModelSpec:
     return ModelSpec(
         hf_id=hf_id,
         triton_name=name,
         architecture="depth_anything",
         metric=max_depth is not None,
         max_depth=max_depth,
-        buckets=DEPTH_ANYTHING_BUCKETS,
+        families=DEPTH_ANYTHING_FAMILIES,
         max_batch_size=batch,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         resample="bicubic",
+        license=license,
     )
 
 
 MODELS: dict[str, ModelSpec] = {
     spec.hf_id: spec
     for spec in (
-        _depth_anything("depth-anything/Depth-Anything-V2-Small-hf", "depth_anything_v2_small", 32),
-        _depth_anything("depth-anything/Depth-Anything-V2-Base-hf", "depth_anything_v2_base", 16),
-        _depth_anything("depth-anything/Depth-Anything-V2-Large-hf", "depth_anything_v2_large", 8),
+        _depth_anything("depth-anything/Depth-Anything-V2-Small-hf", "depth_anything_v2_small", 32, "Apache-2.0"),
+        _depth_anything("depth-anything/Depth-Anything-V2-Base-hf", "depth_anything_v2_base", 16, "CC-BY-NC-4.0"),
+        _depth_anything("depth-anything/Depth-Anything-V2-Large-hf", "depth_anything_v2_large", 8, "CC-BY-NC-4.0"),
         _depth_anything(
             "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf",
             "depth_anything_v2_metric_indoor_large",
             8,
+            "Apache-2.0",  # the metric checkpoints' cards; their Large encoder alone is CC-BY-NC-4.0
             max_depth=20.0,
         ),
         _depth_anything(
             "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf",
             "depth_anything_v2_metric_outdoor_large",
             8,
+            "Apache-2.0",
             max_depth=80.0,
         ),
         ModelSpec(
@@ -94,11 +128,12 @@ MODELS: dict[str, ModelSpec] = {
             architecture="dpt",
             metric=False,
             max_depth=None,
-            buckets=DPT_BUCKETS,
+            families=DPT_FAMILIES,
             max_batch_size=8,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             resample="bilinear",
+            license="Apache-2.0",
         ),
     )
 }

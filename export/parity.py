@@ -3,7 +3,8 @@
 Both run on a batch of real photos (the ones scikit-image ships) resized to each checked shape. The error
 is the relative L2 norm ``||onnx - torch|| / ||torch||`` over the whole batch. Depth-Anything is checked
 at two shapes, neither of them the traced one (one with an even patch grid, one with an odd one), so a
-graph that froze the traced shape fails here; DPT has one fixed shape.
+graph that froze the traced shape fails here, and at one shape of each larger network size
+(``process_res`` 770 and 1036); DPT has one fixed shape.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ def sample_photos() -> list[np.ndarray]:
     return [data.astronaut(), data.coffee(), data.chelsea()]
 
 
-def parity_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
-    return DEPTH_ANYTHING_PARITY_SHAPES if spec.dynamic_shape else spec.buckets
+def parity_shapes(spec: ModelSpec) -> tuple[tuple[int, int, int], ...]:
+    """(height, width, batch) to check: two shapes of the default family with all three photos, then
+    the 4:3 landscape bucket of each larger family with one photo (a larger family costs 2-4x the
+    compute, and its graph is the same one: what differs is the size the tracing must not have frozen)."""
+    if not spec.dynamic_shape:
+        return tuple((*bucket, 3) for bucket in spec.buckets)
+    larger = tuple((*buckets[1], 1) for _size, buckets in spec.families[1:])
+    return tuple((*shape, 3) for shape in DEPTH_ANYTHING_PARITY_SHAPES) + larger
 
 
-def photo_batch(height: int, width: int) -> np.ndarray:
-    """The sample photos resized to ``height x width``, as ``uint8 [N, H, W, 3]``."""
-    return np.stack([cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA) for photo in sample_photos()])
+def photo_batch(height: int, width: int, count: int = 3) -> np.ndarray:
+    """The first ``count`` sample photos resized to ``height x width``, as ``uint8 [N, H, W, 3]``."""
+    photos = sample_photos()[:count]
+    return np.stack([cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA) for photo in photos])
 
 
 def relative_l2(actual: np.ndarray, reference: np.ndarray) -> float:
@@ -60,8 +68,8 @@ def check_parity(onnx_path: str, reference: ServingGraph, spec: ModelSpec) -> li
     """Run the exported model and the FP32 reference at each parity shape; one result per shape."""
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     results = []
-    for height, width in parity_shapes(spec):
-        images = photo_batch(height, width)
+    for height, width, count in parity_shapes(spec):
+        images = photo_batch(height, width, count)
         exported = session.run(["depth"], {"image": images})[0]
         with torch.no_grad():
             expected = reference(torch.from_numpy(images)).numpy()

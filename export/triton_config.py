@@ -1,8 +1,8 @@
 """Build a model's Triton ``config.pbtxt`` from its spec, with the protobuf classes tritonclient ships.
 
 The config carries the model's metadata as ``parameters`` (see ``METADATA_KEYS``) so that a client can
-discover everything it needs (HF id, relative or metric, max depth, precision, shape buckets) from
-Triton's model-config endpoint instead of a second hard-coded table.
+discover everything it needs (HF id, relative or metric, max depth, precision, shape buckets per network
+size, licence) from Triton's model-config endpoint instead of a second hard-coded table.
 """
 
 from __future__ import annotations
@@ -17,9 +17,28 @@ from export.models import ModelSpec, Precision
 
 Backend = Literal["onnxruntime", "python"]
 
-METADATA_KEYS = ("hf_id", "architecture", "kind", "max_depth", "precision", "buckets", "resample")
+METADATA_KEYS = (
+    "hf_id",
+    "architecture",
+    "kind",
+    "max_depth",
+    "precision",
+    "buckets",
+    "bucket_families",
+    "resample",
+    "license",
+)
 MAX_QUEUE_DELAY_US = 2000
 TENSORRT_WORKSPACE_BYTES = 4 << 30
+
+
+def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """Every bucket of the default family, and the square one of each other family.
+
+    Warming all 21 Depth-Anything shapes of a real-size model on a CPU would add about a minute to every
+    start; the first request at another shape of a larger family pays its one-time cost instead.
+    """
+    return [*spec.buckets, *(buckets[0] for _size, buckets in spec.families[1:])]
 
 
 def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensorrt: bool = False) -> mc.ModelConfig:
@@ -44,7 +63,7 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
                     "image": mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
                 },
             )
-            for height, width in spec.buckets
+            for height, width in warmup_shapes(spec)
         ],
     )
     metadata = {
@@ -53,8 +72,10 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
         "kind": "metric" if spec.metric else "relative",
         "max_depth": "" if spec.max_depth is None else str(spec.max_depth),
         "precision": precision,
-        "buckets": json.dumps([list(bucket) for bucket in spec.buckets]),
+        "buckets": json.dumps([list(bucket) for bucket in spec.buckets]),  # the default family
+        "bucket_families": json.dumps({str(size): [list(b) for b in buckets] for size, buckets in spec.families}),
         "resample": spec.resample,
+        "license": spec.license,
     }
     for key, value in metadata.items():
         config.parameters[key].string_value = value

@@ -51,11 +51,19 @@ def test_export_writes_model_config_and_report(repository: Path, model_id: str) 
     assert config.backend == "python"
     assert config.max_batch_size == spec.max_batch_size
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
-    assert len(config.model_warmup) == len(spec.buckets)
+    warmed = [tuple(w.inputs["image"].dims[:2]) for w in config.model_warmup]
+    assert warmed[: len(spec.buckets)] == list(spec.buckets)  # the default family, every bucket
+    assert warmed[len(spec.buckets) :] == [buckets[0] for _size, buckets in spec.families[1:]]
     assert set(config.parameters) == set(METADATA_KEYS)
     assert config.parameters["hf_id"].string_value == model_id
     assert config.parameters["kind"].string_value == ("metric" if spec.metric else "relative")
+    assert config.parameters["license"].string_value == spec.license
     assert json.loads(config.parameters["buckets"].string_value) == [list(b) for b in spec.buckets]
+    families = json.loads(config.parameters["bucket_families"].string_value)
+    assert list(families) == (["518", "770", "1036"] if spec.dynamic_shape else ["384"])
+    patch = 14 if spec.dynamic_shape else 16  # Dinov2's patch, ViT-L/16's
+    for size, buckets in families.items():
+        assert all(min(bucket) == int(size) and bucket[0] % patch == bucket[1] % patch == 0 for bucket in buckets)
 
     report = json.loads((model_dir / "export_report.json").read_text())
     assert report["model_id"] == model_id
@@ -63,11 +71,12 @@ def test_export_writes_model_config_and_report(repository: Path, model_id: str) 
     assert report["opset"] >= 17
     assert report["onnx_bytes"] == (model_dir / "1" / "model.onnx").stat().st_size
     shapes = report["parity"]["shapes"]
-    assert len(shapes) == (2 if spec.dynamic_shape else 1)
+    expected = ["518x518", "518x924", "770x1022", "1036x1372"] if spec.dynamic_shape else ["384x384"]
+    assert [shape["shape"] for shape in shapes] == expected  # every network size is checked
     for shape in shapes:
         assert 0 < shape["relative_l2"] < report["parity"]["threshold"] == parity.THRESHOLDS["fp16"]
         assert shape["finite"]
-        assert shape["batch"] == 3
+        assert shape["batch"] == (3 if shape["shape"] in ("518x518", "518x924", "384x384") else 1)
 
 
 @pytest.mark.parametrize("model_id", TINY_MODELS)
