@@ -37,8 +37,8 @@ NETWORK = (518, 686)
 GRID = 512
 SPEC = get_spec("depth-anything/Depth-Anything-V2-Small-hf")
 MODEL = ServedModel(
-    name=SPEC.triton_name, hf_id=SPEC.hf_id, metric=False, max_depth=None, precision="fp16", buckets=SPEC.buckets,
-    resample=SPEC.resample, on_gpu=False,
+    name=SPEC.triton_name, hf_id=SPEC.hf_id, metric=False, max_depth=None, precision="fp16", families=SPEC.families,
+    resample=SPEC.resample, on_gpu=False, license=SPEC.license,
 )  # fmt: skip
 
 
@@ -131,7 +131,7 @@ class Ours:
         return b64(encode_image(pp.normals(self.unit(depth)), fmt, 95))
 
     def disparity(self, depth: np.ndarray, fmt: str = "png") -> str:
-        return b64(encode_image(pp.disparity(depth), fmt, 95))
+        return b64(encode_image(pp.disparity(depth, metric=False), fmt, 95))
 
     def point_cloud(self, image: np.ndarray, depth: np.ndarray) -> str:
         return b64(encode_image(pp.point_cloud(image, pp.distance_from_camera(depth, False), GRID), "png"))
@@ -194,7 +194,7 @@ def main() -> None:
     def whole_ours() -> None:  # the gateway's own code path: decode, prepare, render
         decoded = ours.decode(jpeg)
         prepare(decoded, request.max_size, MODEL)
-        render(decoded, network_depth, request, MODEL)
+        render((decoded.shape[1], decoded.shape[0]), decoded, network_depth, request, MODEL)
 
     def whole_seed() -> None:
         decoded = seed.decode(jpeg)

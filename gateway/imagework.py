@@ -40,15 +40,17 @@ log = logging.getLogger("gateway")
 class Decoded:
     network_input: np.ndarray
     inference_size: tuple[int, int]  # (width, height) after max_size
+    network_size: tuple[int, int]  # (width, height) of the bucket the network runs at
     size: tuple[int, int]  # (width, height) of the photo, EXIF orientation applied
     photo: np.ndarray | None  # only when the tasks need its pixels
 
 
-def decode_and_prepare(data: bytes, max_pixels: int, max_size: int, model: ServedModel, keep_photo: bool) -> Decoded:
+def decode_and_prepare(data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel) -> Decoded:
     photo = decode_image(data, max_pixels)
-    prepared = prepare(photo, max_size, model)
+    prepared = prepare(photo, request.max_size, model, request.process_res)
     height, width = photo.shape[:2]
-    return Decoded(prepared.network_input, prepared.inference_size, (width, height), photo if keep_photo else None)
+    kept = photo if needs_photo(request.tasks) else None
+    return Decoded(prepared.network_input, prepared.inference_size, prepared.network_size, (width, height), kept)
 
 
 def render_outputs(decoded: Decoded, depth: np.ndarray, request: DepthRequest, model: ServedModel) -> dict:
@@ -81,10 +83,7 @@ class ImageWorkers:
         list(self._pool.map(_warm, range(self.processes * 2)))
 
     async def decode(self, data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel) -> Decoded:
-        call = functools.partial(
-            decode_and_prepare, data, max_pixels, request.max_size, model, needs_photo(request.tasks)
-        )
-        return await self._run(call)
+        return await self._run(functools.partial(decode_and_prepare, data, max_pixels, request, model))
 
     async def render(self, decoded: Decoded, depth: np.ndarray, request: DepthRequest, model: ServedModel) -> dict:
         return await self._run(functools.partial(render_outputs, decoded, depth, request, model))

@@ -8,7 +8,10 @@ normalization), never a division by zero or NaN. Conventions:
   colorized output only; normals always follow the depth as it is.
 - normals: from the gradient of the normalized map scaled by the image's shorter side (a ramp over the
   full range across the image tilts about 45 degrees), unit length, encoded as (n + 1) / 2 * 255.
-- disparity: 1 / (d + eps) with eps a thousandth of the map's range, min-max normalized to 8 bits.
+- disparity: reciprocal depth, min-max normalized to 8 bits. Metric models give distance d, so it is
+  1 / d (d clipped to a thousandth of the map's range above zero); relative models already give
+  affine-invariant inverse depth, which is shown as it is (inverting it again gave depth back,
+  dominated by its smallest values: an almost black picture).
 - point cloud: every pixel at (column, distance) on a ``grid x grid`` canvas, camera at the bottom,
   far at the top, each cell the mean colour of the image pixels that land there.
 """
@@ -95,11 +98,12 @@ def decode_normals(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def disparity(depth: np.ndarray) -> np.ndarray:
-    """1 / (d + eps), normalized to 0..255 (uint8); eps is a thousandth of the map's range (at least 1e-6)."""
-    eps = max((float(depth.max()) - float(depth.min())) * 1e-3, 1e-6)
-    inverse = np.maximum(depth, np.float32(0.0))
-    inverse += np.float32(eps)
+def disparity(depth: np.ndarray, metric: bool) -> np.ndarray:
+    """Reciprocal depth normalized to 0..255 (uint8): 1 / d for metric maps, relative maps as they are."""
+    if not metric:
+        return _min_max(depth, 255.0, cv2.CV_8U)
+    floor = max((float(depth.max()) - float(depth.min())) * 1e-3, 1e-6)
+    inverse = np.maximum(depth, np.float32(floor))
     np.reciprocal(inverse, out=inverse)
     return _min_max(inverse, 255.0, cv2.CV_8U)
 

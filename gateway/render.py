@@ -23,11 +23,17 @@ class Prepared:
     network_input: np.ndarray
     inference_size: tuple[int, int]  # (width, height) after max_size
 
+    @property
+    def network_size(self) -> tuple[int, int]:
+        """(width, height) the network ran at: a bucket of the requested network size."""
+        return self.network_input.shape[1], self.network_input.shape[0]
 
-def prepare(image: np.ndarray, max_size: int, model: ServedModel) -> Prepared:
+
+def prepare(image: np.ndarray, max_size: int, model: ServedModel, process_res: int | None = None) -> Prepared:
+    """``max_size`` applied, then the nearest bucket of network size ``process_res`` (None: the default)."""
     limited = limit_size(image, max_size)
     height, width = limited.shape[:2]
-    bucket = nearest_bucket(width, height, model.buckets)
+    bucket = nearest_bucket(width, height, model.family(process_res))
     return Prepared(to_bucket(limited, bucket, model.resample), (width, height))
 
 
@@ -71,7 +77,7 @@ def render(
             out["normals_b64"] = b64(encode_image(pp.normals(unit), fmt, request.quality))
             out["normals_mime"] = mime
         elif task == "disparity":
-            out["disparity_b64"] = b64(encode_image(pp.disparity(depth), fmt, request.quality))
+            out["disparity_b64"] = b64(encode_image(pp.disparity(depth, model.metric), fmt, request.quality))
             out["disparity_mime"] = mime
         elif task == "point_cloud":
             distance = pp.distance_from_camera(depth, model.metric)

@@ -47,6 +47,13 @@ class DepthRequest(BaseModel):
     output_format: OutputFormat = Field("png", description="format of colorized, normals and disparity")
     quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
     max_size: int = Field(1024, ge=16, le=8192, description="longest edge the image is shrunk to before inference")
+    process_res: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="the network's short side: one of the sizes the model serves (Depth-Anything: 518, the default, "
+        "770 or 1036; DPT: 384); larger sizes show finer edges and cost more",
+    )
     invert: bool = Field(False, description="swap near and far before colorization")
     include_raw: bool = Field(False, description="add the float32 depth as `depth_npz_b64` (np.savez_compressed)")
     point_cloud_grid: int = Field(512, ge=16, le=4096, description="side of the square point-cloud preview")

@@ -46,6 +46,18 @@ class Stopwatch:
         self.last = now
 
 
+DEPTH_PNG_DECODE = "depth = depth_min + png / 65535 * (depth_max - depth_min)"
+
+
+def depth_meaning(metric: bool) -> dict:
+    """What the depth values are: units, which way they grow, and how the 16-bit PNG maps back to them."""
+    return {
+        "depth_units": "m" if metric else "relative",
+        "depth_direction": "distance" if metric else "inverse",  # inverse: larger is nearer
+        "depth_png_decode": DEPTH_PNG_DECODE,
+    }
+
+
 @dataclass(frozen=True)
 class JobContext:
     """What the images of one job share: its budget and its download slots."""
@@ -95,6 +107,11 @@ class DepthService:
             model_id = request.model or self.settings.default_model
             name, dtype = await self.triton.resolve(model_id, request.dtype)
             model = await self.triton.ensure_loaded(name)
+            if request.process_res is not None and request.process_res not in model.sizes:
+                served = ", ".join(str(size) for size in model.sizes)
+                raise RequestError(
+                    f"process_res {request.process_res} is not served for {model.hf_id}; served sizes: {served}"
+                )
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
         budget = JobBudget(
@@ -115,7 +132,9 @@ class DepthService:
         response = {
             "results": results,
             "model": model.hf_id,
+            "license": model.license,
             **{key: getattr(request, key) for key in ECHOED},
+            "process_res": request.process_res or model.sizes[0],
             "dtype": dtype,
             "device": "cuda" if model.on_gpu else "cpu",
             "cuda_available": bool(self.triton.gpu),
@@ -169,6 +188,8 @@ class DepthService:
             "width": width,
             "height": height,
             "inference_size": list(decoded.inference_size),
+            "network_size": list(decoded.network_size),
+            **depth_meaning(model.metric),
             **outputs,
             "timings": timings,
             "elapsed_sec": round(time.perf_counter() - started, 4),

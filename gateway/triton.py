@@ -2,8 +2,9 @@
 
 What is served is learned from Triton: the repository index says which model names exist, and a loaded
 model's config ``parameters`` (written by the exporter) give its HF id, kind, max depth, precision,
-buckets and resample filter; its resolved ``instance_group`` says whether it runs on a GPU. The only
-table used is the exporter's HF id -> Triton name mapping, so a request's text never becomes a model name.
+buckets per network size, resample filter and licence; its resolved ``instance_group`` says whether it
+runs on a GPU. The only table used is the exporter's HF id -> Triton name mapping, so a request's text
+never becomes a model name.
 
 Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
 recently used idle one is unloaded. Every call carries a deadline; only transient faults (server
@@ -43,6 +44,9 @@ class ModelUnavailable(ValueError):
     """The requested model or dtype is not served; the message names what is."""
 
 
+Bucket = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str
@@ -50,22 +54,45 @@ class ServedModel:
     metric: bool
     max_depth: float | None
     precision: str
-    buckets: tuple[tuple[int, int], ...]
+    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (network short side, buckets); first = default
     resample: str
     on_gpu: bool
+    license: str
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The default network size's buckets."""
+        return self.families[0][1]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The network short sides (``process_res``) served, the default first."""
+        return tuple(size for size, _buckets in self.families)
+
+    def family(self, size: int | None) -> tuple[Bucket, ...]:
+        """The buckets of network size ``size`` (None: the default); KeyError if it is not served."""
+        return self.buckets if size is None else dict(self.families)[size]
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> ServedModel:
         params = {key: value.string_value for key, value in config.parameters.items()}
+        buckets = tuple(tuple(bucket) for bucket in json.loads(params["buckets"]))
+        families = ((min(buckets[0]), buckets),)  # a config written before network-size families
+        if params.get("bucket_families"):
+            families = tuple(
+                (int(size), tuple(tuple(bucket) for bucket in family))
+                for size, family in json.loads(params["bucket_families"]).items()
+            )
         return cls(
             name=config.name,
             hf_id=params["hf_id"],
             metric=params["kind"] == "metric",
             max_depth=float(params["max_depth"]) if params.get("max_depth") else None,
             precision=params["precision"],
-            buckets=tuple(tuple(bucket) for bucket in json.loads(params["buckets"])),
+            families=families,
             resample=params.get("resample", "bicubic"),
             on_gpu=any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in config.instance_group),
+            license=params.get("license", "unknown"),
         )
 
 

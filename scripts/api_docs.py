@@ -1,4 +1,5 @@
-"""Render docs/api.md and docs/request.schema.json from the request schema the gateway validates with.
+"""Render docs/api.md (models and request fields) and docs/request.schema.json from the model table and
+the request schema the gateway validates with.
 
 python scripts/api_docs.py           # write the files
 python scripts/api_docs.py --check   # exit 1 if they differ from the schema (the tests run this)
@@ -10,19 +11,43 @@ import json
 import sys
 from pathlib import Path
 
+from export.models import MODELS
 from gateway.schema import DepthRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
-# Request fields
+# API reference
 
-Generated from `gateway/schema.py` by `python scripts/api_docs.py`; do not edit by hand.
-The JSON Schema of the same model is in [request.schema.json](request.schema.json).
-The response is described in the README ("API").
+Generated from `export/models.py` and `gateway/schema.py` by `python scripts/api_docs.py`; do not edit
+by hand. The JSON Schema of the request is in [request.schema.json](request.schema.json); the response
+is described in the README ("API").
+
+## Models
+
+Every result states `depth_units`, `depth_direction` and `depth_png_decode`; the response states the
+model's `license` (as its model card gives it: check it before commercial use).
+
+| `model` | depth | `process_res` (network short side) | licence |
+|---|---|---|---|
+{models}
+
+## Request fields
 
 | field | type | default | constraints | meaning |
 |---|---|---|---|---|
 """
+
+
+def model_rows() -> str:
+    rows = []
+    for model_id, spec in MODELS.items():
+        if spec.metric:
+            depth = f"metric: depth in metres, larger is farther (`m`, `distance`), up to {spec.max_depth:g} m"
+        else:
+            depth = "relative: inverse depth, larger is nearer, arbitrary scale (`relative`, `inverse`)"
+        sizes = ", ".join(f"{size}{' (default)' if i == 0 else ''}" for i, (size, _b) in enumerate(spec.families))
+        rows.append(f"| `{model_id}` | {depth} | {sizes} | {spec.license} |")
+    return "\n".join(rows)
 
 
 def type_name(prop: dict) -> str:
@@ -45,7 +70,7 @@ def render() -> tuple[str, str]:
         default = "-" if field.default is None else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
         limits = [f"{k} {prop[k]}" for k in ("minimum", "maximum", "minItems") if k in prop]
         rows.append(f"| `{name}` | {type_name(prop)} | {default} | {', '.join(limits)} | {field.description} |")
-    return HEADER + "\n".join(rows) + "\n", json.dumps(schema, indent=2) + "\n"
+    return HEADER.format(models=model_rows()) + "\n".join(rows) + "\n", json.dumps(schema, indent=2) + "\n"
 
 
 def main() -> int:

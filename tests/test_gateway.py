@@ -21,11 +21,12 @@ from tests.helpers import correlation, decode_image, decode_npz
 ALL_TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud"]
 TOP_LEVEL_KEYS = {
     "results", "model", "tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size",
-    "point_cloud_grid", "device", "cuda_available", "count", "elapsed_sec", "dtype",
+    "point_cloud_grid", "device", "cuda_available", "count", "elapsed_sec", "dtype", "license", "process_res",
 }  # fmt: skip
 RESULT_KEYS = {
-    "index", "input", "model", "metric", "width", "height", "inference_size", "depth_min", "depth_max",
-    "depth_mean", "tasks", "elapsed_sec", "timings",
+    "index", "input", "model", "metric", "width", "height", "inference_size", "network_size", "depth_min",
+    "depth_max", "depth_mean", "tasks", "elapsed_sec", "timings", "depth_units", "depth_direction",
+    "depth_png_decode",
 }  # fmt: skip
 TASK_KEYS = {
     "depth": {"depth_png_b64", "depth_png_mime"},

@@ -37,7 +37,8 @@ def test_a_constant_map_gives_valid_outputs(value: float) -> None:
     assert np.array_equal(pp.depth_uint16(depth), np.zeros((20, 30), np.uint16))
     vectors = pp.decode_normals(pp.normals(unit))
     assert np.allclose(vectors, [0, 0, 1], atol=1 / 127.5)
-    assert np.isfinite(pp.disparity(depth)).all()
+    assert np.isfinite(pp.disparity(depth, metric=True)).all()
+    assert np.isfinite(pp.disparity(depth, metric=False)).all()
     assert np.array_equal(pp.colorize(unit, "viridis"), np.broadcast_to(pp.colormap_lut("viridis")[0], (20, 30, 3)))
     preview = pp.point_cloud(np.full((20, 30, 3), 200, np.uint8), pp.distance_from_camera(depth, metric=True), 32)
     assert preview.shape == (32, 32, 3)
@@ -65,13 +66,38 @@ def test_normalize_false_uses_a_fixed_scale() -> None:
     assert pp.normalized(depth / 40, normalize=False, max_depth=None).tolist() == [[0, 0.25, 0.5, 1]]
 
 
-def test_disparity_is_inverse_depth_normalized() -> None:
+def test_disparity_of_a_metric_map_is_its_reciprocal_normalized() -> None:
     depth = np.array([[1.0, 2.0, 4.0]], np.float32)
-    disparity = pp.disparity(depth)
+    disparity = pp.disparity(depth, metric=True)
     assert disparity.dtype == np.uint8
-    assert disparity.min() == 0
-    assert disparity.max() == 255
-    assert np.argsort(disparity.ravel()).tolist() == [2, 1, 0]
+    # 1/d = 1, 0.5, 0.25 -> (x - 0.25) / 0.75 * 255
+    assert disparity.ravel().tolist() == [255, 85, 0]
+
+
+def ramp_1_to_10_m() -> np.ndarray:
+    """A scene whose true depth grows from 1 m (left) to 10 m (right) in equal steps of disparity."""
+    return np.tile(1.0 / np.linspace(1.0, 0.1, 200, dtype=np.float32), (50, 1))
+
+
+def test_disparity_is_the_same_picture_for_a_metric_map_and_its_relative_inverse() -> None:
+    metric = ramp_1_to_10_m()
+    relative = 3.0 / metric + 0.7  # what a relative model returns: affine-invariant inverse depth
+    from_metric = pp.disparity(metric, metric=True).astype(int)
+    from_relative = pp.disparity(relative, metric=False).astype(int)
+    assert np.abs(from_metric - from_relative).max() <= 1
+    row = from_metric[0]
+    assert row[0] == 255  # 1 m: nearest, brightest
+    assert row[-1] == 0  # 10 m
+    assert np.all(np.diff(row) <= 0)
+    steps = np.diff(row)  # equal steps of 1/d: a linear picture, not a few bright pixels on black
+    assert steps.min() >= -2
+    assert 120 <= np.median(row) <= 135
+
+
+def test_disparity_of_a_relative_map_is_not_dominated_by_its_smallest_values() -> None:
+    relative = 3.0 / ramp_1_to_10_m() + 0.7
+    histogram = np.bincount(pp.disparity(relative, metric=False).ravel(), minlength=256)
+    assert histogram[:32].sum() < 0.2 * relative.size  # the old 1 / d of this map was mostly black
 
 
 def test_point_cloud_places_pixels_by_column_and_distance() -> None:
@@ -111,7 +137,7 @@ def test_single_pixel_rows_and_columns(shape: tuple[int, int]) -> None:
     vectors = pp.decode_normals(pp.normals(unit))
     assert vectors.shape == (*shape, 3)
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
-    assert pp.disparity(depth).shape == shape
+    assert pp.disparity(depth, metric=True).shape == shape
     assert pp.point_cloud(np.zeros((*shape, 3), np.uint8), unit, 16).shape == (16, 16, 3)
 
 
