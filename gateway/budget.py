@@ -26,15 +26,27 @@ BYTES_PER_PIXEL = {
 }
 LOSSY_BYTES_PER_PIXEL = 0.02  # webp / jpg at any quality
 POINT_CLOUD_BYTES_PER_CELL = 0.1
+PLY_BYTES_PER_POINT = 15  # x y z float32, r g b uint8: not compressed
+GLB_BYTES_PER_VERTEX = 16  # position and colour; indices come on top
 
 
 def estimated_output_bytes(
-    pixels: int, tasks: Iterable[str], output_format: str, include_raw: bool, point_cloud_grid: int
+    pixels: int,
+    tasks: Iterable[str],
+    output_format: str,
+    include_raw: bool,
+    point_cloud_grid: int,
+    max_points: int = 0,
+    max_mesh_vertices: int = 0,
 ) -> int:
     """A low estimate of the base64 bytes one image of ``pixels`` pixels adds to the response."""
     total = 0.0
     for task in tasks:
-        if task == "depth":
+        if task == "points":
+            total += min(pixels, max_points) * PLY_BYTES_PER_POINT * 0.5  # up to half of them flying pixels
+        elif task == "mesh":
+            total += min(pixels, max_mesh_vertices) * GLB_BYTES_PER_VERTEX * 0.5
+        elif task == "depth":
             total += pixels * (BYTES_PER_PIXEL["depth"] + (BYTES_PER_PIXEL["raw"] if include_raw else 0.0))
         elif task == "point_cloud":
             total += point_cloud_grid**2 * POINT_CLOUD_BYTES_PER_CELL

@@ -24,8 +24,17 @@ OUTPUT_FIELDS = {
     "normals_b64": ("normals", "normals_mime"),
     "disparity_b64": ("disparity", "disparity_mime"),
     "point_cloud_b64": ("point_cloud", "point_cloud_mime"),
+    "points_b64": ("points", "points_mime"),
+    "mesh_b64": ("mesh", "mesh_mime"),
 }
-EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg", None: "npz"}
+EXTENSIONS = {
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/jpeg": "jpg",
+    "application/x-ply": "ply",
+    "model/gltf-binary": "glb",
+    None: "npz",
+}
 
 
 def build_input(sources: list[str], args: argparse.Namespace) -> dict:

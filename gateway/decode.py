@@ -23,6 +23,7 @@ from gateway.errors import ImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION = 0x0112  # the EXIF tag
+EXIF_IFD, FOCAL_LENGTH_35MM = 0x8769, 0xA405
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
@@ -73,6 +74,15 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError):
         raise ImageError("image data is corrupt or truncated") from None
+
+
+def focal_length_35mm(data: bytes) -> float | None:
+    """The photo's EXIF ``FocalLengthIn35mmFilm`` in millimetres, if it states a positive one."""
+    try:
+        value = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS).getexif().get_ifd(EXIF_IFD).get(FOCAL_LENGTH_35MM)
+        return float(value) if value and float(value) > 0 else None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, UnidentifiedImageError):
+        return None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -48,5 +48,5 @@ def encode_npz(depth: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def b64(data: bytes) -> str:
+def b64(data: bytes | bytearray) -> str:
     return pybase64.b64encode(data).decode("ascii")  # SIMD base64: twice the stdlib's speed

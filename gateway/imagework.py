@@ -27,9 +27,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gateway.decode import decode_image
+from gateway.decode import decode_image, focal_length_35mm
 from gateway.errors import ImageError
-from gateway.render import needs_photo, prepare, render
+from gateway.render import needs_camera, needs_photo, prepare, render
 from gateway.schema import DepthRequest
 from gateway.triton import ServedModel
 
@@ -43,6 +43,7 @@ class Decoded:
     network_size: tuple[int, int]  # (width, height) of the bucket the network runs at
     size: tuple[int, int]  # (width, height) of the photo, EXIF orientation applied
     photo: np.ndarray | None  # only when the tasks need its pixels
+    focal_35mm: float | None  # EXIF, only when the 3D tasks need it and the request gives no camera
 
 
 def decode_and_prepare(data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel) -> Decoded:
@@ -50,11 +51,12 @@ def decode_and_prepare(data: bytes, max_pixels: int, request: DepthRequest, mode
     prepared = prepare(photo, request.max_size, model, request.process_res)
     height, width = photo.shape[:2]
     kept = photo if needs_photo(request.tasks) else None
-    return Decoded(prepared.network_input, prepared.inference_size, prepared.network_size, (width, height), kept)
+    focal = focal_length_35mm(data) if needs_camera(request) else None
+    return Decoded(prepared.network_input, prepared.inference_size, prepared.network_size, (width, height), kept, focal)
 
 
 def render_outputs(decoded: Decoded, depth: np.ndarray, request: DepthRequest, model: ServedModel) -> dict:
-    return render(decoded.size, decoded.photo, depth, request, model)
+    return render(decoded.size, decoded.photo, depth, request, model, decoded.focal_35mm)
 
 
 def _warm(_: int) -> int:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway import geometry
 from gateway import postprocess as pp
 from gateway.encode import MIME, b64, encode_image, encode_npz, writable_format
+from gateway.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
 from gateway.resize import limit_size, nearest_bucket, to_bucket
 from gateway.schema import DepthRequest
 from gateway.triton import ServedModel
@@ -37,9 +39,17 @@ def prepare(image: np.ndarray, max_size: int, model: ServedModel, process_res: i
     return Prepared(to_bucket(limited, bucket, model.resample), (width, height))
 
 
+THREE_D = ("points", "mesh")
+
+
 def needs_photo(tasks: list[str]) -> bool:
-    """Whether rendering ``tasks`` reads the photo's pixels (only the point cloud's colours do)."""
-    return "point_cloud" in tasks
+    """Whether rendering ``tasks`` reads the photo's pixels (the point clouds' and mesh's colours)."""
+    return any(task in tasks for task in ("point_cloud", *THREE_D))
+
+
+def needs_camera(request: DepthRequest) -> bool:
+    """Whether the photo's EXIF focal length is wanted (3D outputs, and no camera in the request)."""
+    return request.camera is None and any(task in request.tasks for task in THREE_D)
 
 
 def render(
@@ -48,6 +58,7 @@ def render(
     network_depth: np.ndarray,
     request: DepthRequest,
     model: ServedModel,
+    focal_35mm: float | None = None,
 ) -> dict:
     """Stats and every requested task's keys, all at the original ``size`` (width, height).
 
@@ -86,4 +97,47 @@ def render(
             out["point_cloud_b64"] = b64(encode_image(preview, "png"))
             out["point_cloud_mime"] = MIME["png"]
             out["point_cloud_grid"] = request.point_cloud_grid
+    if any(task in request.tasks for task in THREE_D):
+        assert photo is not None, "3D outputs need the photo"
+        out.update(render_3d(depth, photo, request, model, focal_35mm))
+    return out
+
+
+def render_3d(
+    depth: np.ndarray, photo: np.ndarray, request: DepthRequest, model: ServedModel, focal_35mm: float | None
+) -> dict:
+    """The ``points`` (PLY) and ``mesh`` (GLB) outputs, with the camera and the units they used."""
+    height, width = depth.shape
+    value_range = (float(depth.min()), float(depth.max()))
+    camera = geometry.intrinsics_for(width, height, request.camera, focal_35mm)
+    units = "m" if model.metric else "relative"
+    out: dict = {"intrinsics": camera.as_dict(), "units": units}
+
+    def grid(limit: int) -> geometry.Grid:
+        stride = geometry.stride_for(height, width, limit)
+        zs = geometry.planar_depth(depth[::stride, ::stride], model.metric, request.near, request.far, value_range)
+        return geometry.sample_grid(zs, photo[::stride, ::stride], camera, stride, request.depth_edge_threshold)
+
+    if "points" in request.tasks:
+        points = grid(request.max_points)
+        keep = geometry.point_mask(points)
+        comments = [f"units {units}", f"intrinsics fx {camera.fx:g} fy {camera.fy:g} cx {camera.cx:g} cy {camera.cy:g}"]
+        comments.append("frame opencv: x right, y down, z forward")
+        if keep.all():  # nothing dropped: no copy through a mask
+            xyz, rgb = points.xyz.reshape(-1, 3), points.rgb.reshape(-1, 3)
+        else:
+            xyz, rgb = points.xyz[keep], points.rgb[keep]
+        out["points_b64"] = b64(encode_ply(xyz, rgb, comments))
+        out["points_mime"] = PLY_MIME
+        out["points_count"] = int(keep.sum())
+    if "mesh" in request.tasks:
+        surface = grid(request.max_mesh_vertices)
+        faces = geometry.triangles(surface)
+        positions = opencv_to_gltf(surface.xyz.reshape(-1, 3))
+        extras = {"units": units, "intrinsics": camera.as_dict()}
+        glb, vertices = encode_glb(positions, surface.rgb.reshape(-1, 3), faces, extras)
+        out["mesh_b64"] = b64(glb)
+        out["mesh_mime"] = GLB_MIME
+        out["mesh_vertices"] = vertices
+        out["mesh_triangles"] = len(faces)
     return out

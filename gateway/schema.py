@@ -6,14 +6,15 @@ Pure: imports neither runpod nor tritonclient. ``parse_request`` turns a job's `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import QUOTE_LIMIT, quoted, safe_text
 
-Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud"]
+Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud", "points", "mesh"]
 Colormap = Literal["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 OutputFormat = Literal["png", "webp", "jpg"]
 Dtype = Literal["float16", "bfloat16", "float32"]
@@ -58,11 +59,41 @@ class DepthRequest(BaseModel):
     include_raw: bool = Field(False, description="add the float32 depth as `depth_npz_b64` (np.savez_compressed)")
     point_cloud_grid: int = Field(512, ge=16, le=4096, description="side of the square point-cloud preview")
     dtype: Dtype | None = Field(None, description="precision variant; default float16 on GPU, float32 on CPU")
+    camera: dict[str, Any] | None = Field(
+        None,
+        description='for `points` and `mesh`: `{"fov_x": degrees}` or `{"fx", "fy", "cx", "cy"}` in pixels of the '
+        "original image (pixel centres at integers, as OpenCV); default: the photo's EXIF 35 mm focal length, "
+        "else a 60 degree horizontal field of view",
+    )
+    near: float = Field(1.0, gt=0, le=1e6, description="relative models' 3D: depth of the nearest point")
+    far: float = Field(10.0, gt=0, le=1e6, description="relative models' 3D: depth of the farthest point (> near)")
+    depth_edge_threshold: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="`points`/`mesh`: drop points and triangles across depth jumps larger than this fraction of "
+        "the nearer depth (flying pixels); 0 keeps all",
+    )
+    max_points: int = Field(250_000, ge=1000, le=5_000_000, description="`points`: most points (grid subsampled)")
+    max_mesh_vertices: int = Field(
+        100_000, ge=1000, le=2_000_000, description="`mesh`: most vertices (grid subsampled)"
+    )
 
     @field_validator("tasks")
     @classmethod
     def _dedupe(cls, tasks: list[str]) -> list[str]:
         return list(dict.fromkeys(tasks))
+
+    @field_validator("camera")
+    @classmethod
+    def _camera(cls, camera: dict[str, Any] | None) -> dict[str, float] | None:
+        return None if camera is None else check_camera(camera)
+
+    @model_validator(mode="after")
+    def _near_before_far(self) -> DepthRequest:
+        if self.far <= self.near:
+            raise ValueError(f"far ({self.far:g}) must be larger than near ({self.near:g})")
+        return self
 
     def sources(self) -> list[ImageSource]:
         """Every image source, in the order image_url, image_urls, image_b64, images."""
@@ -74,6 +105,26 @@ class DepthRequest(BaseModel):
             found.append(ImageSource(type="b64", data=self.image_b64))
         found += self.images or []
         return found
+
+
+CAMERA_FORMS = '{"fov_x": degrees} or {"fx", "fy", "cx", "cy"} in pixels'
+
+
+def check_camera(camera: dict[str, Any]) -> dict[str, float]:
+    """The camera as floats, or ValueError with one sentence naming what is wrong."""
+    keys = set(camera)
+    if keys not in ({"fov_x"}, {"fx", "fy", "cx", "cy"}):
+        raise ValueError(f"camera must be {CAMERA_FORMS}")
+    values = {}
+    for key, value in camera.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"camera.{key} must be a finite number")
+        values[key] = float(value)
+    if "fov_x" in values and not 0 < values["fov_x"] < 180:
+        raise ValueError("camera.fov_x must be between 0 and 180 degrees")
+    if "fx" in values and (values["fx"] <= 0 or values["fy"] <= 0):
+        raise ValueError("camera.fx and camera.fy must be positive")
+    return values
 
 
 @dataclass(frozen=True)
@@ -107,4 +158,7 @@ def _describe(error: ValidationError) -> str:
     if first["type"] == "literal_error":
         expected = first["msg"].removeprefix("Input should be ")
         return f"invalid value {quoted(first.get('input'))} for {where}: expected {expected}"
-    return f"invalid {where}: {safe_text(first['msg'])[:200]}"
+    message = safe_text(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "value_error" and where == "input":
+        return message[:200]
+    return f"invalid {where}: {message[:200]}"

@@ -123,6 +123,8 @@ class DepthService:
                 output_format=request.output_format,
                 include_raw=request.include_raw,
                 point_cloud_grid=request.point_cloud_grid,
+                max_points=request.max_points,
+                max_mesh_vertices=request.max_mesh_vertices,
             ),
         )
         job = JobContext(budget, self.fetcher.slots())

@@ -24,3 +24,7 @@ def decode_npz(b64: str) -> np.ndarray:
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text)

@@ -49,10 +49,16 @@ def test_embedded_stack_serves_and_the_client_writes_outputs(
 
     tasks = ["depth", "colorized", "normals", "disparity", "point_cloud"]
     command = [sys.executable, "-m", "gateway.client", str(photo), "--out", str(out), "--endpoint", url]
-    result = subprocess.run([*command, "--tasks", *tasks, "--include-raw"], cwd=ROOT, capture_output=True, text=True)
+    every_task = ["--tasks", *tasks, "points", "mesh", "--include-raw"]
+    result = subprocess.run([*command, *every_task], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"00_coffee_{t}.png" for t in tasks] + ["00_coffee_depth_raw.npz", "response.json"])
+    files_3d = ["00_coffee_points.ply", "00_coffee_mesh.glb"]
+    assert names == sorted(
+        [f"00_coffee_{t}.png" for t in tasks] + ["00_coffee_depth_raw.npz", "response.json", *files_3d]
+    )
+    assert (out / "00_coffee_points.ply").read_bytes().startswith(b"ply\nformat binary_little_endian 1.0\n")
+    assert (out / "00_coffee_mesh.glb").read_bytes()[:4] == b"glTF"
     assert cv2.imread(str(out / "00_coffee_depth.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     assert cv2.imread(str(out / "00_coffee_colorized.png")).shape == (400, 600, 3)
     assert np.load(out / "00_coffee_depth_raw.npz")["depth"].shape == (400, 600)
