@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import statistics
+import time
 
 import cv2
 import numpy as np
@@ -28,7 +30,7 @@ from export.random_checkpoint import image_processor
 from gateway import postprocess as pp
 from gateway.decode import decode_image
 from gateway.encode import b64, encode_image
-from gateway.render import prepare, render
+from gateway.render import prepare, render, render_3d
 from gateway.schema import DepthRequest
 from gateway.triton import ServedModel
 
@@ -161,6 +163,19 @@ def check_content(ours: Ours, seed: Seed, image: np.ndarray, depth: np.ndarray) 
     }
 
 
+def three_d_request(tasks: list[str]) -> DepthRequest:
+    return DepthRequest(image_b64="", tasks=tasks)
+
+
+def median_cpu_ms(function, args: argparse.Namespace) -> float:
+    samples = []
+    for _ in range(args.repeats):
+        started = time.process_time()
+        function()
+        samples.append((time.process_time() - started) * 1000)
+    return statistics.median(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -205,6 +220,14 @@ def main() -> None:
 
     pairs["ALL: decode + resize + upsample + five tasks"] = (whole_ours, whole_seed)
     stages = interleaved(pairs, args.repeats)
+    three_d = {  # the seed had no 3D output: timed alone, median CPU time
+        name: median_cpu_ms(lambda tasks=tasks: render_3d(ours_depth, image, three_d_request(tasks), MODEL, None), args)
+        for name, tasks in (
+            ("points (PLY)", ["points"]),
+            ("mesh (GLB)", ["mesh"]),
+            ("points + mesh", ["points", "mesh"]),
+        )
+    }
     sizes = {}
     for task in ("depth_png", "colorized", "normals", "disparity"):
         sizes[task] = {
@@ -221,6 +244,8 @@ def main() -> None:
     print(f"{'stage':46} {'ours':>9} {'seed':>9} {'seed/ours':>10}")
     for name, row in stages.items():
         print(f"{name:46} {row['ours_ms']:9.2f} {row['seed_ms']:9.2f} {row['ratio']:9.1f}x")
+    for name, ms in three_d.items():
+        print(f"{name:46} {ms:9.2f} {'-':>9} {'-':>10}")
     print("\nencoded sizes (bytes):")
     for name, row in sizes.items():
         print(f"  {name:14} ours {row['ours_bytes']:>9}   seed {row['seed_bytes']:>9}")
@@ -232,6 +257,7 @@ def main() -> None:
             "network": list(NETWORK),
             "repeats": args.repeats,
             "stages": stages,
+            "three_d_ms": three_d,
             "encoded_sizes": sizes,
             "checks": checks,
         },
