@@ -4,8 +4,9 @@ Without ``--rp_serve_api`` the worker runs runpod's production job loop: it long
 ``RUNPOD_WEBHOOK_GET_JOB`` (``/job-take/<worker>``, or ``/job-take-batch/<worker>?batch_size=N`` when
 several slots are free), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
 and long-polls ``/job-stop/<worker>`` for cancellations. This server speaks that protocol on 127.0.0.1:
-jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), and
-the number of jobs in flight is tracked. For tests and benchmarks only; the worker does not use it.
+jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), as
+are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}`` to the same URL),
+and the number of jobs in flight is tracked. For tests and benchmarks only; the worker does not use it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class JobApi:
     def __init__(self) -> None:
         self.queue: deque[dict] = deque()
         self.results: defaultdict[str, list[dict]] = defaultdict(list)
+        self.progress: defaultdict[str, list[object]] = defaultdict(list)  # IN_PROGRESS posts
         self.taken_at: dict[str, float] = {}
         self.done_at: dict[str, float] = {}
         self.in_flight = 0
@@ -125,7 +127,11 @@ class JobApi:
                 if parts[1] != "job-done" or len(parts) != 4:
                     self.reply(404)
                     return
-                api._done(parts[3], json.loads(body))
+                posted = json.loads(body)
+                if posted.get("status") == "IN_PROGRESS":  # runpod's progress_update posts here too
+                    api.progress[parts[3]].append(posted.get("output"))
+                else:
+                    api._done(parts[3], posted)
                 self.reply(200, {})
 
         return Handler

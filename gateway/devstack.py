@@ -5,13 +5,13 @@ For the quickstart, the tests and the benchmarks; the worker itself does not use
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
-
-from gateway.client import send
 
 
 def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
@@ -23,7 +23,10 @@ def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.
 
 def post(url: str, payload: dict, timeout: float = 120) -> dict:
     """POST ``{"input": payload}`` to ``url``/runsync; returns the parsed reply."""
-    return send(f"{url}/runsync", {"Content-Type": "application/json"}, payload, timeout)
+    body = json.dumps({"input": payload}).encode()
+    request = urllib.request.Request(f"{url}/runsync", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 def wait_for_api(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> None:

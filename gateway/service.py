@@ -82,7 +82,14 @@ def approximate_json_size(value: Any) -> int:
 
 
 class DepthService:
-    def __init__(self, settings: Settings, triton: TritonModels, fetcher: Fetcher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        triton: TritonModels,
+        fetcher: Fetcher,
+        progress: Callable[[dict, str], None] | None = None,
+    ) -> None:
+        self.progress = progress  # runpod's progress_update in the production loop
         self.settings = settings
         self.triton = triton
         self.fetcher = fetcher
@@ -97,9 +104,13 @@ class DepthService:
         await self.triton.close()
 
     async def handle_job(self, job: dict) -> dict:
-        return await self.handle(job.get("input"))
+        report = None
+        if self.progress is not None:
+            report = functools.partial(self.progress, job)
+        return await self.handle(job.get("input"), report)
 
-    async def handle(self, payload: Any) -> dict:
+    async def handle(self, payload: Any, report: Callable[[str], None] | None = None) -> dict:
+        """The response to one job's input; ``report("3/16 images")`` as images of a larger job finish."""
         started = time.perf_counter()
         try:
             parsed = parse_request(payload, self.settings.max_images)
@@ -128,9 +139,17 @@ class DepthService:
             ),
         )
         job = JobContext(budget, self.fetcher.slots())
-        results = await asyncio.gather(
-            *(self._one(index, source, request, model, job) for index, source in enumerate(parsed.sources))
-        )
+        total, finished = len(parsed.sources), 0
+
+        async def counted(index: int, source: ImageSource) -> dict:
+            nonlocal finished
+            result = await self._one(index, source, request, model, job)
+            finished += 1
+            if report is not None and total > 1:
+                report(f"{finished}/{total} images")
+            return result
+
+        results = await asyncio.gather(*(counted(index, source) for index, source in enumerate(parsed.sources)))
         response = {
             "results": results,
             "model": model.hf_id,

@@ -79,7 +79,9 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
         settings.download_timeout,
         settings.downloads_per_job,
     )
-    service = DepthService(settings, triton, fetcher)
+    production = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))  # runpod's job loop, not the local API
+    progress = runpod.serverless.progress_update if production else None
+    service = DepthService(settings, triton, fetcher, progress)
     asyncio.run(service.startup())
     return service, server
 

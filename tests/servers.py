@@ -6,9 +6,12 @@ slow endpoints stop on their own after a bounded time.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -151,3 +154,86 @@ def running_image_server(host: str = "127.0.0.1") -> Iterator[ImageServer]:
         yield server
     finally:
         server.stop()
+
+
+class Relay:
+    """A loopback proxy in front of Runpod's (local) API: forwards ``/run``, ``/runsync`` and ``/status``,
+    answers ``failures`` (a list of HTTP statuses, used up in order) instead of forwarding, counts the
+    jobs each image was sent in, and the ``/status`` calls open at once (the local API runs a job inside
+    its ``/status`` call, so that is the jobs in flight)."""
+
+    def __init__(self, target: str, failures: list[int] | None = None) -> None:
+        self.target = target.rstrip("/")
+        self.failures = list(failures or [])
+        self.sent: Counter[str] = Counter()  # image data -> number of /run requests carrying it
+        self.refused: Counter[int] = Counter()
+        self.open_status = 0
+        self.max_open_status = 0
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def forward(self, method: str, body: bytes | None) -> None:
+                with relay._lock:
+                    failure = relay.failures.pop(0) if relay.failures else None
+                if failure is not None:
+                    relay.refused[failure] += 1
+                    self.answer(failure, b'{"error": "injected"}')
+                    return
+                if method == "POST" and body and self.path.startswith("/run"):
+                    for image in json.loads(body)["input"].get("images", []):
+                        with relay._lock:
+                            relay.sent[image["data"]] += 1
+                status_call = self.path.startswith("/status")
+                if status_call:
+                    with relay._lock:
+                        relay.open_status += 1
+                        relay.max_open_status = max(relay.max_open_status, relay.open_status)
+                try:
+                    request = urllib.request.Request(relay.target + self.path, data=body, method=method)
+                    request.add_header("Content-Type", "application/json")
+                    try:
+                        with urllib.request.urlopen(request, timeout=300) as response:
+                            self.answer(response.status, response.read())
+                    except urllib.error.HTTPError as error:
+                        self.answer(error.code, error.read())
+                finally:
+                    if status_call:
+                        with relay._lock:
+                            relay.open_status -= 1
+
+            def do_GET(self) -> None:
+                with suppress(BrokenPipeError, ConnectionResetError):
+                    self.forward("GET", None)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with suppress(BrokenPipeError, ConnectionResetError):
+                    self.forward("POST", body)
+
+        return Handler
+
+    def start(self) -> Relay:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

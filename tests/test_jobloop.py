@@ -106,6 +106,20 @@ def test_two_hundred_mixed_jobs_are_each_answered_once_and_intact(worker) -> Non
     assert "Handler output" not in log_path.read_text()
 
 
+def test_jobs_of_several_images_report_progress(worker) -> None:
+    api, _process, _log = worker
+    several = api.submit({"images": [{"type": "b64", "data": GOOD_IMAGE}] * 4})
+    single = api.submit({"image_b64": GOOD_IMAGE})
+    api.wait_for([several, single], timeout=60)
+    deadline = time.monotonic() + 10  # progress is posted from its own thread: it may trail the result
+    while len(api.progress[several]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(api.progress[several]) == ["1/4 images", "2/4 images", "3/4 images", "4/4 images"]
+    assert api.progress[single] == []
+    assert len(api.results[several]) == 1
+    assert len(api.results[several][0]["output"]["results"]) == 4
+
+
 def test_intake_refills_slots_as_they_free(worker) -> None:
     """100 one-image jobs through 8 slots: runpod's own loop slept 1 s whenever the 8 were full."""
     api, _process, _log = worker

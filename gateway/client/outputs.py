@@ -1,0 +1,81 @@
+"""Decoded outputs -> files under ``--out``, one per task, written atomically; and whether they exist.
+
+An image named ``trip/img1`` gets ``trip/img1_depth.png``, ``trip/img1_depth_raw.npz`` (``include_raw``),
+``trip/img1_colorized.<format>``, ``_normals``, ``_disparity``, ``trip/img1_point_cloud.png``,
+``trip/img1_points.ply`` and ``trip/img1_mesh.glb``. Each file is written to a temporary name beside it and
+renamed, so an interrupted run leaves whole files or none. Pure: no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+OUTPUTS = {  # response key -> (file suffix, key naming its MIME type)
+    "depth_png_b64": ("depth", "depth_png_mime"),
+    "depth_npz_b64": ("depth_raw", None),
+    "colorized_b64": ("colorized", "colorized_mime"),
+    "normals_b64": ("normals", "normals_mime"),
+    "disparity_b64": ("disparity", "disparity_mime"),
+    "point_cloud_b64": ("point_cloud", "point_cloud_mime"),
+    "points_b64": ("points", "points_mime"),
+    "mesh_b64": ("mesh", "mesh_mime"),
+}
+EXTENSIONS = {
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/jpeg": "jpg",
+    "application/x-ply": "ply",
+    "model/gltf-binary": "glb",
+    None: "npz",
+}
+FORMATTED = {"colorized", "normals", "disparity"}  # follow output_format (PNG when too large for it)
+FIXED = {"depth": "png", "point_cloud": "png", "points": "ply", "mesh": "glb"}
+
+
+def expected(name: str, tasks: list[str], output_format: str, include_raw: bool) -> list[list[str]]:
+    """For each output: the relative file names that count as having it (the first is the usual one)."""
+    wanted = []
+    for task in tasks:
+        if task in FORMATTED:
+            wanted.append([f"{name}_{task}.{output_format}", f"{name}_{task}.png"])
+        else:
+            wanted.append([f"{name}_{task}.{FIXED[task]}"])
+    if include_raw and "depth" in tasks:
+        wanted.append([f"{name}_depth_raw.npz"])
+    return wanted
+
+
+def already_done(out: Path, name: str, tasks: list[str], output_format: str, include_raw: bool) -> bool:
+    return all(
+        any((out / option).exists() for option in options)
+        for options in expected(name, tasks, output_format, include_raw)
+    )
+
+
+def write_result(out: Path, name: str, result: dict) -> list[Path]:
+    """Every output of one image's result, each atomically; returns the paths written."""
+    written = []
+    for key, (suffix, mime_key) in OUTPUTS.items():
+        if key not in result:
+            continue
+        path = out / f"{name}_{suffix}.{EXTENSIONS[result.get(mime_key) if mime_key else None]}"
+        write_atomically(path, base64.b64decode(result[key]))
+        written.append(path)
+    return written
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete what an interrupted run left half-written (``.<name>.<pid>.tmp``); returns how many."""
+    stale = list(out.rglob(".*.tmp")) if out.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
