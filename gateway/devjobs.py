@@ -45,10 +45,11 @@ class JobApi:
             "RUNPOD_POD_ID": worker_id,
         }
 
-    def submit(self, job_input: dict, job_id: str | None = None) -> str:
+    def submit(self, job_input: dict, job_id: str | None = None, **fields: object) -> str:
+        """Queue a job; ``fields`` go beside ``input`` (e.g. ``s3Config``, as Runpod sends it)."""
         job_id = job_id or uuid.uuid4().hex
         with self._lock:
-            self.queue.append({"id": job_id, "input": job_input})
+            self.queue.append({"id": job_id, "input": job_input, **fields})
             self._lock.notify_all()
         return job_id
 

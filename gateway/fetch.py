@@ -94,14 +94,14 @@ class AddressPolicy:
                 self.hosts.add(entry.lower().rstrip("."))
         self.blocked_ports = set(blocked_ports)
 
-    def check(self, host: str, address: IPAddress, port: int) -> None:
+    def check(self, host: str, address: IPAddress, port: int, what: str = "image URL") -> None:
         """Raise ImageError unless connecting to ``address:port`` for ``host`` is allowed."""
         if port in self.blocked_ports and not is_public(address):
-            raise ImageError("image URL points to a blocked address")
+            raise ImageError(f"{what} points to a blocked address")
         if host.lower().rstrip(".") in self.hosts or any(address in network for network in self.networks):
             return
         if not is_public(address):
-            raise ImageError("image URL points to a private, loopback or reserved address")
+            raise ImageError(f"{what} points to a private, loopback or reserved address")
 
 
 class GuardedResolver(AbstractResolver):

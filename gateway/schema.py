@@ -59,6 +59,12 @@ class DepthRequest(BaseModel):
     include_raw: bool = Field(False, description="add the float32 depth as `depth_npz_b64` (np.savez_compressed)")
     point_cloud_grid: int = Field(512, ge=16, le=4096, description="side of the square point-cloud preview")
     dtype: Dtype | None = Field(None, description="precision variant; default float16 on GPU, float32 on CPU")
+    output_mode: Literal["inline", "url", "auto"] = Field(
+        "inline",
+        description="`inline`: outputs as base64 in the result; `url`: uploaded to the bucket (the worker's, or the "
+        "job's `s3Config`), the result carries `<name>_url` presigned links instead of `<name>_b64`; `auto`: "
+        "inline while the result fits its size limit, else url",
+    )
     camera: dict[str, Any] | None = Field(
         None,
         description='for `points` and `mesh`: `{"fov_x": degrees}` or `{"fx", "fy", "cx", "cy"}` in pixels of the '

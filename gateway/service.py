@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
+
 from gateway.budget import JobBudget, estimated_output_bytes
 from gateway.decode import decode_base64, open_image
 from gateway.errors import ImageError, safe_text
 from gateway.fetch import Fetcher
 from gateway.imagework import ImageWorkers
+from gateway.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.schema import DepthRequest, ImageSource, RequestError, parse_request
 from gateway.settings import Settings
+from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
 from gateway.triton import ModelUnavailable, ServedModel, TritonModels
 
 log = logging.getLogger("gateway")
@@ -94,6 +98,15 @@ class DepthService:
         self.triton = triton
         self.fetcher = fetcher
         self.executor = ThreadPoolExecutor(PARENT_THREADS, thread_name_prefix="inputs")  # base64, headers
+        self.storage = Storage(settings.bucket_prefix, settings.bucket_url_expiry, settings.upload_timeout)
+        self.bucket = None
+        if settings.bucket_endpoint_url:
+            self.bucket = Bucket(
+                settings.bucket_endpoint_url,
+                settings.bucket_access_key_id or "",
+                settings.bucket_secret_access_key or "",
+                settings.bucket_name,
+            )
         self.workers = ImageWorkers(settings.cpu_workers)
 
     async def startup(self) -> None:
@@ -107,10 +120,17 @@ class DepthService:
         report = None
         if self.progress is not None:
             report = functools.partial(self.progress, job)
-        return await self.handle(job.get("input"), report)
+        return await self.handle(job.get("input"), report, job.get("s3Config"), str(job.get("id", "job")))
 
-    async def handle(self, payload: Any, report: Callable[[str], None] | None = None) -> dict:
-        """The response to one job's input; ``report("3/16 images")`` as images of a larger job finish."""
+    async def handle(
+        self,
+        payload: Any,
+        report: Callable[[str], None] | None = None,
+        s3_config: object = None,
+        job_id: str = "job",
+    ) -> dict:
+        """The response to one job's input; ``report("3/16 images")`` as images of a larger job finish;
+        outputs go to storage (the job's ``s3Config`` or the worker's bucket) when ``output_mode`` says so."""
         started = time.perf_counter()
         try:
             parsed = parse_request(payload, self.settings.max_images)
@@ -118,6 +138,12 @@ class DepthService:
             model_id = request.model or self.settings.default_model
             name, dtype = await self.triton.resolve(model_id, request.dtype)
             model = await self.triton.ensure_loaded(name)
+            bucket = await self._bucket(s3_config)
+            if request.output_mode == "url" and bucket is None:
+                raise RequestError(
+                    "output_mode url needs a bucket: the worker has none configured (BUCKET_ENDPOINT_URL) "
+                    "and the job carries no s3Config"
+                )
             if request.process_res is not None and request.process_res not in model.sizes:
                 served = ", ".join(str(size) for size in model.sizes)
                 raise RequestError(
@@ -125,9 +151,10 @@ class DepthService:
                 )
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
+        inline_only = request.output_mode == "inline" or bucket is None
         budget = JobBudget(
             self.settings.max_job_pixels,
-            self.settings.max_response_bytes,
+            self.settings.max_response_bytes if inline_only else 10**15,  # uploads are not in the response
             functools.partial(
                 estimated_output_bytes,
                 tasks=tuple(request.tasks),
@@ -163,6 +190,12 @@ class DepthService:
             "elapsed_sec": round(time.perf_counter() - started, 4),
         }
         size = approximate_json_size(response)
+        if bucket is not None and (request.output_mode == "url" or size > self.settings.max_response_bytes):
+            response["results"] = await self._upload(response["results"], bucket, job_id)
+            response["output_mode"] = "url"
+            size = approximate_json_size(response)
+        else:
+            response["output_mode"] = "inline"
         if size > self.settings.max_response_bytes:
             limit_mb = self.settings.max_response_bytes / 1e6
             return {
@@ -170,6 +203,44 @@ class DepthService:
                 " ask for fewer images or tasks, a smaller max_size, or jpg/webp output"
             }
         return response
+
+    async def _bucket(self, s3_config: object) -> Bucket | None:
+        """The job's own bucket (checked against the address policy), else the worker's, else None."""
+        if s3_config is None:
+            return self.bucket
+        try:
+            bucket = Bucket.from_job(s3_config)
+            await check_endpoint(bucket, self.fetcher.policy)
+        except StorageConfigError as error:
+            raise RequestError(str(error)) from None
+        return bucket
+
+    async def _upload(self, results: list[dict], bucket: Bucket, job_id: str) -> list[dict]:
+        """Every inline output uploaded and replaced by its URL; an image whose upload failed gets an error."""
+        objects, owners = [], []
+        for result in results:
+            for key in OUTPUTS:
+                if key in result:
+                    name = file_name("", key, result).lstrip("_")
+                    data = await self._cpu(pybase64.b64decode, result[key])
+                    objects.append(
+                        (self.storage.object_key(job_id, result["index"], name), data, content_type(key, result))
+                    )
+                    owners.append((result, key))
+        outcomes = await self.storage.upload(bucket, objects) if objects else []
+        failed: dict[int, str] = {}
+        for (result, key), outcome in zip(owners, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failed.setdefault(
+                    result["index"], str(outcome) if isinstance(outcome, ImageError) else "the upload to storage failed"
+                )
+                continue
+            del result[key]
+            result[url_key(key)] = outcome
+        return [
+            {"index": r["index"], "input": r["input"], "error": failed[r["index"]]} if r["index"] in failed else r
+            for r in results
+        ]
 
     async def _one(
         self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel, job: JobContext

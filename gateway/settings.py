@@ -35,6 +35,13 @@ class Settings:
     triton_max_restarts: int = 5
     cpu_workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     url_allowlist: tuple[str, ...] = ()
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = field(default=None, repr=False)
+    bucket_name: str = "depth-outputs"
+    bucket_prefix: str = "depth"
+    bucket_url_expiry: int = 7 * 24 * 3600
+    upload_timeout: float = 60.0
     triton_ports: tuple[int, ...] = (8000, 8001, 8002)
 
     @classmethod
@@ -69,5 +76,12 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "triton_max_restarts": ("TRITON_MAX_RESTARTS", int),
     "cpu_workers": ("CPU_WORKERS", int),
     "url_allowlist": ("URL_ALLOWLIST", _items),
+    "bucket_endpoint_url": ("BUCKET_ENDPOINT_URL", str),
+    "bucket_access_key_id": ("BUCKET_ACCESS_KEY_ID", str),
+    "bucket_secret_access_key": ("BUCKET_SECRET_ACCESS_KEY", str),
+    "bucket_name": ("BUCKET_NAME", str),
+    "bucket_prefix": ("BUCKET_PREFIX", str),
+    "bucket_url_expiry": ("BUCKET_URL_EXPIRY", int),
+    "upload_timeout": ("UPLOAD_TIMEOUT", float),
     "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),
 }

@@ -22,6 +22,7 @@ ALL_TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud"]
 TOP_LEVEL_KEYS = {
     "results", "model", "tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size",
     "point_cloud_grid", "device", "cuda_available", "count", "elapsed_sec", "dtype", "license", "process_res",
+    "output_mode",
 }  # fmt: skip
 RESULT_KEYS = {
     "index", "input", "model", "metric", "width", "height", "inference_size", "network_size", "depth_min",
@@ -230,7 +231,7 @@ def test_depth_png_round_trips_to_the_raw_depth(run_job, photo_urls: dict[str, s
     assert png.max() == 65535
 
 
-def test_normals_are_unit_vectors_and_disparity_inverts_depth(run_job, photo_urls: dict[str, str]) -> None:
+def test_normals_are_unit_vectors_and_disparity_is_reciprocal_depth(run_job, photo_urls: dict[str, str]) -> None:
     tasks = ["depth", "normals", "disparity"]
     result = run_job({"image_url": photo_urls["coffee"], "tasks": tasks, "include_raw": True})["results"][0]
     vectors = decode_normals(decode_image(result["normals_b64"]))
@@ -238,7 +239,7 @@ def test_normals_are_unit_vectors_and_disparity_inverts_depth(run_job, photo_url
     assert (vectors[..., 2] > 0).all()  # all face the camera
     depth, disparity = raw_depth(result), decode_image(result["disparity_b64"]).astype(float)
     assert disparity.ndim == 2
-    assert correlation(disparity, 1 / (np.maximum(depth, 0) + 1e-3 * (depth.max() - depth.min()))) > 0.95
+    assert correlation(disparity, depth) > 0.999  # a relative model's output is inverse depth already
 
 
 def test_normalize_false_uses_the_metric_scale(run_job, photo_urls: dict[str, str]) -> None:

@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD_IMAGE = b64(images.truncated_jpeg())
 
 
-def start_worker(api: JobApi, triton: EmbeddedTriton, log_path: Path, concurrency: int) -> subprocess.Popen:
+def start_worker(
+    api: JobApi, triton: EmbeddedTriton, log_path: Path, concurrency: int, extra: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {
+        **(extra or {}),
         **api.env(),
         "TRITON_URL": triton.grpc_url,
         "TRITON_PORTS": f"{triton.grpc_port},{triton.http_port}",

@@ -162,7 +162,11 @@ class Run:
             if "error" in result:
                 self.fail(item, result["error"])
                 continue
-            await asyncio.to_thread(write_result, self.args.out, item.name, result)
+            try:
+                await asyncio.to_thread(write_result, self.args.out, item.name, result)
+            except OSError as error:  # an output URL that could not be fetched
+                self.fail(item, f"could not download an output: {error}")
+                continue
             self.summary.done += 1
             self.progress.update(1)
 

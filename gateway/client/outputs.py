@@ -1,35 +1,21 @@
 """Decoded outputs -> files under ``--out``, one per task, written atomically; and whether they exist.
 
-An image named ``trip/img1`` gets ``trip/img1_depth.png``, ``trip/img1_depth_raw.npz`` (``include_raw``),
+Outputs come inline (base64) or, with ``output_mode`` url or auto, as URLs that are downloaded; either
+way an image named ``trip/img1`` gets ``trip/img1_depth.png``, ``trip/img1_depth_raw.npz`` (``include_raw``),
 ``trip/img1_colorized.<format>``, ``_normals``, ``_disparity``, ``trip/img1_point_cloud.png``,
 ``trip/img1_points.ply`` and ``trip/img1_mesh.glb``. Each file is written to a temporary name beside it and
-renamed, so an interrupted run leaves whole files or none. Pure: no network.
+renamed, so an interrupted run leaves whole files or none.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import urllib.request
 from pathlib import Path
 
-OUTPUTS = {  # response key -> (file suffix, key naming its MIME type)
-    "depth_png_b64": ("depth", "depth_png_mime"),
-    "depth_npz_b64": ("depth_raw", None),
-    "colorized_b64": ("colorized", "colorized_mime"),
-    "normals_b64": ("normals", "normals_mime"),
-    "disparity_b64": ("disparity", "disparity_mime"),
-    "point_cloud_b64": ("point_cloud", "point_cloud_mime"),
-    "points_b64": ("points", "points_mime"),
-    "mesh_b64": ("mesh", "mesh_mime"),
-}
-EXTENSIONS = {
-    "image/png": "png",
-    "image/webp": "webp",
-    "image/jpeg": "jpg",
-    "application/x-ply": "ply",
-    "model/gltf-binary": "glb",
-    None: "npz",
-}
+from gateway.output_names import OUTPUTS, file_name, url_key
+
 FORMATTED = {"colorized", "normals", "disparity"}  # follow output_format (PNG when too large for it)
 FIXED = {"depth": "png", "point_cloud": "png", "points": "ply", "mesh": "glb"}
 
@@ -55,13 +41,19 @@ def already_done(out: Path, name: str, tasks: list[str], output_format: str, inc
 
 
 def write_result(out: Path, name: str, result: dict) -> list[Path]:
-    """Every output of one image's result, each atomically; returns the paths written."""
+    """Every output of one image's result, inline or by URL (``output_mode``), each written atomically;
+    returns the paths written. A URL that cannot be fetched raises OSError."""
     written = []
-    for key, (suffix, mime_key) in OUTPUTS.items():
-        if key not in result:
+    for key in OUTPUTS:
+        if key in result:
+            data = base64.b64decode(result[key])
+        elif url_key(key) in result:
+            with urllib.request.urlopen(result[url_key(key)], timeout=600) as response:
+                data = response.read()
+        else:
             continue
-        path = out / f"{name}_{suffix}.{EXTENSIONS[result.get(mime_key) if mime_key else None]}"
-        write_atomically(path, base64.b64decode(result[key]))
+        path = out / file_name(name, key, result)
+        write_atomically(path, data)
         written.append(path)
     return written
 
