@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -66,30 +67,33 @@ class Endpoint:
 
     async def run(self, payload: dict) -> dict:
         """The job's final ``/status`` reply (COMPLETED, or FAILED with its own error); raises JobFailed."""
+        return await self._with_retries(lambda: self._submit_and_wait(payload))
+
+    async def runsync(self, payload: dict) -> dict:
+        """One ``/runsync`` request (single images), with the same retries."""
+        return await self._with_retries(lambda: self._runsync_once(payload))
+
+    async def _with_retries(self, attempt: Callable[[], Awaitable[dict]]) -> dict:
         reason = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(backoff(attempt - 1, self.backoff_base))
+        for number in range(self.retries + 1):
+            if number:
+                await asyncio.sleep(backoff(number - 1, self.backoff_base))
             try:
-                return await self._wait(await self._submit(payload))
+                return await attempt()
             except Retryable as error:
                 reason = str(error)
         raise JobFailed(f"gave up after {self.retries + 1} attempts: {reason}")
 
-    async def runsync(self, payload: dict) -> dict:
-        """One ``/runsync`` request (single images), with the same retries."""
-        reason = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(backoff(attempt - 1, self.backoff_base))
-            try:
-                reply = await self._request("POST", "/runsync", {"input": payload})
-                if reply.get("status") in ENDED:
-                    return reply
-                return await self._wait(reply["id"])
-            except Retryable as error:
-                reason = str(error)
-        raise JobFailed(f"gave up after {self.retries + 1} attempts: {reason}")
+    async def _submit_and_wait(self, payload: dict) -> dict:
+        return await self._wait(await self._submit(payload))
+
+    async def _runsync_once(self, payload: dict) -> dict:
+        reply = await self._request("POST", "/runsync", {"input": payload})
+        if reply.get("status") in ENDED:
+            return reply
+        if "id" not in reply:  # still running, yet no id to ask about
+            raise Retryable(f"/runsync answered without an end or a job id: {str(reply)[:100]}")
+        return await self._wait(reply["id"])
 
     async def _submit(self, payload: dict) -> str:
         reply = await self._request("POST", "/run", {"input": payload})
