@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pybase64
 
 from gateway.budget import JobBudget, estimated_output_bytes
@@ -242,6 +243,22 @@ class DepthService:
             for r in results
         ]
 
+    async def _finite_depth(self, model: ServedModel, network_input: np.ndarray) -> tuple[np.ndarray, str]:
+        """The image again on the model's FP32 variant when it is served; else a clear error."""
+        message = "the model returned NaN or infinite depth for this image"
+        if model.precision == "fp32":
+            raise ImageError(message)
+        try:
+            name, _dtype = await self.triton.resolve(model.hf_id, "float32")
+            fp32 = await self.triton.ensure_loaded(name)
+        except ModelUnavailable:
+            raise ImageError(f"{message} in {model.precision}, and no float32 variant is served") from None
+        depth = await self.triton.infer(fp32, network_input)
+        if not np.isfinite(depth).all():
+            raise ImageError(f"{message}, in float32 too")
+        log.warning("non-finite depth from %s; served this image from %s", model.name, fp32.name)
+        return depth, "float32"
+
     async def _one(
         self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel, job: JobContext
     ) -> dict:
@@ -263,8 +280,13 @@ class DepthService:
             decoded = await self.workers.decode(data, self.settings.max_pixels, request, model)
             clock.lap("decode")  # and resize to the network
             depth = await self.triton.infer(model, decoded.network_input)
+            fallback = None
+            if not np.isfinite(depth).all():  # FP16 can overflow on some inputs: never render garbage
+                depth, fallback = await self._finite_depth(model, decoded.network_input)
             clock.lap("infer")
             outputs = await self.workers.render(decoded, depth, request, model)
+            if fallback is not None:
+                outputs["fallback_dtype"] = fallback
             clock.lap("render")
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}

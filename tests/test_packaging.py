@@ -44,6 +44,8 @@ def test_quickstart_as_the_readme_runs_it(tmp_path: Path, checkpoints: dict[str,
     assert "Timings:" in result.stdout
     assert f"Outputs: {results}" in result.stdout
     assert re.search(r"\d+\.\d\d s  export", result.stdout)
+    assert "no GPU: exporting and serving FP32" in result.stdout  # CPU-only machine
+    assert sorted(p.name for p in (tmp_path / "model_repository").iterdir()) == ["depth_anything_v2_small_fp32"]
 
 
 def test_dockerfiles_pass_hadolint() -> None:
