@@ -1,7 +1,8 @@
 """Export one checkpoint into a Triton model repository, atomically.
 
 ``export_model`` loads the checkpoint (hub id or local HF directory) through ``from_pretrained``, traces
-it to ONNX at the requested precision, checks parity against PyTorch FP32, and only then moves
+it to ONNX at the requested precision with fused attention (``fusion``; the plain graph for
+``--tensorrt``), checks parity against PyTorch FP32, and only then moves
 ``<name>/config.pbtxt``, ``<name>/1/model.onnx`` (+ ``model.py`` for the Python backend) and
 ``<name>/export_report.json`` into the repository. Any failure leaves the repository as it was.
 """
@@ -24,6 +25,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
+from export import fusion
 from export.graph import ServingGraph, expected_model_class
 from export.models import ModelSpec, Precision
 from export.onnx_export import OPSET, export_onnx
@@ -120,6 +122,9 @@ def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, chec
     ensure_writable(repository)
     reference = ServingGraph(load_checkpoint(spec, checkpoint), spec)
     served = copy.deepcopy(reference.model)
+    fused = not options.tensorrt  # TensorRT parses only standard ONNX ops, and fuses attention itself
+    if fused:
+        fusion.prepare(served, spec)
     if options.precision == "fp16":
         served.half()
     name = spec.served_name(options.precision)
@@ -128,6 +133,10 @@ def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, chec
         onnx_path = staging / "1" / "model.onnx"
         onnx_path.parent.mkdir()
         export_onnx(ServingGraph(served, spec), spec, onnx_path)
+        layers = len(fusion.encoder(served, spec)[0])
+        attention = fusion.fuse(onnx_path, served, spec, options.precision) if fused else 0
+        if fused and attention != layers:
+            raise ExportError(f"{spec.hf_id}: attention fusion matched {attention} of {layers} layers")
         _check_initializer_types(onnx_path, options.precision)
         parity = check_parity(str(onnx_path), reference, spec)
         threshold = THRESHOLDS[options.precision]
@@ -139,6 +148,7 @@ def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, chec
             "backend": options.backend,
             "tensorrt": options.tensorrt,
             "opset": OPSET,
+            "fused_attention": {"nodes": attention, "layers": layers},
             "parameters": sum(p.numel() for p in reference.model.parameters()),
             "onnx_bytes": onnx_path.stat().st_size,
             "parity": {

@@ -30,6 +30,24 @@ METADATA_KEYS = (
 )
 MAX_QUEUE_DELAY_US = 2000
 TENSORRT_WORKSPACE_BYTES = 4 << 30
+TENSORRT_CACHE = "/cache/tensorrt"  # mount a volume here so that engines survive restarts
+
+
+def tensorrt_profiles(spec: ModelSpec) -> dict[str, str]:
+    """One explicit TensorRT profile spanning every bucket of every network size, batch 1 to the maximum,
+    tuned for a full batch of the default family's 4:3 bucket: no engine is rebuilt for a new shape."""
+    heights = [height for height, _width in spec.all_buckets]
+    widths = [width for _height, width in spec.all_buckets]
+    opt_height, opt_width = spec.buckets[1] if len(spec.buckets) > 1 else spec.buckets[0]
+
+    def shape(batch: int, height: int, width: int) -> str:
+        return f"image:{batch}x{height}x{width}x3"
+
+    return {
+        "trt_profile_min_shapes": shape(1, min(heights), min(widths)),
+        "trt_profile_opt_shapes": shape(spec.max_batch_size, opt_height, opt_width),
+        "trt_profile_max_shapes": shape(spec.max_batch_size, max(heights), max(widths)),
+    }
 
 
 def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -86,7 +104,10 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
                 "precision_mode": "FP16" if precision == "fp16" else "FP32",
                 "max_workspace_size_bytes": str(TENSORRT_WORKSPACE_BYTES),
                 "trt_engine_cache_enable": "1",
-                "trt_engine_cache_path": f"/tmp/tensorrt_cache/{name}",
+                "trt_engine_cache_path": f"{TENSORRT_CACHE}/{name}",
+                "trt_timing_cache_enable": "1",
+                "trt_timing_cache_path": f"{TENSORRT_CACHE}/{name}",
+                **tensorrt_profiles(spec),
             }
         )
         config.optimization.execution_accelerators.gpu_execution_accelerator.append(accelerator)

@@ -16,6 +16,7 @@ from transformers import AutoModelForDepthEstimation
 
 from export import parity
 from export.cli import main as export_main
+from export.fusion import attention_nodes, contrib_nodes
 from export.graph import ServingGraph
 from export.models import MODELS, get_spec
 from export.random_checkpoint import save_random_checkpoint
@@ -134,6 +135,22 @@ def test_fp32_export_with_onnxruntime_backend_and_tensorrt(tmp_path: Path, check
     assert accelerator.name == "tensorrt"
     assert accelerator.parameters["precision_mode"] == "FP32"
     assert accelerator.parameters["trt_engine_cache_enable"] == "1"
+    assert accelerator.parameters["trt_timing_cache_enable"] == "1"
+    assert accelerator.parameters["trt_engine_cache_path"].startswith("/cache/tensorrt/")
+    # one profile spanning every bucket of 518, 770 and 1036, batch 1 to 32, tuned at 32 x 518 x 686
+    assert accelerator.parameters["trt_profile_min_shapes"] == "image:1x518x518x3"
+    assert accelerator.parameters["trt_profile_opt_shapes"] == "image:32x518x686x3"
+    assert accelerator.parameters["trt_profile_max_shapes"] == "image:32x1848x1848x3"
+    assert contrib_nodes(model_dir / "1" / "model.onnx") == 0  # TensorRT parses only standard ops
+    assert report["fused_attention"] == {"nodes": 0, "layers": 4}
+
+
+@pytest.mark.parametrize("model_id", TINY_MODELS)
+def test_the_default_export_fuses_every_layers_attention(repository: Path, model_id: str) -> None:
+    model_dir = repository / get_spec(model_id).triton_name
+    assert attention_nodes(model_dir / "1" / "model.onnx") == 4  # the tiny models have 4 layers
+    report = json.loads((model_dir / "export_report.json").read_text())
+    assert report["fused_attention"] == {"nodes": 4, "layers": 4}
 
 
 def test_committed_configs_match_the_generator(tmp_path: Path) -> None:
@@ -214,3 +231,4 @@ def test_real_size_small_architecture(tmp_path: Path) -> None:
     assert abs(report["parameters"] - 24.8e6) < 0.1e6
     assert 45e6 < report["onnx_bytes"] < 55e6
     assert all(shape["relative_l2"] < 5e-3 for shape in report["parity"]["shapes"])
+    assert report["fused_attention"] == {"nodes": 12, "layers": 12}  # the released Small's 12 layers
