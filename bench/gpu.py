@@ -1,0 +1,146 @@
+"""One command that checks a GPU machine: PyTorch FP16 eager against onnxruntime's CUDA provider on the
+plain and on the fused graph (and TensorRT where ``tensorrt`` imports), for the four architectures at
+real size (random weights: ``export.random_checkpoint``), at batch 1, 8 and 32.
+
+    python -m bench.gpu [--models small base large dpt] [--batches 1 8 32] [--out bench/results]
+    python -m bench.gpu --dry      # CPU, tiny models, FP32: what CI runs so that this cannot rot
+
+For each model, path and batch: milliseconds per batch and images/s (median of ``--repeats`` after a
+warm-up), the ratio to PyTorch, and parity (relative L2) against PyTorch FP32 on the same photos. The
+fused graph is the exporter's default (``export.fusion``); the plain one is what ``--tensorrt`` ships.
+Writes ``gpu.json`` (``gpu_dry.json`` in dry mode). On the lent GPU machine, onnxruntime-gpu travels as
+wheel parts (``../shared/gpu/prepare-wheels.sh``); this script calls ``onnxruntime.preload_dlls()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench.common import RESULTS, write
+from export import fusion
+from export.graph import ServingGraph
+from export.models import get_spec
+from export.onnx_export import export_onnx
+from export.parity import photo_batch, relative_l2
+from export.random_checkpoint import build_model
+
+ARCHITECTURES = {
+    "small": "depth-anything/Depth-Anything-V2-Small-hf",
+    "base": "depth-anything/Depth-Anything-V2-Base-hf",
+    "large": "depth-anything/Depth-Anything-V2-Large-hf",
+    "dpt": "Intel/dpt-large",
+}
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up (kernel selection, TensorRT engine build)
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+def sessions(graph_fp: ServingGraph, spec, precision: str, root: Path, providers: list) -> dict[str, object]:
+    """The plain and the fused ONNX graph of ``graph_fp``'s model, each in an inference session."""
+    made = {}
+    plain = root / "plain.onnx"
+    export_onnx(graph_fp, spec, plain)
+    made["onnxruntime plain"] = ort.InferenceSession(str(plain), providers=providers)
+    fused_model = copy.deepcopy(graph_fp.model)
+    fusion.prepare(fused_model, spec)
+    fused = root / "fused.onnx"
+    export_onnx(ServingGraph(fused_model, spec), spec, fused)
+    nodes = fusion.fuse(fused, fused_model, spec, precision)
+    made[f"onnxruntime fused ({nodes} attention nodes)"] = ort.InferenceSession(str(fused), providers=providers)
+    on_gpu = "CUDAExecutionProvider" in [p if isinstance(p, str) else p[0] for p in providers]
+    if on_gpu and importlib.util.find_spec("tensorrt") is not None:
+        trt = [("TensorrtExecutionProvider", {"trt_fp16_enable": precision == "fp16"}), *providers]
+        made["onnxruntime TensorRT"] = ort.InferenceSession(str(plain), providers=trt)
+    return made
+
+
+def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict]:
+    spec = get_spec(ARCHITECTURES[name])
+    device = "cpu" if dry else "cuda"
+    precision = "fp32" if dry else "fp16"
+    reference = ServingGraph(build_model(spec, "tiny" if dry else "full"), spec)
+    served = ServingGraph(copy.deepcopy(reference.model), spec)
+    if precision == "fp16":
+        served.model.half()
+    providers = ["CPUExecutionProvider"] if dry else [("CUDAExecutionProvider", {"device_id": 0})]
+    height, width = spec.buckets[0] if dry or not spec.dynamic_shape else spec.buckets[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        runners = sessions(served, spec, precision, Path(root), providers)
+        served_on_device = served.to(device)
+        for batch in batches:
+            images = np.concatenate([photo_batch(height, width)] * (batch // 3 + 1))[:batch]
+            with torch.no_grad():
+                expected = reference(torch.from_numpy(images)).numpy()
+                tensor = torch.from_numpy(images).to(device)
+
+                def eager(tensor: torch.Tensor = tensor) -> torch.Tensor:
+                    out = served_on_device(tensor)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    return out
+
+                torch_ms = timed(eager, repeats)
+                torch_out = eager().float().cpu().numpy()
+            row = {"model": name, "batch": batch, "shape": [height, width], "paths": {}}
+            row["paths"]["pytorch eager"] = {
+                "ms": torch_ms, "images_per_s": batch / torch_ms * 1000, "relative_l2": relative_l2(torch_out, expected)
+            }  # fmt: skip
+            for path, session in runners.items():
+                ms = timed(lambda session=session, images=images: session.run(["depth"], {"image": images}), repeats)
+                out = session.run(["depth"], {"image": images})[0]
+                row["paths"][path] = {
+                    "ms": ms, "images_per_s": batch / ms * 1000, "vs_pytorch": torch_ms / ms,
+                    "relative_l2": relative_l2(out, expected),
+                }  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry", action="store_true", help="CPU, tiny models, FP32 (CI)")
+    parser.add_argument("--models", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not args.dry:
+        ort.preload_dlls()
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+            print("no CUDA here (torch and onnxruntime-gpu are needed); run with --dry to check the script")
+            return 2
+    batches = args.batches or ([1, 2] if args.dry else [1, 8, 32])
+    repeats = args.repeats or (2 if args.dry else 10)
+    rows = [row for name in args.models for row in measure(name, args.dry, batches, repeats)]
+    print(f"{'model':6} {'batch':>5}  {'path':40} {'ms':>9} {'images/s':>9} {'vs torch':>8} {'rel L2':>9}")
+    for row in rows:
+        for path, figures in row["paths"].items():
+            ratio = f"{figures['vs_pytorch']:.2f}x" if "vs_pytorch" in figures else "-"
+            print(f"{row['model']:6} {row['batch']:5}  {path:40} {figures['ms']:9.2f} {figures['images_per_s']:9.1f} "
+                  f"{ratio:>8} {figures['relative_l2']:9.2e}")  # fmt: skip
+    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name(0)
+    path = write("gpu_dry" if args.dry else "gpu", {"device": device, "rows": rows}, folder=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

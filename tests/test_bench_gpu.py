@@ -1,0 +1,37 @@
+"""``python -m bench.gpu`` in its dry mode (CPU, tiny models, FP32), so the GPU check cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_the_gpu_check_runs_dry_and_reports_every_path(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.gpu", "--dry", "--models", "small", "dpt", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "gpu_dry.json").read_text())
+    assert report["device"] == "cpu (dry run)"
+    assert [(row["model"], row["batch"]) for row in report["rows"]] == [
+        ("small", 1),
+        ("small", 2),
+        ("dpt", 1),
+        ("dpt", 2),
+    ]
+    for row in report["rows"]:
+        paths = row["paths"]
+        assert set(paths) == {"pytorch eager", "onnxruntime plain", "onnxruntime fused (4 attention nodes)"}
+        for figures in paths.values():
+            assert figures["ms"] > 0
+            assert figures["images_per_s"] > 0
+            assert figures["relative_l2"] < 1e-4  # FP32 everywhere in the dry run
+
+
+def test_without_a_gpu_it_says_so_instead_of_measuring() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no CUDA here" in result.stdout
