@@ -11,7 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from gateway.triton_process import free_port
 
 
 def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
@@ -27,6 +31,20 @@ def post(url: str, payload: dict, timeout: float = 120) -> dict:
     request = urllib.request.Request(f"{url}/runsync", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+@contextmanager
+def running_gateway(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``start_gateway`` on a free port, ready to take jobs; yields its URL and stops it afterwards."""
+    port = free_port()
+    process = start_gateway(env, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(process, url, log_path)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def wait_for_api(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> None:

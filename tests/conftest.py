@@ -14,8 +14,8 @@ from skimage import data
 
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
-from gateway.devstack import post, start_gateway, wait_for_api
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.devstack import post, running_gateway
+from gateway.triton_process import EmbeddedTriton
 from tests.servers import ImageServer, running_image_server
 
 RELATIVE_ID = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -95,7 +95,6 @@ def gateway_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gateway_url(triton: EmbeddedTriton, gateway_log: Path) -> Iterator[str]:
     """``python -m gateway`` with Runpod's local API, talking to the test's Triton over gRPC."""
-    port = free_port()
     log_path = gateway_log
     env = {
         "TRITON_URL": triton.grpc_url,
@@ -108,14 +107,8 @@ def gateway_url(triton: EmbeddedTriton, gateway_log: Path) -> Iterator[str]:
         "DOWNLOAD_TIMEOUT": "3",
         "MAX_DOWNLOAD_BYTES": str(8 << 20),
     }
-    process = start_gateway(env, port, log_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_api(process, url, log_path)
+    with running_gateway(env, log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 
 from export.models import get_spec
 from export.triton_config import build_config, render
-from gateway.devstack import post, start_gateway, wait_for_api
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.devstack import post, running_gateway
+from gateway.triton_process import EmbeddedTriton
 from tests import images
 from tests.helpers import decode_image
 from tests.test_robustness import b64
@@ -57,16 +57,10 @@ def overflowing_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     add_model(repository, SMALL, "fp32", overflows=False)
     add_model(repository, BASE, "fp16", overflows=True)  # and no FP32 variant
     triton = EmbeddedTriton(repository, start_timeout=120).start()
-    port = free_port()
-    log_path = repository / "gateway.log"
-    process = start_gateway({"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": SMALL}, port, log_path)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_api(process, url, log_path)
-        yield url
+        with running_gateway({"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": SMALL}, repository / "gateway.log") as url:
+            yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         triton.stop()
 
 

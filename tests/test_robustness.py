@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.devstack import post, start_gateway, wait_for_api
+from gateway.devstack import post, running_gateway, start_gateway
 from gateway.errors import ImageError
 from gateway.triton import TritonModels
 from gateway.triton_process import EmbeddedTriton, free_port
@@ -191,17 +191,12 @@ def test_any_image_bytes_get_a_clean_answer(gateway_url: str, data: bytes) -> No
 def fragile_stack(serving_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     """A Triton of its own (to stop and restart) and a gateway with short deadlines in front of it."""
     triton = EmbeddedTriton(serving_repository, start_timeout=120).start()
-    port = free_port()
     log_path = tmp_path_factory.mktemp("fragile") / "gateway.log"
     env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE_ID, "TRITON_TIMEOUT": "5", "TRITON_RETRIES": "2"}
-    process = start_gateway(env, port, log_path)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_api(process, url, log_path)
-        yield triton, url
+        with running_gateway(env, log_path) as url:
+            yield triton, url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         triton.stop()
 
 

@@ -26,7 +26,7 @@ import pytest
 from botocore.config import Config
 
 from gateway.devjobs import JobApi
-from gateway.devstack import post, start_gateway, wait_for_api
+from gateway.devstack import post, running_gateway
 from gateway.output_names import OUTPUTS, url_key
 from gateway.triton_process import EmbeddedTriton, free_port
 from tests import images
@@ -122,19 +122,12 @@ def storage_gateway(
     weed: Weed, triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
     """The local API with the worker's bucket on SeaweedFS and a 400 kB result limit."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("storage") / "gateway.log"
     env = {**BUCKET_ENV, "BUCKET_ENDPOINT_URL": weed.url, "MAX_RESPONSE_BYTES": "400000", "URL_ALLOWLIST": "127.0.0.1"}
     env |= {"TRITON_URL": triton.grpc_url, "TRITON_PORTS": f"{triton.grpc_port},{triton.http_port}"}
     env |= {"DEPTH_MODEL": RELATIVE_ID}
-    process = start_gateway(env, port, log_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_api(process, url, log_path)
+    with running_gateway(env, log_path) as url:
         yield url, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
