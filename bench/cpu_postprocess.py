@@ -27,12 +27,12 @@ from skimage import data
 from bench.common import interleaved, write
 from export.models import get_spec
 from export.random_checkpoint import image_processor
-from gateway import postprocess as pp
-from gateway.decode import decode_image
-from gateway.encode import b64, encode_image
-from gateway.render import prepare, render, render_3d
-from gateway.schema import DepthRequest
-from gateway.triton import ServedModel
+from gateway.inputs.decode import decode_image
+from gateway.inputs.schema import DepthRequest
+from gateway.outputs import postprocess as pp
+from gateway.outputs.encode import b64, encode_image
+from gateway.outputs.render import prepare, render, render_3d
+from gateway.serving.triton import ServedModel
 
 WIDTH, HEIGHT = 1024, 768
 NETWORK = (518, 686)

@@ -30,7 +30,7 @@ from bench.common import write
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
 from gateway.devstack import post, start_gateway, wait_for_api
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests.servers import running_image_server
 
 MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"

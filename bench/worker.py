@@ -46,7 +46,7 @@ from bench.common import write
 from export.models import MODELS
 from export.triton_config import build_config, render
 from gateway.devjobs import JobApi
-from gateway.triton_process import EmbeddedTriton
+from gateway.serving.triton_process import EmbeddedTriton
 
 MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"
 ALL_TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud"]

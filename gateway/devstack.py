@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gateway.triton_process import free_port
+from gateway.serving.triton_process import free_port
 
 
 def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from gateway.budget import JobBudget, estimated_output_bytes
-from gateway.decode import decode_base64, open_image
 from gateway.errors import ImageError, safe_text
-from gateway.fetch import Fetcher
-from gateway.imagework import ImageWorkers
-from gateway.output_names import OUTPUTS, content_type, file_name, url_key
-from gateway.schema import DepthRequest, ImageSource, RequestError, parse_request
+from gateway.inputs.budget import JobBudget, estimated_output_bytes
+from gateway.inputs.decode import decode_base64, open_image
+from gateway.inputs.fetch import Fetcher
+from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse_request
+from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
+from gateway.serving.imagework import ImageWorkers
+from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
-from gateway.triton import ModelUnavailable, ServedModel, TritonModels
 
 log = logging.getLogger("gateway")
 

@@ -34,7 +34,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from gateway.errors import ImageError
-from gateway.fetch import AddressPolicy
+from gateway.inputs.fetch import AddressPolicy
 
 log = logging.getLogger("gateway")
 S3_CONFIG_FIELDS = ("endpointUrl", "accessId", "accessSecret", "bucketName")

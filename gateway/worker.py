@@ -1,7 +1,7 @@
 """``python -m gateway``: the Runpod worker, with an embedded Triton when ``TRITON_URL`` is unset.
 
 Runpod's own flags pass through, e.g. ``python -m gateway --rp_serve_api --rp_api_port 8000`` serves
-Runpod's local HTTP API. The embedded Triton binds loopback only, is supervised (``gateway.supervisor``)
+Runpod's local HTTP API. The embedded Triton binds loopback only, is supervised (``gateway.serving.supervisor``)
 and stops with the worker; the worker exits with status 1 when Triton cannot be brought back.
 
 Runpod's logger logs every job's whole output at DEBUG, its default, and fixes its level when runpod is
@@ -20,13 +20,13 @@ import sys
 
 import runpod
 
-from gateway import jobloop
-from gateway.fetch import AddressPolicy, Fetcher
+from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
+from gateway.serving import jobloop
+from gateway.serving.supervisor import TritonSupervisor
+from gateway.serving.triton import ModelUnavailable, TritonModels
+from gateway.serving.triton_process import EmbeddedTriton, TritonStartError
 from gateway.settings import Settings
-from gateway.supervisor import TritonSupervisor
-from gateway.triton import ModelUnavailable, TritonModels
-from gateway.triton_process import EmbeddedTriton, TritonStartError
 
 log = logging.getLogger("gateway")
 

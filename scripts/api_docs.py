@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from export.models import MODELS
-from gateway.schema import DepthRequest
+from gateway.inputs.schema import DepthRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
 # API reference
 
-Generated from `export/models.py` and `gateway/schema.py` by `python scripts/api_docs.py`; do not edit
+Generated from `export/models.py` and `gateway/inputs/schema.py` by `python scripts/api_docs.py`; do not edit
 by hand. The JSON Schema of the request is in [request.schema.json](request.schema.json); the response
 is described in the README ("API").
 

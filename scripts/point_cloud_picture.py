@@ -23,9 +23,9 @@ from skimage import data
 from export.graph import ServingGraph
 from export.models import get_spec
 from export.random_checkpoint import build_model
-from gateway.render import prepare, render
-from gateway.schema import DepthRequest
-from gateway.triton import ServedModel
+from gateway.inputs.schema import DepthRequest
+from gateway.outputs.render import prepare, render
+from gateway.serving.triton import ServedModel
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt

@@ -22,7 +22,7 @@ import cv2
 from skimage import data
 
 from gateway.devstack import start_gateway, wait_for_api
-from gateway.triton_process import free_port
+from gateway.serving.triton_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud"]

@@ -15,7 +15,7 @@ from skimage import data
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
 from gateway.devstack import post, running_gateway
-from gateway.triton_process import EmbeddedTriton
+from gateway.serving.triton_process import EmbeddedTriton
 from tests.servers import ImageServer, running_image_server
 
 RELATIVE_ID = "depth-anything/Depth-Anything-V2-Small-hf"

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 
 from export.models import MODELS
 from gateway.devstack import post
-from gateway.triton_process import EmbeddedTriton
+from gateway.serving.triton_process import EmbeddedTriton
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID
 from tests.helpers import decode_image, decode_npz
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.decode import decode_base64, decode_image, open_image
-from gateway.decode_limits import tiff_block_count
 from gateway.errors import ImageError
+from gateway.inputs.decode import decode_base64, decode_image, open_image
+from gateway.inputs.decode_limits import tiff_block_count
 from tests import images
 
 LIMIT = 50_000_000

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.errors import ImageError
-from gateway.fetch import MAX_REDIRECTS, AddressPolicy, Fetcher, embedded_ipv4, is_public
+from gateway.inputs.fetch import MAX_REDIRECTS, AddressPolicy, Fetcher, embedded_ipv4, is_public
 from tests.servers import ImageServer, running_image_server
 
 PRIVATE = "image URL points to a private, loopback or reserved address"

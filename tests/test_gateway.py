@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import pipeline
 
 from gateway.devstack import post
-from gateway.postprocess import decode_normals
+from gateway.outputs.postprocess import decode_normals
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, jpeg
 from tests.helpers import correlation, decode_image, decode_npz
 

@@ -17,12 +17,12 @@ import trimesh
 from PIL import Image
 
 from export.models import get_spec
-from gateway import geometry
-from gateway.decode import focal_length_35mm
-from gateway.formats3d import encode_glb, opencv_to_gltf
-from gateway.render import render
-from gateway.schema import CAMERA_FORMS, DepthRequest
-from gateway.triton import ServedModel
+from gateway.inputs.decode import focal_length_35mm
+from gateway.inputs.schema import CAMERA_FORMS, DepthRequest
+from gateway.outputs import geometry
+from gateway.outputs.formats3d import encode_glb, opencv_to_gltf
+from gateway.outputs.render import render
+from gateway.serving.triton import ServedModel
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, ROOT
 from tests.helpers import b64decode
 

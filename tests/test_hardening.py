@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.budget import BASE64_GROWTH, JobBudget, estimated_output_bytes
 from gateway.devstack import post
 from gateway.errors import ImageError
+from gateway.inputs.budget import BASE64_GROWTH, JobBudget, estimated_output_bytes
 from tests import images
 from tests.helpers import decode_image
 from tests.test_robustness import GOOD_IMAGE, assert_clean_message, assert_still_serves, b64
@@ -62,8 +62,8 @@ def test_tiny_requests_cannot_make_the_worker_allocate_gigabytes(gateway_url: st
 DECODE_FOUR = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
-from gateway.budget import JobBudget
-from gateway.decode import decode_image, open_image
+from gateway.inputs.budget import JobBudget
+from gateway.inputs.decode import decode_image, open_image
 from gateway.errors import ImageError
 from tests.images import huge_canvas_webp
 webp = huge_canvas_webp()

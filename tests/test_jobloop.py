@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
-from gateway import jobloop
+from gateway.serving import jobloop
 from gateway.devjobs import JobApi
-from gateway.triton_process import EmbeddedTriton
+from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_image

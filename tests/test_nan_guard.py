@@ -14,7 +14,7 @@ import pytest
 from export.models import get_spec
 from export.triton_config import build_config, render
 from gateway.devstack import post, running_gateway
-from gateway.triton_process import EmbeddedTriton
+from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.helpers import decode_image
 from tests.test_robustness import b64

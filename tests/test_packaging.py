@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.devstack import post
-from gateway.schema import parse_request
+from gateway.inputs.schema import parse_request
 from gateway.settings import ENVIRONMENT, Settings
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.helpers import decode_image
@@ -73,7 +73,7 @@ def test_dockerfile_references_exist(dockerfile: str) -> None:
 
 
 def test_gateway_image_uses_the_tritonserver_path_the_launcher_knows() -> None:
-    from gateway.triton_process import NVIDIA_IMAGE_BINARY
+    from gateway.serving.triton_process import NVIDIA_IMAGE_BINARY
 
     assert str(NVIDIA_IMAGE_BINARY) == "/opt/tritonserver/bin/tritonserver"
     assert 'CMD ["python3", "-m", "gateway"]' in (ROOT / "Dockerfile.gateway").read_text()

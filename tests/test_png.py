@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.png import encode_png
+from gateway.outputs.png import encode_png
 
 rng = np.random.default_rng(0)
 

@@ -9,9 +9,9 @@ import pytest
 from matplotlib import colormaps
 
 from export.models import DEPTH_ANYTHING_BUCKETS
-from gateway import postprocess as pp
-from gateway.encode import encode_image, writable_format
-from gateway.resize import limit_size, nearest_bucket, to_bucket
+from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
+from gateway.outputs import postprocess as pp
+from gateway.outputs.encode import encode_image, writable_format
 from tests.helpers import decode_image
 
 

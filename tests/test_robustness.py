@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from gateway.devstack import post, running_gateway, start_gateway
 from gateway.errors import ImageError
-from gateway.triton import TritonModels
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.serving.triton import TritonModels
+from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
 from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_image

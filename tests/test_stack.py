@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gateway.devstack import post, start_gateway, wait_for_api
-from gateway.triton_process import free_port
+from gateway.serving.triton_process import free_port
 from tests.conftest import RELATIVE_ID, ROOT, jpeg
 
 

@@ -27,8 +27,8 @@ from botocore.config import Config
 
 from gateway.devjobs import JobApi
 from gateway.devstack import post, running_gateway
-from gateway.output_names import OUTPUTS, url_key
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.outputs.output_names import OUTPUTS, url_key
+from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.servers import running_image_server

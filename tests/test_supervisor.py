@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from gateway.devstack import post, start_gateway, wait_for_api
-from gateway.supervisor import TritonSupervisor
-from gateway.triton_process import EmbeddedTriton, free_port
+from gateway.serving.supervisor import TritonSupervisor
+from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests.test_robustness import GOOD_JOB
 
 SMALL = "depth_anything_v2_small"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from gateway.client.inputs import Item, expand
 from gateway.client.jobs import Endpoint, JobFailed
 from gateway.client.outputs import already_done, remove_temporaries, write_result
-from gateway.schema import RequestError, parse_request
+from gateway.inputs.schema import RequestError, parse_request
 
 DEPLOYED = "https://api.runpod.ai/v2/{endpoint_id}"
 

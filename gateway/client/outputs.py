@@ -14,7 +14,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from gateway.output_names import OUTPUTS, file_name, url_key
+from gateway.outputs.output_names import OUTPUTS, file_name, url_key
 
 FORMATTED = {"colorized", "normals", "disparity"}  # follow output_format (PNG when too large for it)
 FIXED = {"depth": "png", "point_cloud": "png", "points": "ply", "mesh": "glb"}

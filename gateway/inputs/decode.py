@@ -18,8 +18,8 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gateway.decode_limits import check_decode_work
 from gateway.errors import ImageError
+from gateway.inputs.decode_limits import check_decode_work
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION = 0x0112  # the EXIF tag

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 
-from gateway.triton_process import EmbeddedTriton, TritonStartError
+from gateway.serving.triton_process import EmbeddedTriton, TritonStartError
 
 log = logging.getLogger("gateway")
 

@@ -1,6 +1,6 @@
 """Arrays -> encoded image bytes, and bytes -> base64 text. Pure.
 
-PNG goes through the fast encoder in ``gateway.png``; JPEG and WebP through OpenCV's codecs. An image
+PNG goes through the fast encoder in ``gateway.outputs.png``; JPEG and WebP through OpenCV's codecs. An image
 wider or taller than WebP (16383 px) or JPEG (65500 px) allows is written as PNG instead.
 """
 
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pybase64
 
-from gateway.png import encode_png
+from gateway.outputs.png import encode_png
 
 MIME = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 MAX_SIDE = {"webp": 16383, "jpg": 65500}  # the formats' own limits (libwebp, libjpeg)

@@ -27,11 +27,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gateway.decode import decode_image, focal_length_35mm
 from gateway.errors import ImageError
-from gateway.render import needs_camera, needs_photo, prepare, render
-from gateway.schema import DepthRequest
-from gateway.triton import ServedModel
+from gateway.inputs.decode import decode_image, focal_length_35mm
+from gateway.inputs.schema import DepthRequest
+from gateway.outputs.render import needs_camera, needs_photo, prepare, render
+from gateway.serving.triton import ServedModel
 
 log = logging.getLogger("gateway")
 

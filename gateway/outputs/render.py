@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway import geometry
-from gateway import postprocess as pp
-from gateway.encode import MIME, b64, encode_image, encode_npz, writable_format
-from gateway.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
-from gateway.resize import limit_size, nearest_bucket, to_bucket
-from gateway.schema import DepthRequest
-from gateway.triton import ServedModel
+from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
+from gateway.inputs.schema import DepthRequest
+from gateway.outputs import geometry
+from gateway.outputs import postprocess as pp
+from gateway.outputs.encode import MIME, b64, encode_image, encode_npz, writable_format
+from gateway.outputs.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
+from gateway.serving.triton import ServedModel
 
 
 @dataclass(frozen=True)

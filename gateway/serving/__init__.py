@@ -1,0 +1,1 @@
+"""Serving: Triton (client, embedded process, supervisor), the image worker processes and Runpod's job loop."""
