@@ -8,6 +8,7 @@ second whenever its slots were full); SIGTERM lets the jobs in flight finish and
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import signal
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
-from gateway.serving import jobloop
 from gateway.devjobs import JobApi
+from gateway.serving import jobloop
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
@@ -123,14 +124,49 @@ def test_jobs_of_several_images_report_progress(worker) -> None:
     assert len(api.results[several][0]["output"]["results"]) == 4
 
 
-def test_intake_refills_slots_as_they_free(worker) -> None:
-    """100 one-image jobs through 8 slots: runpod's own loop slept 1 s whenever the 8 were full."""
-    api, _process, _log = worker
-    started = time.monotonic()
-    job_ids = [api.submit({"image_b64": GOOD_IMAGE}) for _ in range(100)]
-    api.wait_for(job_ids, timeout=120)
-    elapsed = time.monotonic() - started
-    assert elapsed < 100 / 8 * 0.6, f"{elapsed:.1f} s"  # 12.5 s is what one take per second allows
+def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> tuple[int, list]:
+    """Jobs taken in ``seconds`` by a scaler with 4 slots, jobs of 10 ms, and every sleep it asked for."""
+    real_sleep = asyncio.sleep
+    asked: list[float] = []
+
+    async def recorded_sleep(delay: float, *args: object) -> None:
+        asked.append(delay)
+        await real_sleep(min(delay, 0.01))  # long sleeps are shortened: the test counts them instead
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+
+    async def run() -> int:
+        taken = 0
+
+        async def fetcher(_session: object, count: int) -> list[dict]:
+            nonlocal taken
+            taken += count
+            return [{"id": f"job-{taken - i}", "input": {}} for i in range(count)]
+
+        async def handler(_session: object, _config: dict, _job: dict) -> None:
+            await real_sleep(0.01)
+
+        scaler = scaler_class({"handler": handler, "concurrency_modifier": lambda _current: 4})
+        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, handler
+        loops = [asyncio.create_task(scaler.get_jobs(None)), asyncio.create_task(scaler.run_jobs(None))]
+        await real_sleep(seconds)
+        scaler.kill_worker()
+        await asyncio.wait_for(asyncio.gather(*loops), 10)
+        return taken
+
+    return asyncio.run(run()), asked
+
+
+def test_intake_refills_slots_without_sleeping_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken, asked = run_scaler(jobloop.EagerJobScaler, monkeypatch)
+    assert max(asked, default=0) < 1  # the SDK's loop sleeps a whole second whenever its slots are full
+    assert taken > 40  # 4 slots of 10 ms jobs for a second (runpod's own loop: a handful)
+
+
+def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: the same run through runpod's JobScaler asks for 1 s sleeps (the defect fixed above)."""
+    _taken, asked = run_scaler(rp_scale.JobScaler, monkeypatch)
+    assert 1 in asked
 
 
 def test_sigterm_finishes_the_jobs_in_flight_and_posts_their_results(worker) -> None:
