@@ -169,6 +169,45 @@ def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.Monkey
     assert 1 in asked
 
 
+def jobs_handled_when_shutdown_meets_a_take(scaler_class: type) -> list[str]:
+    """Shutdown begins while a job-take is in flight, and the take returns a job only after ``run_jobs``
+    has stopped: which jobs were handled?"""
+
+    async def run() -> list[str]:
+        handled: list[str] = []
+        takes = 0
+
+        async def handler(_session: object, _config: dict, job: dict) -> None:
+            handled.append(job["id"])
+
+        async def fetcher(_session: object, _count: int) -> list[dict]:
+            nonlocal takes
+            takes += 1
+            if takes == 1:
+                return [{"id": "first", "input": {}}]
+            if takes == 2:
+                scaler.kill_worker()  # SIGTERM arrives while this take is in flight
+                await asyncio.sleep(0.5)  # run_jobs sees no job and stops
+                return [{"id": "in transit", "input": {}}]
+            return []
+
+        scaler = scaler_class({"handler": handler, "concurrency_modifier": lambda _current: 1})
+        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, handler
+        await asyncio.wait_for(asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None)), 10)
+        return handled
+
+    return asyncio.run(run())
+
+
+def test_a_job_taken_as_shutdown_begins_is_still_handled() -> None:
+    assert jobs_handled_when_shutdown_meets_a_take(jobloop.EagerJobScaler) == ["first", "in transit"]
+
+
+def test_runpods_own_loop_loses_a_job_taken_as_shutdown_begins() -> None:
+    """The control: the window the fix above closes."""
+    assert jobs_handled_when_shutdown_meets_a_take(rp_scale.JobScaler) == ["first"]
+
+
 def test_sigterm_finishes_the_jobs_in_flight_and_posts_their_results(worker) -> None:
     api, process, _log = worker
     job_ids = [api.submit({"images": [{"type": "b64", "data": GOOD_IMAGE}] * 4}) for _ in range(40)]

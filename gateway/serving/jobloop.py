@@ -13,6 +13,9 @@ is used as it is, with two of its steps replaced in a subclass:
   ``{"error": ...}``, to the same job-done URL, through runpod's own ``_transmit`` with its retries)
   serialized once with orjson (about 0.03 ms per MB) and never formatted for logs.
 
+- Shutdown. A job-take in flight when SIGTERM arrives can return jobs after the SDK's ``run_jobs`` has
+  stopped draining its queue; the SDK then never runs or answers them. ``EagerJobScaler`` runs them.
+
 Everything else (job-take URLs and batching, the stop channel, heartbeats, SIGTERM draining, per-job
 cancellation) is the SDK's own code.
 """
@@ -108,6 +111,16 @@ class EagerJobScaler(JobScaler):
         for job in jobs or []:
             await self.jobs_queue.put(job)
             self.job_progress.add(job)
+        if jobs and not self.is_alive():
+            await self._drain(session)
+
+    async def _drain(self, session: Any) -> None:
+        """Run what a take brought in after shutdown began: ``run_jobs`` may have stopped draining already,
+        and a job taken from the platform must be answered (runpod's own loop loses it in that window)."""
+        tasks = []
+        while not self.jobs_queue.empty():
+            tasks.append(asyncio.create_task(self.handle_job(session, self.jobs_queue.get_nowait())))
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def install() -> None:
