@@ -222,11 +222,9 @@ class DepthService:
         for result in results:
             for key in OUTPUTS:
                 if key in result:
-                    name = file_name("", key, result).lstrip("_")
+                    object_key = self.storage.object_key(job_id, file_name(str(result["index"]), key, result))
                     data = await self._cpu(pybase64.b64decode, result[key])
-                    objects.append(
-                        (self.storage.object_key(job_id, result["index"], name), data, content_type(key, result))
-                    )
+                    objects.append((object_key, data, content_type(key, result)))
                     owners.append((result, key))
         outcomes = await self.storage.upload(bucket, objects) if objects else []
         failed: dict[int, str] = {}

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from gateway.errors import ImageError
 from gateway.inputs.fetch import AddressPolicy
@@ -117,8 +117,9 @@ class Storage:
             )
         return self._clients[key]
 
-    def object_key(self, job_id: str, index: int, name: str) -> str:
-        return f"{self.prefix}/{job_id}/{index}_{name}" if self.prefix else f"{job_id}/{index}_{name}"
+    def object_key(self, job_id: str, file_name: str) -> str:
+        """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
+        return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
     async def upload(self, bucket: Bucket, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
         """Upload ``(key, data, content type)`` objects at once; a presigned URL or the error, per object."""
@@ -156,7 +157,7 @@ class Storage:
             raise _describe(error, bucket) from None
 
 
-def _describe(error: Exception, bucket: Bucket) -> ImageError:
+def _describe(error: ClientError | BotoCoreError, bucket: Bucket) -> ImageError:
     """A short, safe sentence for a storage failure (logged with its code, never with credentials)."""
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", "unknown"))
@@ -167,6 +168,4 @@ def _describe(error: Exception, bucket: Bucket) -> ImageError:
             return ImageError(f"the storage bucket {bucket.name[:63]!r} does not exist")
         return ImageError(f"the upload to storage failed ({code[:40]})")
     log.error("storage unreachable at %s: %s", bucket.endpoint_url, type(error).__name__)
-    if isinstance(error, EndpointConnectionError | BotoCoreError):
-        return ImageError("the storage endpoint is unreachable")
-    return ImageError("the upload to storage failed")
+    return ImageError("the storage endpoint is unreachable")  # a BotoCoreError: no answer from the endpoint

@@ -100,6 +100,3 @@ class ImageWorkers:
                 self._pool = self._new_pool()
                 pool.shutdown(wait=False)
             raise ImageError("image processing failed (a worker process stopped); try again") from None
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
