@@ -25,6 +25,10 @@ class Retryable(Exception):
     """Worth another try: the endpoint was busy, failing, slow, or lost the job."""
 
 
+class LostJob(Retryable):
+    """The endpoint no longer knows the job: submit it again rather than keep asking."""
+
+
 class JobFailed(Exception):
     """Gave up: the message says why (the last reason seen)."""
 
@@ -110,19 +114,21 @@ class Endpoint:
             except WrongMethod:
                 self.status_method = "POST"
                 continue
-            except Retryable as error:
-                if "lost" in str(error) or busy >= self.retries:
+            except LostJob:
+                raise
+            except Retryable:
+                if busy >= self.retries:
                     raise
                 busy += 1  # a status call refused or slow: wait and ask again, the job may be fine
                 await asyncio.sleep(backoff(busy, self.backoff_base))
                 continue
             status = reply.get("status")
             if status == "FAILED" and "not found" in str(reply.get("error", "")).lower():
-                raise Retryable("the endpoint lost the job")
+                raise LostJob("the endpoint lost the job")
             if status in ENDED:
                 return reply
             if status in LOST:
-                raise Retryable(f"the job was {status.lower().replace('_', ' ')}")
+                raise LostJob(f"the job was {status.lower().replace('_', ' ')}")
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, 2.0)
         raise Retryable(f"the job did not end within {self.job_timeout:g} s")
@@ -136,7 +142,7 @@ class Endpoint:
                 if response.status == 405 and route == "status" and method == "GET":
                     raise WrongMethod
                 if response.status == 404 and route == "status":
-                    raise Retryable("the endpoint lost the job (404)")
+                    raise LostJob("the endpoint lost the job (404)")
                 if response.status == 429 or response.status >= 500:
                     raise Retryable(f"HTTP {response.status} from {route}")
                 if response.status >= 400:
