@@ -1,6 +1,6 @@
 """CPU cost per image of every stage around inference: ours beside a faithful copy of the seed's approach.
 
-    python -m bench.cpu_postprocess [--repeats 15]
+    python -m bench.cpu_postprocess [--repeats 15] [--glibc-malloc]
 
 One core (OpenCV's and torch's thread pools pinned to 1). Input: scikit-image's astronaut photo enlarged to 1024x768 and
 JPEG-encoded; a smooth depth map at the network shape 518x686. The seed's approach: Pillow decode,
@@ -32,6 +32,7 @@ from gateway.inputs.schema import DepthRequest
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import b64, encode_image
 from gateway.outputs.render import prepare, render, render_3d
+from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.triton import ServedModel
 
 WIDTH, HEIGHT = 1024, 768
@@ -179,7 +180,14 @@ def median_cpu_ms(function, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (the image workers keep freed memory: keep_freed_memory)",
+    )
     args = parser.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     jpeg, network_depth = inputs()
@@ -251,8 +259,9 @@ def main() -> None:
         print(f"  {name:14} ours {row['ours_bytes']:>9}   seed {row['seed_bytes']:>9}")
     print("\ncontent checks:", checks)
     path = write(
-        "cpu_postprocess",
+        "cpu_postprocess_glibc_malloc" if args.glibc_malloc else "cpu_postprocess",
         {
+            "allocator": "glibc defaults" if args.glibc_malloc else "keep_freed_memory, as the image workers",
             "image": [WIDTH, HEIGHT],
             "network": list(NETWORK),
             "repeats": args.repeats,

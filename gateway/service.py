@@ -10,6 +10,7 @@ its own ``error`` and costs the others nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -27,14 +28,16 @@ from gateway.inputs.decode import decode_base64, open_image
 from gateway.inputs.fetch import Fetcher
 from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse_request
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
-from gateway.serving.imagework import ImageWorkers
-from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
+from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
+from gateway.serving.shared_memory import Slot
+from gateway.serving.triton import InferenceTimeout, ModelUnavailable, ServedModel, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
 
 log = logging.getLogger("gateway")
 
 PARENT_THREADS = 4
+NON_FINITE = "the model returned NaN or infinite depth for this image"
 ECHOED = ("tasks", "colormap", "output_format", "normalize", "invert", "include_raw", "max_size", "point_cloud_grid")
 
 
@@ -111,10 +114,14 @@ class DepthService:
         self.workers = ImageWorkers(settings.cpu_workers)
 
     async def startup(self) -> None:
-        """Start the image workers and load the default model, so that the first request waits for neither."""
+        """Start the image workers, load the default model and set up shared memory with Triton, so that
+        the first request waits for none of them."""
         self.workers.warm_up()
         name, _ = await self.triton.resolve(self.settings.default_model, None)
-        await self.triton.ensure_loaded(name)
+        model = await self.triton.ensure_loaded(name)
+        if self.settings.shared_memory == "auto":
+            pixels = max(height * width for height, width in model.buckets)
+            await self.triton.use_shared_memory(pixels, self.settings.shared_memory_slots)
         await self.triton.close()
 
     async def handle_job(self, job: dict) -> dict:
@@ -241,21 +248,34 @@ class DepthService:
             for r in results
         ]
 
-    async def _finite_depth(self, model: ServedModel, network_input: np.ndarray) -> tuple[np.ndarray, str]:
+    async def _finite_depth(self, model: ServedModel, decoded: Decoded, slot: Slot | None) -> np.ndarray | None:
         """The image again on the model's FP32 variant when it is served; else a clear error."""
-        message = "the model returned NaN or infinite depth for this image"
         if model.precision == "fp32":
-            raise ImageError(message)
+            raise ImageError(NON_FINITE)
         try:
             name, _dtype = await self.triton.resolve(model.hf_id, "float32")
             fp32 = await self.triton.ensure_loaded(name)
         except ModelUnavailable:
-            raise ImageError(f"{message} in {model.precision}, and no float32 variant is served") from None
-        depth = await self.triton.infer(fp32, network_input)
-        if not np.isfinite(depth).all():
-            raise ImageError(f"{message}, in float32 too")
-        log.warning("non-finite depth from %s; served this image from %s", model.name, fp32.name)
-        return depth, "float32"
+            raise ImageError(f"{NON_FINITE} in {model.precision}, and no float32 variant is served") from None
+        log.warning("non-finite depth from %s; running this image on %s", model.name, fp32.name)
+        return await self._infer(fp32, decoded, slot)
+
+    async def _infer(self, model: ServedModel, decoded: Decoded, slot: Slot | None) -> np.ndarray | None:
+        """The depth, or None when Triton wrote it into ``slot``."""
+        if slot is None:
+            assert decoded.network_input is not None
+            return await self.triton.infer(model, decoded.network_input)
+        width, height = decoded.network_size
+        await self.triton.infer_in_slot(model, slot, height, width)
+        return None
+
+    async def _slot(self, model: ServedModel, request: DepthRequest) -> Slot | None:
+        """A shared-memory slot for this image when its network size fits one; None: gRPC payloads."""
+        shared = self.triton.shared
+        if shared is None:
+            return None
+        largest = max(height * width for height, width in model.family(request.process_res))
+        return await shared.acquire() if shared.fits(largest) else None
 
     async def _one(
         self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel, job: JobContext
@@ -266,6 +286,7 @@ class DepthService:
         )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
+        slot, answered = None, True
         try:
             if source.type == "url":
                 data = await self.fetcher.fetch(source.data, job.download_slots)
@@ -275,22 +296,40 @@ class DepthService:
             clock.lap("fetch")
             header = await self._cpu(open_image, data, self.settings.max_pixels)
             job.budget.admit(*header.size)  # before any pixel is decoded
-            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model)
+            slot = await self._slot(model, request)
+            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot)
             clock.lap("decode")  # and resize to the network
-            depth = await self.triton.infer(model, decoded.network_input)
-            fallback = None
-            if not np.isfinite(depth).all():  # FP16 can overflow on some inputs: never render garbage
-                depth, fallback = await self._finite_depth(model, decoded.network_input)
+            answered = False  # until Triton answers, it may still write into the slot
+            depth = await self._infer(model, decoded, slot)
+            answered = True
             clock.lap("infer")
-            outputs = await self.workers.render(decoded, depth, request, model)
+            to_render = dataclasses.replace(decoded, network_input=None)  # the pipe need not carry it again
+            fallback = None
+            try:
+                outputs = await self.workers.render(to_render, depth, request, model, slot)
+            except NonFiniteDepth:  # FP16 can overflow on some inputs: never render garbage
+                answered = False
+                depth = await self._finite_depth(model, decoded, slot)
+                answered, fallback = True, "float32"
+                try:
+                    outputs = await self.workers.render(to_render, depth, request, model, slot)
+                except NonFiniteDepth:
+                    raise ImageError(f"{NON_FINITE}, in float32 too") from None
             if fallback is not None:
                 outputs["fallback_dtype"] = fallback
             clock.lap("render")
+        except InferenceTimeout as error:
+            answered = False
+            return {"index": index, "input": described, "error": str(error)}
         except ImageError as error:
+            answered = True
             return {"index": index, "input": described, "error": str(error)}
         except Exception:
             log.exception("image %d failed unexpectedly", index)
             return {"index": index, "input": described, "error": "internal error while processing this image"}
+        finally:
+            if slot is not None and self.triton.shared is not None:
+                self.triton.shared.release(slot, answered)
         width, height = decoded.size
         return {
             "index": index,

@@ -14,6 +14,12 @@ def _items(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _choice(raw: str, allowed: tuple[str, ...]) -> str:
+    if raw.lower() not in allowed:
+        raise ValueError(f"expected one of {', '.join(allowed)}, not {raw!r}")
+    return raw.lower()
+
+
 @dataclass(frozen=True)
 class Settings:
     default_model: str = DEFAULT_MODEL
@@ -43,6 +49,8 @@ class Settings:
     bucket_url_expiry: int = 7 * 24 * 3600
     upload_timeout: float = 60.0
     triton_ports: tuple[int, ...] = (8000, 8001, 8002)
+    shared_memory: str = "auto"
+    shared_memory_slots: int = 64
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -84,4 +92,6 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "bucket_url_expiry": ("BUCKET_URL_EXPIRY", int),
     "upload_timeout": ("UPLOAD_TIMEOUT", float),
     "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),
+    "shared_memory": ("TRITON_SHARED_MEMORY", lambda raw: _choice(raw, ("auto", "off"))),
+    "shared_memory_slots": ("SHARED_MEMORY_SLOTS", int),
 }

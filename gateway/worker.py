@@ -23,6 +23,7 @@ import runpod
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving import jobloop
+from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import ModelUnavailable, TritonModels
 from gateway.serving.triton_process import EmbeddedTriton, TritonStartError
@@ -89,6 +90,7 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_runpod_logs()
+    keep_freed_memory()
     settings = Settings.from_env()
     try:
         service, server = build_service(settings)

@@ -35,3 +35,17 @@ def test_a_malformed_number_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MAX_IMAGES", "many")
     with pytest.raises(ValueError, match="many"):
         Settings.from_env()
+
+
+def test_shared_memory_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings().shared_memory, Settings().shared_memory_slots) == ("auto", 64)
+    monkeypatch.setenv("TRITON_SHARED_MEMORY", "OFF")
+    monkeypatch.setenv("SHARED_MEMORY_SLOTS", "8")
+    assert (Settings.from_env().shared_memory, Settings.from_env().shared_memory_slots) == ("off", 8)
+    monkeypatch.setenv("TRITON_SHARED_MEMORY", "sometimes")
+    with pytest.raises(ValueError, match="expected one of auto, off, not 'sometimes'"):
+        Settings.from_env()
+    monkeypatch.setenv("TRITON_SHARED_MEMORY", "auto")
+    monkeypatch.setenv("SHARED_MEMORY_SLOTS", "eight")
+    with pytest.raises(ValueError, match="eight"):
+        Settings.from_env()

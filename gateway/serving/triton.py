@@ -14,8 +14,10 @@ unavailable, queue full) are retried, with backoff. Errors raised here carry sho
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
+import logging
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -28,6 +30,17 @@ from tritonclient.utils import InferenceServerException
 
 from export.models import MODELS
 from gateway.errors import ImageError, quoted
+from gateway.serving.shared_memory import (
+    MIN_SLOTS,
+    SharedTensors,
+    Slot,
+    is_local,
+    is_shared_memory_error,
+    slot_bytes,
+    slots_that_fit,
+)
+
+log = logging.getLogger("gateway")
 
 DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
@@ -38,6 +51,10 @@ MODEL_CHOICES = (
     "expected depth-anything/Depth-Anything-V2-{Small,Base,Large,Metric-Indoor-Large,Metric-Outdoor-Large}-hf"
     " or Intel/dpt-large"
 )
+
+
+class InferenceTimeout(ImageError):
+    """No answer from Triton within the deadline (it may still run the request)."""
 
 
 class ModelUnavailable(ValueError):
@@ -117,6 +134,7 @@ class TritonModels:
         self._client: grpcaio.InferenceServerClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self.shared: SharedTensors | None = None
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -187,39 +205,82 @@ class TritonModels:
 
     async def infer(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
         """Depth ``[H, W]`` for one RGB uint8 ``[H, W, 3]`` image already at a bucket shape."""
+        height, width = image.shape[:2]
+        tensor = InferInput("image", [1, height, width, 3], "UINT8")
+        tensor.set_data_from_numpy(np.ascontiguousarray(image[None]))
+        result = await self._infer(model, tensor, InferRequestedOutput("depth"), None)
+        return result.as_numpy("depth")[0]
+
+    async def infer_in_slot(self, model: ServedModel, slot: Slot, height: int, width: int) -> None:
+        """The same for an image already in ``slot``; Triton writes the depth into the slot."""
+        tensor = InferInput("image", [1, height, width, 3], "UINT8")
+        tensor.set_shared_memory(slot.region, slot.input_bytes(height, width), slot.input_offset)
+        output = InferRequestedOutput("depth")
+        output.set_shared_memory(slot.region, slot.output_bytes(height, width), slot.output_offset)
+        await self._infer(model, tensor, output, slot)
+
+    async def _infer(
+        self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None
+    ) -> grpcaio.InferResult:
         deadline = time.monotonic() + self.timeout
         self.in_flight[model.name] += 1
         try:
-            return await self._infer_with_retries(model, image, deadline)
+            return await self._infer_with_retries(model, tensor, output, slot, deadline)
         finally:
             self.in_flight[model.name] -= 1
 
-    async def _infer_with_retries(self, model: ServedModel, image: np.ndarray, deadline: float) -> np.ndarray:
-        batch = np.ascontiguousarray(image[None])
+    async def _infer_with_retries(
+        self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None, deadline: float
+    ) -> grpcaio.InferResult:
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            request = InferInput("image", list(batch.shape), "UINT8")
-            request.set_data_from_numpy(batch)
             try:
-                result = await self.client.infer(
-                    model.name, [request], outputs=[InferRequestedOutput("depth")], client_timeout=remaining
-                )
-                return result.as_numpy("depth")[0]
+                return await self.client.infer(model.name, [tensor], outputs=[output], client_timeout=remaining)
             except InferenceServerException as error:
-                status = error.status() or ""
+                status, message = error.status() or "", error.message() or ""
                 if "DEADLINE_EXCEEDED" in status:
                     break
-                if "NOT_FOUND" in status or _model_missing(error.message() or ""):
+                if slot is not None and is_shared_memory_error(message) and attempt < self.retries:
+                    await self._register_quietly()  # Triton restarted: it no longer knows the region
+                    continue
+                if "NOT_FOUND" in status or _model_missing(message):
                     self.loaded.pop(model.name, None)  # Triton lost it (restart): load again, then retry
                     if attempt < self.retries:
                         await self._reload_quietly(model.name)
                         continue
                 if status not in TRANSIENT or attempt == self.retries:
-                    raise ImageError(_describe(status, error.message() or "")) from None
+                    raise ImageError(_describe(status, message)) from None
                 await asyncio.sleep(min(0.2 * 2**attempt, max(deadline - time.monotonic(), 0)))
-        raise ImageError(f"depth inference timed out after {self.timeout:g} s")
+        raise InferenceTimeout(f"depth inference timed out after {self.timeout:g} s")
+
+    async def use_shared_memory(self, pixels: int, wanted_slots: int) -> bool:
+        """Tensors of up to ``pixels`` through shared memory from now on, when Triton is on this host
+        and can map the region (registered now, and again after a Triton restart)."""
+        if not is_local(self.url):
+            return False
+        slots = slots_that_fit(wanted_slots, slot_bytes(pixels))
+        if slots < MIN_SLOTS:
+            log.warning("shared memory off: /dev/shm has room for %d slots of %d pixels", slots, pixels)
+            return False
+        shared = SharedTensors(slots, pixels, self.timeout)
+        try:
+            await shared.register(self.client)
+        except InferenceServerException as error:  # e.g. Triton in another container, with its own /dev/shm
+            shared.destroy()
+            log.warning("shared memory off: Triton could not map it (%s)", error.message())
+            return False
+        atexit.register(shared.close, self.url)
+        self.shared = shared
+        return True
+
+    async def _register_quietly(self) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.register(self.client)
+        except InferenceServerException:
+            await asyncio.sleep(0.2)
 
     async def _reload_quietly(self, name: str) -> None:
         try:

@@ -30,8 +30,8 @@ NVIDIA_IMAGE_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM this process when its parent dies, so no Triton is orphaned."""
+def die_with_parent() -> None:
+    """In a child process: ask Linux to SIGTERM it when its parent dies, so that it is never orphaned."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -111,7 +111,7 @@ class EmbeddedTriton:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,  # its own process group, shared with its backend stubs
             )
         deadline = time.monotonic() + self.start_timeout

@@ -1,0 +1,202 @@
+"""Triton system shared memory between the gateway and a real tritonserver on loopback: outputs equal to
+the gRPC-payload path, slots that wait and come back, a region Triton forgot (or lost in a restart) is
+registered again, and nothing is left in Triton or /dev/shm when the gateway stops or is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.devstack import post, running_gateway, start_gateway, wait_for_api
+from gateway.serving.shared_memory import SHM_DIR, SharedTensors, Slot, is_local, slot_bytes, slots_that_fit
+from gateway.serving.triton_process import EmbeddedTriton, free_port
+from tests import images
+from tests.test_robustness import b64
+from tests.test_supervisor import SMALL, triton_of, wait_until
+
+RELATIVE = "depth-anything/Depth-Anything-V2-Small-hf"
+PHOTOS = [b64(images.encode(images.Image.fromarray(images.photo_like(w, h)), "JPEG")) for w, h in
+          [(64, 48), (48, 64), (90, 30), (33, 33), (70, 50), (20, 80)] * 2]  # fmt: skip
+JOB = {"images": [{"type": "b64", "data": photo} for photo in PHOTOS], "tasks": ["depth", "colorized", "point_cloud"]}
+
+
+def regions(http_url: str) -> dict[str, dict]:
+    with urllib.request.urlopen(f"{http_url}/v2/systemsharedmemory/status", timeout=10) as response:
+        return {region["name"]: region for region in json.loads(response.read())}
+
+
+def gateway_pid(log_path: Path) -> int:
+    """The worker's pid, from the region name it logged (``depth-gateway-<pid>-<random>``)."""
+    return int(region_of(log_path).split("-")[2])
+
+
+def region_of(log_path: Path) -> str:
+    for line in log_path.read_text().splitlines():
+        if "shared memory region " in line:
+            return line.split("shared memory region ")[1].split()[0]
+    raise AssertionError("the gateway registered no shared memory")
+
+
+def files_of(region: str) -> list[str]:
+    return [name for name in os.listdir(SHM_DIR) if name == region]
+
+
+def outputs(reply: dict) -> list[dict]:
+    assert reply["status"] == "COMPLETED", reply
+    return [{k: v for k, v in r.items() if k not in ("timings", "elapsed_sec")} for r in reply["output"]["results"]]
+
+
+def test_shared_memory_serves_the_same_outputs_and_cleans_up(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE}
+    with running_gateway({**env, "TRITON_SHARED_MEMORY": "off"}, tmp_path / "off.log") as url:
+        over_grpc = outputs(post(url, JOB))
+        assert "shared memory region" not in (tmp_path / "off.log").read_text()
+    log_path = tmp_path / "shared.log"
+    with running_gateway({**env, "SHARED_MEMORY_SLOTS": "4"}, log_path) as url:  # 12 images wait for 4 slots
+        region = region_of(log_path)
+        registered = regions(triton.http_url)[region]
+        assert registered["key"] == f"/{region}"
+        assert registered["byte_size"] == 4 * slot_bytes(518 * 924)  # the largest 518 bucket of DA-V2
+        assert files_of(region) == [region]
+        shared = outputs(post(url, JOB))
+        assert all("error" not in result for result in shared)
+        assert shared == over_grpc
+
+        # Triton forgets the region (as after a restart): the gateway registers it again and carries on.
+        request = urllib.request.Request(
+            f"{triton.http_url}/v2/systemsharedmemory/region/{region}/unregister", b"", method="POST"
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+        assert region not in regions(triton.http_url)
+        assert outputs(post(url, JOB)) == over_grpc
+        assert region in regions(triton.http_url)
+    assert region not in regions(triton.http_url)  # unregistered on exit
+    assert files_of(region) == []  # and unlinked
+
+
+def test_a_larger_network_size_goes_over_grpc(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE}
+    job = {**JOB, "images": JOB["images"][:2], "process_res": 770}
+    with running_gateway({**env, "TRITON_SHARED_MEMORY": "off"}, tmp_path / "off.log") as url:
+        over_grpc = outputs(post(url, job))
+    with running_gateway(env, tmp_path / "shared.log") as url:
+        assert outputs(post(url, job)) == over_grpc
+        assert over_grpc[0]["network_size"][1] == 770 or over_grpc[0]["network_size"][0] == 770
+
+
+@pytest.fixture
+def own_repository(serving_repository: Path, tmp_path: Path) -> Path:
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    shutil.copytree(serving_repository / SMALL, repository / SMALL)
+    return repository
+
+
+def http_port_of(pid: int) -> int:
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return int(next(arg.split("=")[1] for arg in arguments if arg.startswith("--http-port")))
+
+
+def test_a_triton_restart_in_the_middle(own_repository: Path, tmp_path: Path) -> None:
+    port, log_path = free_port(), tmp_path / "gateway.log"
+    env = {"MODEL_REPOSITORY": str(own_repository), "DEPTH_MODEL": RELATIVE, "TRITON_TIMEOUT": "20"}
+    process = start_gateway(env, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(process, url, log_path)
+        region = region_of(log_path)
+        first = triton_of(process)
+        assert region in regions(f"http://127.0.0.1:{http_port_of(first)}")
+        during: list[dict] = []
+        job = threading.Thread(target=lambda: during.append(post(url, JOB)))
+        job.start()
+        time.sleep(0.3)
+        os.kill(first, signal.SIGKILL)
+        job.join(120)
+        assert during
+        assert during[0]["status"] == "COMPLETED"
+        for result in during[0]["output"]["results"]:  # served, or a clean per-image error
+            assert "depth_png_b64" in result or result["error"]
+        deadline = time.monotonic() + 90
+        reply = post(url, JOB)
+        while reply["status"] != "COMPLETED" or any("error" in result for result in reply["output"]["results"]):
+            assert time.monotonic() < deadline, reply
+            time.sleep(1)
+            reply = post(url, JOB)
+        second = triton_of(process)
+        assert second != first
+        assert region in regions(f"http://127.0.0.1:{http_port_of(second)}")
+        assert all(result["width"] > 0 for result in reply["output"]["results"])
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert files_of(region) == []
+
+
+def test_a_killed_gateway_leaves_no_region(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    port, log_path = free_port(), tmp_path / "gateway.log"
+    process = start_gateway({"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE}, port, log_path)
+    try:
+        wait_for_api(process, f"http://127.0.0.1:{port}", log_path)
+        region = region_of(log_path)
+        assert files_of(region) == [region]
+    finally:
+        process.kill()
+        process.wait()
+    wait_until(lambda: files_of(region) == [], 30)  # Python's resource tracker unlinks it
+
+
+def test_remote_triton_and_a_full_dev_shm_mean_grpc_payloads() -> None:
+    assert is_local("127.0.0.1:8001")
+    assert is_local("localhost:8001")
+    assert is_local("[::1]:8001")
+    assert not is_local("triton.internal:8001")
+    assert not is_local("10.0.0.5:8001")
+    free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    assert slots_that_fit(10**9, 1 << 20) == free // 2 // (1 << 20)
+    assert slots_that_fit(8, 1 << 20) == 8
+    assert slots_that_fit(8, free) == 0
+    assert slots_that_fit(8, 1, "/no/such/dir") == 0
+
+
+def _write_from_another_process(slot: Slot, seed: int) -> None:
+    image = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    slot.write_input(image)
+
+
+def test_slots_cross_processes_and_wait_out_a_possible_late_write() -> None:
+    async def scenario() -> None:
+        shared = SharedTensors(slots=2, pixels=40 * 30, timeout=0.5)
+        try:
+            first, second = await shared.acquire(), await shared.acquire()
+            assert (first.index, second.index) == (0, 1)
+            assert second.input_offset >= first.output_offset + 40 * 30 * 4
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                pool.submit(_write_from_another_process, second, 7).result()
+            expected = np.random.default_rng(7).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+            view = np.ndarray((30, 40, 3), np.uint8, buffer=shared.handle._mpsm_handle.buf, offset=second.input_offset)
+            assert np.array_equal(view, expected)
+
+            shared.release(first, answered=True)
+            assert (await asyncio.wait_for(shared.acquire(), 0.1)) == first
+            shared.release(second, answered=False)  # Triton may still write into it: kept out of use
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(shared.acquire(), 0.3)
+            assert (await asyncio.wait_for(shared.acquire(), 1.0)) == second
+        finally:
+            shared.destroy()
+        assert files_of(shared.key) == []
+
+    asyncio.run(scenario())
