@@ -1,0 +1,113 @@
+"""The deployment files agree with the Triton image they run on (docs/deployment.md says where each
+number comes from): the hub's CUDA versions and GPU pools, the gateway's pinned dependencies on the
+image's Python 3.12, and the TensorRT keys of the exported configs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from export.models import get_spec
+from export.triton_config import build_config, parse, render
+from tests.conftest import ROOT
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.01-py3"
+# Release notes of 25.01: CUDA 12.8.0.038, "requires NVIDIA Driver release 560 or later", compute capability 7.5+.
+MIN_HOST_CUDA = (12, 6)  # the CUDA version driver R560 supports
+# Runpod's GPU pools (docs.runpod.io/flash/configuration/gpu-types): lowest compute capability, VRAM in GB.
+GPU_POOLS = {
+    "AMPERE_16": (8.6, 16),
+    "AMPERE_24": (8.6, 24),
+    "ADA_24": (8.9, 24),
+    "ADA_32_PRO": (12.0, 32),
+    "AMPERE_48": (8.6, 48),
+    "ADA_48_PRO": (8.9, 48),
+    "AMPERE_80": (8.0, 80),
+    "ADA_80_PRO": (9.0, 80),
+    "HOPPER_141": (9.0, 141),
+}
+# The ONNX Runtime backend README's table "Parameter mapping between ONNX Runtime and Triton ONNXRuntime Backend".
+DOCUMENTED_TENSORRT_KEYS = {
+    "max_workspace_size_bytes", "trt_max_partition_iterations", "trt_min_subgraph_size", "precision_mode",
+    "int8_calibration_table_name", "int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_dump_subgraphs",
+    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
+    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache", "trt_detailed_build_log",
+    "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level", "trt_auxiliary_streams",
+    "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes", "trt_profile_max_shapes",
+    "trt_profile_opt_shapes", "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path",
+    "trt_ep_context_embed_mode",
+}  # fmt: skip
+
+
+def hub_config() -> dict:
+    return json.loads((ROOT / ".runpod" / "hub.json").read_text())["config"]
+
+
+def test_both_images_build_on_the_documented_triton_release() -> None:
+    for dockerfile in ("Dockerfile.triton", "Dockerfile.gateway"):
+        assert f"ARG TRITON_IMAGE={TRITON_IMAGE}\n" in (ROOT / dockerfile).read_text()
+    assert TRITON_IMAGE.split(":")[1].removesuffix("-py3") in (ROOT / "docs" / "deployment.md").read_text()
+
+
+def test_hub_cuda_versions_follow_the_images_driver_requirement() -> None:
+    versions = [tuple(int(part) for part in version.split(".")) for version in hub_config()["allowedCudaVersions"]]
+    assert versions
+    assert min(versions) == MIN_HOST_CUDA  # no host whose driver is older than R560, and none left out above it
+    assert all(major == 12 for major, _minor in versions)
+    assert sorted(versions) == [(12, minor) for minor in range(MIN_HOST_CUDA[1], max(versions)[1] + 1)]
+
+
+def test_hub_gpu_pools_exist_and_fit_the_models() -> None:
+    pools = hub_config()["gpuIds"].split(",")
+    assert pools
+    for pool in pools:
+        assert pool in GPU_POOLS, f"{pool} is not a Runpod GPU pool"
+        capability, memory = GPU_POOLS[pool]
+        assert 8.0 <= capability < 10, pool  # flash attention in ONNX Runtime; no Blackwell consumer cards
+        assert memory >= 24, pool
+    assert hub_config()["gpuCount"] == 1
+    assert hub_config()["containerDiskInGb"] >= 20
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_tensorrt_configs_use_only_documented_backend_keys(precision: str) -> None:
+    config = parse(
+        render(build_config(get_spec("depth-anything/Depth-Anything-V2-Large-hf"), precision, "onnxruntime", True))
+    )
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert set(accelerator.parameters) <= DOCUMENTED_TENSORRT_KEYS
+    assert {"trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"} <= set(accelerator.parameters)
+    assert accelerator.parameters["precision_mode"] == precision.upper()
+
+
+def gateway_requirements() -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["gateway"]]
+
+
+def test_gateway_dependencies_resolve_to_wheels_for_python_3_12(tmp_path: Path) -> None:
+    """What ``Dockerfile.gateway`` installs into the Ubuntu 24.04 image (CPython 3.12, glibc 2.39)."""
+    platforms = ["manylinux_2_39_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+               "--disable-pip-version-check", "--only-binary=:all:", "--python-version", "3.12",
+               "--implementation", "cp", "--abi", "cp312", "--target", str(tmp_path / "target"),
+               "--report", str(tmp_path / "report.json")]  # fmt: skip
+    for platform in platforms:
+        command += ["--platform", platform]
+    result = subprocess.run([*command, *gateway_requirements()], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    installed = json.loads((tmp_path / "report.json").read_text())["install"]
+    wheels = {item["metadata"]["name"].lower(): item["download_info"]["url"].rsplit("/", 1)[1] for item in installed}
+    for requirement in gateway_requirements():
+        name, version = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", requirement).groups()
+        assert f"-{version}-" in wheels[name.lower().replace("_", "-")], requirement
+    for name, wheel in wheels.items():
+        assert re.search(r"-(cp312-cp312|cp3\d+-abi3|py3-none|py2\.py3-none)-", wheel), f"{name}: {wheel}"
