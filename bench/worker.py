@@ -20,7 +20,8 @@ Pillow decodes the 1024x768 JPEG, converts it to 8-bit grayscale and saves it ti
 with Pillow's defaults; the least CPU time of 15 runs, taken before and after, averaged. The projection
 for a 16-core host is ``min(16 / cpu_per_image, 1 / serial_per_image)`` images/s: the cores, or the one
 thread every image passes through, whichever runs out first (an upper bound: it ignores GIL waits).
-Writes bench/results/worker.json.
+Writes bench/results/worker.json (with ``--env NAME=VALUE``: worker_name-value.json, e.g. the gRPC-payload
+baseline ``--env TRITON_SHARED_MEMORY=off``).
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def main() -> None:
         "raw": measured,
         "targets": TARGETS,
     }
-    path = write("worker", payload)
+    name = "_".join(["worker", *(f"{key}-{value}".lower() for key, value in extra.items())])
+    path = write(name, payload)  # worker.json for the defaults
     print(f"wrote {path}")
 
 
