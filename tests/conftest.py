@@ -72,7 +72,8 @@ def image_server() -> Iterator[ImageServer]:
 def photos() -> dict[str, np.ndarray]:
     """Real photos (scikit-image's), some cut to bucket aspect ratios and enlarged past 518 px."""
     chelsea_4x3 = cv2.resize(data.chelsea()[:, 25:425], (1024, 768), interpolation=cv2.INTER_CUBIC)
-    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea_4x3": chelsea_4x3}
+    large = cv2.resize(data.astronaut()[64:448], (1400, 1050), interpolation=cv2.INTER_CUBIC)  # decoded at 1/2
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea_4x3": chelsea_4x3, "large_4x3": large}
 
 
 def jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import time
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data
 
 from gateway.errors import ImageError
-from gateway.inputs.decode import decode_base64, decode_image, open_image
+from gateway.inputs.decode import decode_base64, decode_image, decode_scaled, open_image
 from gateway.inputs.decode_limits import tiff_block_count
 from tests import images
 
@@ -129,3 +131,58 @@ def test_the_header_is_read_without_decoding_any_pixel() -> None:
     started = time.process_time()
     assert open_image(webp, LIMIT).size == (7000, 7000)
     assert time.process_time() - started < 0.1  # decoding its 49 M pixels takes about 2 s
+
+
+# --------------------------------------------------------------------------- reduced-scale JPEG decoding
+
+BUCKET = (686, 518)  # (width, height) of the 4:3 Depth-Anything bucket
+
+
+def large_photo(width: int, height: int, orientation: int = 1) -> tuple[np.ndarray, bytes]:
+    photo = cv2.resize(data.astronaut(), (width, height), interpolation=cv2.INTER_CUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = np.ascontiguousarray(np.rot90(photo, 1)) if orientation == 6 else photo  # 6: rotate to display
+    return photo, images.encode(Image.fromarray(stored), "JPEG", quality=92, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_network_input(orientation: int) -> None:
+    photo, jpeg = large_photo(2072, 1554, orientation)
+    asked = []
+
+    def at_least(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return BUCKET
+
+    reduced, size = decode_scaled(jpeg, LIMIT, at_least)
+    full, full_size = decode_scaled(jpeg, LIMIT, None)
+    assert asked == [(2072, 1554)]  # the upright size, whichever way the JPEG is stored
+    assert size == full_size == (2072, 1554)
+    assert full.shape == (1554, 2072, 3)
+    assert reduced.shape == (777, 1036, 3)  # 1/2: 1/4 would be 518x389, under the bucket's 686x518
+    assert np.abs(cv2.resize(reduced, (2072, 1554)).astype(float) - photo).mean() < 3  # the same picture, upright
+
+
+def test_the_reduced_decode_changes_the_network_input_less_than_the_resize_loses() -> None:
+    """What the DCT-scaled decode changes in the network input, against what resizing to it discards."""
+    for width, height in [(2072, 1554), (4032, 3024)]:
+        _photo, jpeg = large_photo(width, height)
+        full, _ = decode_scaled(jpeg, LIMIT, None)
+        reduced, size = decode_scaled(jpeg, LIMIT, lambda w, h: BUCKET)
+        from_full = cv2.resize(full, BUCKET, interpolation=cv2.INTER_AREA).astype(float)
+        from_reduced = cv2.resize(reduced, BUCKET, interpolation=cv2.INTER_AREA).astype(float)
+        change = np.abs(from_reduced - from_full).mean()
+        resize_loss = np.abs(cv2.resize(from_full, size, interpolation=cv2.INTER_LINEAR) - full).mean()
+        assert reduced.shape[1] < width / 1.9
+        assert change < resize_loss / 2
+        assert change < 1.0  # levels of 255
+
+
+def test_only_jpegs_are_decoded_at_a_reduced_scale() -> None:
+    png = images.encode(Image.fromarray(images.photo_like(2000, 1500)), "PNG")
+    pixels, size = decode_scaled(png, LIMIT, lambda w, h: BUCKET)
+    assert pixels.shape == (1500, 2000, 3)
+    assert size == (2000, 1500)
+    small, _ = decode_scaled(large_photo(600, 450)[1], LIMIT, lambda w, h: BUCKET)  # smaller than the bucket
+    assert small.shape == (450, 600, 3)

@@ -331,6 +331,7 @@ def test_request_level_errors(run_job, payload: dict, message: str) -> None:
     [
         (RELATIVE_ID, "astronaut", 0.99),
         (RELATIVE_ID, "chelsea_4x3", 0.99),
+        (RELATIVE_ID, "large_4x3", 0.99),  # a JPEG decoded at half scale
         (METRIC_ID, "chelsea_4x3", 0.99),
         (DPT_ID, "coffee", 0.98),
     ],
@@ -351,7 +352,9 @@ def test_depth_correlates_with_transformers_pipeline(
         "include_raw": True,
         "dtype": "float16",
     }
-    ours = raw_depth(run_job(job)["results"][0])
+    out = run_job(job)
+    assert "results" in out, out
+    ours = raw_depth(out["results"][0])
     assert ours.shape == reference.shape == photos[photo].shape[:2]
     assert correlation(ours, reference) >= minimum
 

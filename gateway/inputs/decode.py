@@ -13,6 +13,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pybase64
@@ -23,6 +24,7 @@ from gateway.inputs.decode_limits import check_decode_work
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION = 0x0112  # the EXIF tag
+SIDEWAYS = (5, 6, 7, 8)  # orientations stored rotated by 90 degrees
 EXIF_IFD, FOCAL_LENGTH_35MM = 0x8769, 0xA405
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
@@ -66,12 +68,31 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode ``data`` to RGB uint8, with EXIF orientation applied (``open_image``'s checks first)."""
+    return decode_scaled(data, max_pixels, None)[0]
+
+
+def decode_scaled(
+    data: bytes, max_pixels: int, at_least: Callable[[int, int], tuple[int, int]] | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``decode_image``, possibly at a reduced scale, and the photo's upright (width, height).
+
+    ``at_least`` maps the photo's upright (width, height) to the smallest (width, height) the caller
+    needs; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, what Pillow's
+    ``draft`` asks for) when that still covers it: a 4032x3024 photo for a 686x518 network input
+    decodes at 1008x756, several times faster and in a sixteenth of the memory.
+    """
     image = open_image(data, max_pixels)
     try:
+        orientation = image.getexif().get(ORIENTATION, 1)
+        sideways = orientation in SIDEWAYS
+        upright = image.size[::-1] if sideways else image.size
+        if at_least is not None and image.format == "JPEG":
+            width, height = at_least(*upright)
+            image.draft(image.mode, (height, width) if sideways else (width, height))
         image.load()
-        if image.getexif().get(ORIENTATION, 1) != 1:
+        if orientation != 1:
             image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return to_rgb(image), upright
     except (OSError, SyntaxError, ValueError, EOFError):
         raise ImageError("image data is corrupt or truncated") from None
 

@@ -17,15 +17,23 @@ import numpy as np
 _ENLARGE = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
 
 
-def limit_size(image: np.ndarray, max_size: int) -> np.ndarray:
-    """Downscale so that the longest edge is at most ``max_size`` (aspect kept); never upscales."""
-    height, width = image.shape[:2]
+def limited_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(width, height) with the longest edge at most ``max_size`` (aspect kept); never larger."""
     longest = max(height, width)
     if longest <= max_size:
-        return image
+        return width, height
     scale = max_size / longest
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def limit_size(image: np.ndarray, max_size: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Downscale to ``limited_size`` of ``size`` (the photo's (width, height); default: ``image``'s own,
+    which may be a reduced-scale decode of it); never upscales."""
+    height, width = image.shape[:2]
+    target = limited_size(*(size or (width, height)), max_size)
+    if target[0] >= width and target[1] >= height:
+        return image
+    return cv2.resize(image, target, interpolation=cv2.INTER_AREA)
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:

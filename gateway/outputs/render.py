@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
+from gateway.inputs.resize import limit_size, limited_size, nearest_bucket, to_bucket
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
@@ -31,12 +31,29 @@ class Prepared:
         return self.network_input.shape[1], self.network_input.shape[0]
 
 
-def prepare(image: np.ndarray, max_size: int, model: ServedModel, process_res: int | None = None) -> Prepared:
-    """``max_size`` applied, then the nearest bucket of network size ``process_res`` (None: the default)."""
-    limited = limit_size(image, max_size)
-    height, width = limited.shape[:2]
-    bucket = nearest_bucket(width, height, model.family(process_res))
-    return Prepared(to_bucket(limited, bucket, model.resample), (width, height))
+def network_bucket(
+    size: tuple[int, int], max_size: int, model: ServedModel, process_res: int | None = None
+) -> tuple[int, int]:
+    """(height, width) of the bucket a photo of ``size`` (width, height) runs at."""
+    return nearest_bucket(*limited_size(*size, max_size), model.family(process_res))
+
+
+def prepare(
+    image: np.ndarray,
+    max_size: int,
+    model: ServedModel,
+    process_res: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> Prepared:
+    """``max_size`` applied, then the nearest bucket of network size ``process_res`` (None: the default).
+
+    ``size`` is the photo's (width, height) when ``image`` is a reduced-scale decode of it (at least the
+    bucket's size); default: ``image``'s own.
+    """
+    size = size or (image.shape[1], image.shape[0])
+    bucket = network_bucket(size, max_size, model, process_res)
+    limited = limit_size(image, max_size, size)
+    return Prepared(to_bucket(limited, bucket, model.resample), limited_size(*size, max_size))
 
 
 THREE_D = ("points", "mesh")

@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 
 from gateway.errors import ImageError
-from gateway.inputs.decode import decode_image, focal_length_35mm
+from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
-from gateway.outputs.render import needs_camera, needs_photo, prepare, render
+from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
 from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import ServedModel
 from gateway.serving.triton_process import die_with_parent
@@ -60,16 +60,21 @@ class Decoded:
 def decode_and_prepare(
     data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel, slot: Slot | None
 ) -> Decoded:
-    photo = decode_image(data, max_pixels)
-    prepared = prepare(photo, request.max_size, model, request.process_res)
+    keep = needs_photo(request.tasks)
+
+    def bucket_size(width: int, height: int) -> tuple[int, int]:
+        bucket_height, bucket_width = network_bucket((width, height), request.max_size, model, request.process_res)
+        return bucket_width, bucket_height
+
+    # Without the photo in the outputs, a JPEG is decoded only as large as the network input needs.
+    photo, size = decode_scaled(data, max_pixels, None if keep else bucket_size)
+    prepared = prepare(photo, request.max_size, model, request.process_res, size)
     network_input = prepared.network_input
     if slot is not None:
         slot.write_input(network_input)
         network_input = None
-    height, width = photo.shape[:2]
-    kept = photo if needs_photo(request.tasks) else None
     focal = focal_length_35mm(data) if needs_camera(request) else None
-    return Decoded(network_input, prepared.inference_size, prepared.network_size, (width, height), kept, focal)
+    return Decoded(network_input, prepared.inference_size, prepared.network_size, size, photo if keep else None, focal)
 
 
 def render_outputs(
