@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gateway.serving.triton_process import EmbeddedTriton
 from tests.servers import ImageServer, running_image_server
 
 RELATIVE_ID = "depth-anything/Depth-Anything-V2-Small-hf"
+SMALL = "depth_anything_v2_small"  # its Triton name
 METRIC_ID = "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf"
 DPT_ID = "Intel/dpt-large"
 TINY_MODELS = (RELATIVE_ID, METRIC_ID, DPT_ID)
@@ -51,6 +53,15 @@ def serving_repository(repository: Path, checkpoints: dict[str, Path]) -> Path:
     """The tiny models plus an FP32 variant of the relative one (so both dtypes are served)."""
     argv = [RELATIVE_ID, "--checkpoint", str(checkpoints[RELATIVE_ID]), "--repository", str(repository)]
     assert export_main([*argv, "--backend", "python", "--precision", "fp32"]) == 0
+    return repository
+
+
+@pytest.fixture
+def own_repository(serving_repository: Path, tmp_path: Path) -> Path:
+    """A copy of the small model's repository that a test may take away (or whose Triton it may kill)."""
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    shutil.copytree(serving_repository / SMALL, repository / SMALL)
     return repository
 
 

@@ -12,14 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton_process import EmbeddedTriton, free_port
+from tests.conftest import SMALL
 from tests.test_robustness import GOOD_JOB
-
-SMALL = "depth_anything_v2_small"
 
 
 def model_states(server: EmbeddedTriton) -> dict[str, str]:
@@ -38,15 +35,6 @@ def wait_until(condition, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.2)
-
-
-@pytest.fixture
-def own_repository(serving_repository: Path, tmp_path: Path) -> Path:
-    """A copy of the small model's repository that a test may take away."""
-    repository = tmp_path / "repository"
-    repository.mkdir()
-    shutil.copytree(serving_repository / SMALL, repository / SMALL)
-    return repository
 
 
 def test_a_crashed_triton_is_restarted_with_its_models_and_its_stubs_killed(own_repository: Path) -> None:
