@@ -52,7 +52,6 @@ class Slot:
     index: int
     input_offset: int
     output_offset: int
-    pixels: int  # the largest network input (height x width) the slot holds
 
     def input_bytes(self, height: int, width: int) -> int:
         return height * width * INPUT_BYTES_PER_PIXEL
@@ -114,7 +113,6 @@ class SharedTensors:
                 index,
                 index * size,
                 index * size + _aligned(pixels * INPUT_BYTES_PER_PIXEL),
-                pixels,
             )
             for index in range(slots)
         ]

@@ -9,6 +9,10 @@ never becomes a model name.
 Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
 recently used idle one is unloaded. Every call carries a deadline; only transient faults (server
 unavailable, queue full) are retried, with backoff. Errors raised here carry short, safe messages.
+
+Tensors travel in gRPC payloads (``infer``) or, when Triton is on this host, through system shared
+memory (``use_shared_memory``, ``infer_in_slot``; see ``shared_memory``): a region Triton no longer
+knows (it restarted) is registered again and the request retried, like a model it no longer has loaded.
 """
 
 from __future__ import annotations
