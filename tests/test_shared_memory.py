@@ -171,6 +171,8 @@ def test_slots_cross_processes_and_wait_out_a_possible_late_write() -> None:
     async def scenario() -> None:
         shared = SharedTensors(slots=2, pixels=40 * 30, timeout=0.5)
         try:
+            allocated = os.stat(os.path.join(SHM_DIR, shared.key)).st_blocks * 512
+            assert allocated >= shared.byte_size  # its pages exist now: a full /dev/shm cannot SIGBUS a writer later
             first, second = await shared.acquire(), await shared.acquire()
             assert (first.index, second.index) == (0, 1)
             assert second.input_offset >= first.output_offset + 40 * 30 * 4

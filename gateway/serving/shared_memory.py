@@ -106,6 +106,11 @@ class SharedTensors:
         size = slot_bytes(pixels)
         self.byte_size = slots * size
         self.handle = triton_shm.create_shared_memory_region(self.region, self.key, self.byte_size, create_only=True)
+        try:
+            _allocate(self.key, self.byte_size)
+        except OSError:
+            self.destroy()
+            raise
         self.slots = [
             Slot(
                 self.key,
@@ -167,6 +172,17 @@ class SharedTensors:
         handle, self.handle = self.handle, None
         if handle is not None:
             triton_shm.destroy_shared_memory_region(handle)
+
+
+def _allocate(key: str, byte_size: int) -> None:
+    """Give the region its pages now. tmpfs allocates them on first write otherwise, and a write that
+    finds /dev/shm full is a SIGBUS in whichever process makes it (an image worker, or Triton); here a
+    full /dev/shm is an ``OSError`` at startup instead."""
+    fd = os.open(os.path.join(SHM_DIR, key), os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, byte_size)
+    finally:
+        os.close(fd)
 
 
 def slot_bytes(pixels: int) -> int:

@@ -268,7 +268,11 @@ class TritonModels:
         if slots < MIN_SLOTS:
             log.warning("shared memory off: /dev/shm has room for %d slots of %d pixels", slots, pixels)
             return False
-        shared = SharedTensors(slots, pixels, self.timeout)
+        try:
+            shared = SharedTensors(slots, pixels, self.timeout)
+        except OSError as error:  # /dev/shm filled up since it was measured
+            log.warning("shared memory off: could not allocate %d slots (%s)", slots, error.strerror)
+            return False
         try:
             await shared.register(self.client)
         except InferenceServerException as error:  # e.g. Triton in another container, with its own /dev/shm
