@@ -29,7 +29,7 @@ from gateway.inputs.fetch import Fetcher
 from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse_request
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
-from gateway.serving.shared_memory import Slot
+from gateway.serving.shared_memory import SharedPhoto, Slot
 from gateway.serving.triton import InferenceTimeout, ModelUnavailable, ServedModel, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
@@ -286,7 +286,7 @@ class DepthService:
         )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
-        slot, answered = None, True
+        slot, answered, decoded = None, True, None
         try:
             if source.type == "url":
                 data = await self.fetcher.fetch(source.data, job.download_slots)
@@ -330,6 +330,8 @@ class DepthService:
         finally:
             if slot is not None and self.triton.shared is not None:
                 self.triton.shared.release(slot, answered)
+            if decoded is not None and isinstance(decoded.photo, SharedPhoto):
+                decoded.photo.discard()
         width, height = decoded.size
         return {
             "index": index,

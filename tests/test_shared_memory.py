@@ -12,16 +12,27 @@ import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gateway.devstack import post, running_gateway, start_gateway, wait_for_api
-from gateway.serving.shared_memory import SHM_DIR, SharedTensors, Slot, is_local, slot_bytes, slots_that_fit
+from gateway.inputs.schema import DepthRequest
+from gateway.serving.imagework import Decoded, _discard_parked_photo, render_outputs
+from gateway.serving.shared_memory import (
+    SHM_DIR,
+    SharedPhoto,
+    SharedTensors,
+    Slot,
+    is_local,
+    slot_bytes,
+    slots_that_fit,
+)
 from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
+from tests.test_geometry import served
 from tests.test_robustness import b64
 from tests.test_supervisor import triton_of, wait_until
 
@@ -69,9 +80,11 @@ def test_shared_memory_serves_the_same_outputs_and_cleans_up(triton: EmbeddedTri
         assert registered["key"] == f"/{region}"
         assert registered["byte_size"] == 4 * slot_bytes(518 * 924)  # the largest 518 bucket of DA-V2
         assert files_of(region) == [region]
-        shared = outputs(post(url, JOB))
+        photos_before = parked_photos()
+        shared = outputs(post(url, JOB))  # point_cloud: each photo parked between its decode and render
         assert all("error" not in result for result in shared)
         assert shared == over_grpc
+        assert parked_photos() <= photos_before
 
         # Triton forgets the region (as after a restart): the gateway registers it again and carries on.
         request = urllib.request.Request(
@@ -160,6 +173,44 @@ def test_remote_triton_and_a_full_dev_shm_mean_grpc_payloads() -> None:
     assert slots_that_fit(8, 1 << 20) == 8
     assert slots_that_fit(8, free) == 0
     assert slots_that_fit(8, 1, "/no/such/dir") == 0
+
+
+def parked_photos() -> set[str]:
+    return {name for name in os.listdir(SHM_DIR) if name.startswith("psm_")}
+
+
+def _park(seed: int) -> SharedPhoto | None:
+    return SharedPhoto.park(_pixels(seed))
+
+
+def test_a_photo_parked_by_one_process_is_read_by_another_and_discarded_by_the_gateway() -> None:
+    before = parked_photos()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parked = pool.submit(_park, 3).result()
+        assert parked is not None
+        assert parked_photos() - before == {parked.name}
+        assert pool.submit(parked.read, np.copy).result().tolist() == _pixels(3).tolist()
+    parked.discard()
+    assert parked_photos() == before
+    parked.discard()  # twice is harmless
+
+    # Rendered from a parked photo: the same outputs as from the array itself.
+    request = DepthRequest(image_b64="x", tasks=["point_cloud", "points", "mesh"], point_cloud_grid=64)
+    depth = np.add.outer(np.linspace(1, 2, 30), np.linspace(0, 1, 40)).astype(np.float32)
+    inline = Decoded(None, (40, 30), (40, 30), (40, 30), _pixels(5), None)
+    parked = Decoded(None, (40, 30), (40, 30), (40, 30), _park(5), None)
+    model = served(RELATIVE)
+    assert render_outputs(parked, depth, request, model, None) == render_outputs(inline, depth, request, model, None)
+    parked.photo.discard()
+
+    abandoned: Future = Future()  # a decode whose job was cancelled while a worker ran it
+    abandoned.set_result(Decoded(None, (40, 30), (40, 30), (40, 30), _park(4), None))
+    _discard_parked_photo(abandoned)
+    assert parked_photos() == before
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
 
 
 def _write_from_another_process(slot: Slot, seed: int) -> None:

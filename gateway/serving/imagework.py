@@ -10,7 +10,9 @@ header checks and the job's budget (``decode.open_image`` + ``budget``), Triton,
 Two calls per image: ``decode_and_prepare`` (photo bytes -> network input, and the photo itself only when
 the point cloud needs its colours) and ``render_outputs`` (network depth -> the response keys). With a
 shared-memory slot (``shared_memory``), the network input and the depth stay in the slot and only the
-slot's numbers travel; otherwise they travel through the pool's pipes. A
+slot's numbers travel; otherwise they travel through the pool's pipes. A photo the outputs need is
+parked in its own segment (``SharedPhoto``) between the two calls, and the gateway discards it after
+the render (also when the job was cancelled meanwhile). A
 crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
 is replaced; the other images are not affected.
 """
@@ -22,7 +24,8 @@ import ctypes
 import functools
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +37,7 @@ from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
-from gateway.serving.shared_memory import Slot
+from gateway.serving.shared_memory import SharedPhoto, Slot
 from gateway.serving.triton import ServedModel
 from gateway.serving.triton_process import die_with_parent
 
@@ -53,7 +56,7 @@ class Decoded:
     inference_size: tuple[int, int]  # (width, height) after max_size
     network_size: tuple[int, int]  # (width, height) of the bucket the network runs at
     size: tuple[int, int]  # (width, height) of the photo, EXIF orientation applied
-    photo: np.ndarray | None  # only when the tasks need its pixels
+    photo: SharedPhoto | np.ndarray | None  # only when the tasks need its pixels; parked when /dev/shm has room
     focal_35mm: float | None  # EXIF, only when the 3D tasks need it and the request gives no camera
 
 
@@ -74,7 +77,8 @@ def decode_and_prepare(
         slot.write_input(network_input)
         network_input = None
     focal = focal_length_35mm(data) if needs_camera(request) else None
-    return Decoded(network_input, prepared.inference_size, prepared.network_size, size, photo if keep else None, focal)
+    parked = (SharedPhoto.park(photo) or photo) if keep else None
+    return Decoded(network_input, prepared.inference_size, prepared.network_size, size, parked, focal)
 
 
 def render_outputs(
@@ -87,7 +91,19 @@ def render_outputs(
         depth = slot.read_output(height, width)
     if not np.isfinite(depth).all():
         raise NonFiniteDepth
-    return render(decoded.size, decoded.photo, depth, request, model, decoded.focal_35mm)
+
+    def render_with(photo: np.ndarray | None) -> dict:
+        return render(decoded.size, photo, depth, request, model, decoded.focal_35mm)
+
+    if isinstance(decoded.photo, SharedPhoto):
+        return decoded.photo.read(render_with)
+    return render_with(decoded.photo)
+
+
+def _discard_parked_photo(future: Future) -> None:
+    """A decode nobody waits for any more: its parked photo would otherwise stay in /dev/shm."""
+    if not future.cancelled() and future.exception() is None and isinstance(future.result().photo, SharedPhoto):
+        future.result().photo.discard()
 
 
 def _warm(_: int) -> int:
@@ -136,17 +152,26 @@ class ImageWorkers:
     async def decode(
         self, data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel, slot: Slot | None
     ) -> Decoded:
-        return await self._run(functools.partial(decode_and_prepare, data, max_pixels, request, model, slot))
+        call = functools.partial(decode_and_prepare, data, max_pixels, request, model, slot)
+        return await self._run(call, if_abandoned=_discard_parked_photo)
 
     async def render(
         self, decoded: Decoded, depth: np.ndarray | None, request: DepthRequest, model: ServedModel, slot: Slot | None
     ) -> dict:
         return await self._run(functools.partial(render_outputs, decoded, depth, request, model, slot))
 
-    async def _run(self, call: functools.partial) -> Any:
+    async def _run(self, call: functools.partial, if_abandoned: Callable[[Future], None] | None = None) -> Any:
+        """``call`` in a worker process; ``if_abandoned(future)`` once it ends if the caller was cancelled
+        meanwhile (the process finishes what it started)."""
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, call)
+            future = pool.submit(call)
+            try:
+                return await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                if if_abandoned is not None:
+                    future.add_done_callback(if_abandoned)
+                raise
         except BrokenProcessPool:
             if pool is self._pool:
                 log.error("an image worker process died; starting a new pool")

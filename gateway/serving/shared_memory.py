@@ -22,11 +22,14 @@ kept out of use for the Triton timeout, so that a late write cannot land in anot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -36,6 +39,7 @@ import tritonclient.utils.shared_memory as triton_shm
 from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger("gateway")
+T = TypeVar("T")
 
 SHM_DIR = "/dev/shm"
 MIN_SLOTS = 4
@@ -67,6 +71,44 @@ class Slot:
     def read_output(self, height: int, width: int) -> np.ndarray:
         """The depth ``[H, W]`` Triton wrote into the slot (a view: valid while the slot is held)."""
         return np.ndarray((height, width), np.float32, buffer=_buffer(self.key), offset=self.output_offset)
+
+
+class SharedPhoto:
+    """A decoded photo parked in its own segment between the image worker that decodes it and the one
+    that renders it (the point cloud and 3D colours read it), so that its megabytes never pass through
+    the gateway process's pipes. The gateway, which owns the image's lifetime, ``discard``s it."""
+
+    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+        self.name = name
+        self.shape = shape
+
+    @classmethod
+    def park(cls, photo: np.ndarray) -> SharedPhoto | None:
+        """The photo copied into a new segment; None when /dev/shm has no room for it."""
+        segment = shared_memory.SharedMemory(create=True, size=max(photo.nbytes, 1))
+        try:
+            _allocate(segment.name, segment.size)
+        except OSError:
+            segment.close()
+            segment.unlink()
+            return None
+        np.ndarray(photo.shape, np.uint8, buffer=segment.buf)[...] = photo
+        segment.close()
+        return cls(segment.name, photo.shape)
+
+    def read(self, use: Callable[[np.ndarray], T]) -> T:
+        """``use(photo)`` on the parked pixels, mapped only for that call."""
+        segment = shared_memory.SharedMemory(self.name)
+        try:
+            return use(np.ndarray(self.shape, np.uint8, buffer=segment.buf))
+        finally:
+            segment.close()  # ``use``'s result must not keep a view of the pixels
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            segment = shared_memory.SharedMemory(self.name)
+            segment.close()
+            segment.unlink()
 
 
 _attached: dict[str, shared_memory.SharedMemory] = {}
