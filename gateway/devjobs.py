@@ -16,13 +16,15 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
+
+from gateway.devstack import LoopbackServer
 
 LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
 
 
-class JobApi:
+class JobApi(LoopbackServer):
     def __init__(self) -> None:
         self.queue: deque[dict] = deque()
         self.results: defaultdict[str, list[dict]] = defaultdict(list)
@@ -33,9 +35,7 @@ class JobApi:
         self.max_in_flight = 0
         self.takes = {"job-take": 0, "job-take-batch": 0}
         self._lock = threading.Condition()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        super().__init__(self._handler())
 
     def env(self, worker_id: str = "worker-1") -> dict[str, str]:
         """The variables that point runpod's job loop at this server."""
@@ -136,11 +136,3 @@ class JobApi:
                 self.reply(200, {})
 
         return Handler
-
-    def start(self) -> JobApi:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

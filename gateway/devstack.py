@@ -1,4 +1,5 @@
-"""Run ``python -m gateway`` with Runpod's local API as a child process, and send it jobs.
+"""Run ``python -m gateway`` with Runpod's local API as a child process, and send it jobs; serve
+loopback stand-ins (``LoopbackServer``).
 
 For the quickstart, the tests and the benchmarks; the worker itself does not use this.
 """
@@ -7,15 +8,38 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 from gateway.serving.triton_process import free_port
+
+
+class LoopbackServer:
+    """``handler`` served on a free port of ``host`` from a daemon thread, between ``start`` and ``stop``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> None:
+        family = socket.getaddrinfo(host, 0)[0][0]
+        self._httpd = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, 0), handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.base = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def start(self) -> Self:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
 
 def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:

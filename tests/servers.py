@@ -7,7 +7,6 @@ slow endpoints stop on their own after a bounded time.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -15,23 +14,21 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
+from gateway.devstack import LoopbackServer
 
-class ImageServer:
+
+class ImageServer(LoopbackServer):
     """Serves ``files`` at ``/files/<name>`` plus fault endpoints; counts hits per path."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.hits: Counter[str] = Counter()
         self.cookies: list[str] = []  # every Cookie header received
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.getaddrinfo(host, 0)[0][0]})
-        self._httpd = server_class((host, 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.base = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
         self.stop_event = threading.Event()
+        super().__init__(self._handler_class(), host)
 
     def add(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
         self.files[name] = (data, content_type)
@@ -137,14 +134,9 @@ class ImageServer:
 
         return Handler
 
-    def start(self) -> ImageServer:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
-
     def stop(self) -> None:
-        self.stop_event.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self.stop_event.set()  # ends the endpoints that stall
+        super().stop()
 
 
 @contextmanager
@@ -156,7 +148,7 @@ def running_image_server(host: str = "127.0.0.1") -> Iterator[ImageServer]:
         server.stop()
 
 
-class Relay:
+class Relay(LoopbackServer):
     """A loopback proxy in front of Runpod's (local) API: forwards ``/run``, ``/runsync`` and ``/status``,
     answers ``failures`` (a list of HTTP statuses, used up in order) instead of forwarding, counts the
     jobs each image was sent in, and the ``/status`` calls open at once (the local API runs a job inside
@@ -170,9 +162,8 @@ class Relay:
         self.open_status = 0
         self.max_open_status = 0
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        super().__init__(self._handler_class())
+        self.url = self.base
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         relay = self
@@ -229,11 +220,3 @@ class Relay:
                     self.forward("POST", body)
 
         return Handler
-
-    def start(self) -> Relay:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
