@@ -30,7 +30,7 @@ from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
 from gateway.serving.shared_memory import SharedPhoto, Slot
-from gateway.serving.triton import InferenceTimeout, ModelUnavailable, ServedModel, TritonModels
+from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
 
@@ -286,7 +286,7 @@ class DepthService:
         )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
-        slot, answered, decoded = None, True, None
+        slot, decoded = None, None
         try:
             if source.type == "url":
                 data = await self.fetcher.fetch(source.data, job.download_slots)
@@ -299,18 +299,15 @@ class DepthService:
             slot = await self._slot(model, request)
             decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot)
             clock.lap("decode")  # and resize to the network
-            answered = False  # until Triton answers, it may still write into the slot
             depth = await self._infer(model, decoded, slot)
-            answered = True
             clock.lap("infer")
             to_render = dataclasses.replace(decoded, network_input=None)  # the pipe need not carry it again
             fallback = None
             try:
                 outputs = await self.workers.render(to_render, depth, request, model, slot)
             except NonFiniteDepth:  # FP16 can overflow on some inputs: never render garbage
-                answered = False
                 depth = await self._finite_depth(model, decoded, slot)
-                answered, fallback = True, "float32"
+                fallback = "float32"
                 try:
                     outputs = await self.workers.render(to_render, depth, request, model, slot)
                 except NonFiniteDepth:
@@ -318,18 +315,14 @@ class DepthService:
             if fallback is not None:
                 outputs["fallback_dtype"] = fallback
             clock.lap("render")
-        except InferenceTimeout as error:
-            answered = False
-            return {"index": index, "input": described, "error": str(error)}
         except ImageError as error:
-            answered = True
             return {"index": index, "input": described, "error": str(error)}
         except Exception:
             log.exception("image %d failed unexpectedly", index)
             return {"index": index, "input": described, "error": "internal error while processing this image"}
         finally:
             if slot is not None and self.triton.shared is not None:
-                self.triton.shared.release(slot, answered)
+                self.triton.shared.release(slot)
             if decoded is not None and isinstance(decoded.photo, SharedPhoto):
                 decoded.photo.discard()
         width, height = decoded.size

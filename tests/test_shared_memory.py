@@ -233,9 +233,10 @@ def test_slots_cross_processes_and_wait_out_a_possible_late_write() -> None:
             view = np.ndarray((30, 40, 3), np.uint8, buffer=shared.handle._mpsm_handle.buf, offset=second.input_offset)
             assert np.array_equal(view, expected)
 
-            shared.release(first, answered=True)
+            shared.release(first)
             assert (await asyncio.wait_for(shared.acquire(), 0.1)) == first
-            shared.release(second, answered=False)  # Triton may still write into it: kept out of use
+            shared.hold_back(second)  # its inference got no answer: Triton may still write into it
+            shared.release(second)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(shared.acquire(), 0.3)
             assert (await asyncio.wait_for(shared.acquire(), 1.0)) == second

@@ -166,6 +166,7 @@ class SharedTensors:
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
         for slot in self.slots:
             self._free.put_nowait(slot)
+        self._unanswered: set[Slot] = set()
         self._registering: asyncio.Lock | None = None
 
     def fits(self, pixels: int) -> bool:
@@ -174,12 +175,17 @@ class SharedTensors:
     async def acquire(self) -> Slot:
         return await self._free.get()
 
-    def release(self, slot: Slot, answered: bool) -> None:
-        """Back to the free slots; after the Triton timeout when Triton may still write into it."""
-        if answered:
-            self._free.put_nowait(slot)
-        else:
+    def hold_back(self, slot: Slot) -> None:
+        """An inference into ``slot`` ended without Triton's answer: Triton may still write into it."""
+        self._unanswered.add(slot)
+
+    def release(self, slot: Slot) -> None:
+        """Back to the free slots; after the Triton timeout when it was held back."""
+        if slot in self._unanswered:
+            self._unanswered.discard(slot)
             asyncio.get_running_loop().call_later(self.timeout, self._free.put_nowait, slot)
+        else:
+            self._free.put_nowait(slot)
 
     async def register(self, client: grpcaio.InferenceServerClient) -> None:
         """Register the region with Triton, unless it already is (one registration however many callers)."""

@@ -216,12 +216,23 @@ class TritonModels:
         return result.as_numpy("depth")[0]
 
     async def infer_in_slot(self, model: ServedModel, slot: Slot, height: int, width: int) -> None:
-        """The same for an image already in ``slot``; Triton writes the depth into the slot."""
+        """The same for an image already in ``slot``; Triton writes the depth into the slot. Without
+        Triton's answer (deadline, cancellation) the slot is held back when released."""
+        assert self.shared is not None
         tensor = InferInput("image", [1, height, width, 3], "UINT8")
         tensor.set_shared_memory(slot.region, slot.input_bytes(height, width), slot.input_offset)
         output = InferRequestedOutput("depth")
         output.set_shared_memory(slot.region, slot.output_bytes(height, width), slot.output_offset)
-        await self._infer(model, tensor, output, slot)
+        try:
+            await self._infer(model, tensor, output, slot)
+        except InferenceTimeout:
+            self.shared.hold_back(slot)
+            raise
+        except ImageError:  # Triton answered, with an error
+            raise
+        except BaseException:  # cancelled, or failed before Triton answered
+            self.shared.hold_back(slot)
+            raise
 
     async def _infer(
         self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None
