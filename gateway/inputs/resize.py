@@ -26,14 +26,19 @@ def limited_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def limit_size(image: np.ndarray, max_size: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Downscale to ``limited_size`` of ``size`` (the photo's (width, height); default: ``image``'s own,
-    which may be a reduced-scale decode of it); never upscales."""
+def limit_size(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Downscale so that the longest edge is at most ``max_size`` (aspect kept); never upscales."""
     height, width = image.shape[:2]
-    target = limited_size(*(size or (width, height)), max_size)
-    if target[0] >= width and target[1] >= height:
+    return shrink_to(image, limited_size(width, height, max_size))
+
+
+def shrink_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-downscale to ``size`` (width, height); ``image`` itself when it is nowhere larger (a
+    reduced-scale decode may already be smaller than ``size``)."""
+    height, width = image.shape[:2]
+    if size[0] >= width and size[1] >= height:
         return image
-    return cv2.resize(image, target, interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:

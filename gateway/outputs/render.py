@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.inputs.resize import limit_size, limited_size, nearest_bucket, to_bucket
+from gateway.inputs.resize import limited_size, nearest_bucket, shrink_to, to_bucket
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
@@ -50,10 +50,9 @@ def prepare(
     ``size`` is the photo's (width, height) when ``image`` is a reduced-scale decode of it (at least the
     bucket's size); default: ``image``'s own.
     """
-    size = size or (image.shape[1], image.shape[0])
-    bucket = network_bucket(size, max_size, model, process_res)
-    limited = limit_size(image, max_size, size)
-    return Prepared(to_bucket(limited, bucket, model.resample), limited_size(*size, max_size))
+    inference_size = limited_size(*(size or (image.shape[1], image.shape[0])), max_size)
+    bucket = nearest_bucket(*inference_size, model.family(process_res))
+    return Prepared(to_bucket(shrink_to(image, inference_size), bucket, model.resample), inference_size)
 
 
 THREE_D = ("points", "mesh")
