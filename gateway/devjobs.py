@@ -19,7 +19,7 @@ from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
-from gateway.devstack import LoopbackServer
+from gateway.devstack import LoopbackServer, QuietHandler
 
 LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
 
@@ -89,12 +89,7 @@ class JobApi(LoopbackServer):
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def reply(self, status: int, body: object = None) -> None:
                 data = b"" if body is None else json.dumps(body).encode()
                 self.send_response(status)

@@ -23,6 +23,15 @@ from typing import Self
 from gateway.serving.triton_process import free_port
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The stand-ins' request handler base: HTTP/1.1 keep-alive, no access log on stderr."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 class LoopbackServer:
     """``handler`` served on a free port of ``host`` from a daemon thread, between ``start`` and ``stop``."""
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
-from gateway.devstack import LoopbackServer
+from gateway.devstack import LoopbackServer, QuietHandler
 
 
 class ImageServer(LoopbackServer):
@@ -40,12 +40,7 @@ class ImageServer(LoopbackServer):
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 parsed = urlparse(self.path)
                 server.hits[parsed.path] += 1
@@ -168,12 +163,7 @@ class Relay(LoopbackServer):
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         relay = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
