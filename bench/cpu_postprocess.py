@@ -46,21 +46,18 @@ MODEL = ServedModel(
 )  # fmt: skip
 
 
-def phone_jpeg() -> bytes:
-    """A 12-megapixel photo as phones take them (the astronaut enlarged), JPEG quality 92."""
-    photo = cv2.resize(data.astronaut()[64:448], PHONE, interpolation=cv2.INTER_CUBIC)
+def astronaut_jpeg(size: tuple[int, int]) -> bytes:
+    """scikit-image's astronaut cut to 4:3 and resized to ``size`` (width, height), JPEG quality 92."""
+    photo = cv2.resize(data.astronaut()[64:448], size, interpolation=cv2.INTER_CUBIC)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, "JPEG", quality=92)
     return buffer.getvalue()
 
 
 def inputs() -> tuple[bytes, np.ndarray]:
-    photo = cv2.resize(data.astronaut()[64:448], (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
-    buffer = io.BytesIO()
-    Image.fromarray(photo).save(buffer, "JPEG", quality=92)
     rows, cols = np.mgrid[0 : NETWORK[0], 0 : NETWORK[1]].astype(np.float32)
     depth = 1.0 + 0.5 * np.sin(cols / 60.0) * np.cos(rows / 45.0) + rows / NETWORK[0]
-    return buffer.getvalue(), depth.astype(np.float32)
+    return astronaut_jpeg((WIDTH, HEIGHT)), depth.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the seed's approach
@@ -236,7 +233,7 @@ def main() -> None:
         seed.point_cloud(np.asarray(decoded), depth)
 
     pairs["ALL: decode + resize + upsample + five tasks"] = (whole_ours, whole_seed)
-    phone = phone_jpeg()
+    phone = astronaut_jpeg(PHONE)  # 12 megapixels, as phones take them
 
     def phone_ours() -> None:  # as the image workers do it: no photo in the outputs, decoded smaller
         photo, size = decode_scaled(phone, 50_000_000, lambda w, h: network_bucket((w, h), 1024, MODEL)[::-1])
