@@ -29,7 +29,8 @@ from gateway.inputs.fetch import Fetcher
 from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse_request
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
-from gateway.serving.shared_memory import SharedPhoto, Slot
+from gateway.serving.ownership import Holdings
+from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
@@ -260,6 +261,31 @@ class DepthService:
         log.warning("non-finite depth from %s; running this image on %s", model.name, fp32.name)
         return await self._infer(fp32, decoded, slot)
 
+    async def _infer_and_render(
+        self,
+        model: ServedModel,
+        decoded: Decoded,
+        request: DepthRequest,
+        slot: Slot | None,
+        holdings: Holdings,
+        clock: Stopwatch,
+    ) -> dict:
+        """The image's outputs; FP16 can overflow on some inputs, so non-finite depth is never rendered:
+        it is inferred again in float32 when served, else the image fails clearly."""
+        depth = await self._infer(model, decoded, slot)
+        clock.lap("infer")
+        to_render = dataclasses.replace(decoded, network_input=None)  # the pipe need not carry it again
+        try:
+            return await self.workers.render(to_render, depth, request, model, slot, holdings)
+        except NonFiniteDepth:
+            pass
+        depth = await self._finite_depth(model, decoded, slot)
+        try:
+            outputs = await self.workers.render(to_render, depth, request, model, slot, holdings)
+        except NonFiniteDepth:
+            raise ImageError(f"{NON_FINITE}, in float32 too") from None
+        return {**outputs, "fallback_dtype": "float32"}
+
     async def _infer(self, model: ServedModel, decoded: Decoded, slot: Slot | None) -> np.ndarray | None:
         """The depth, or None when Triton wrote it into ``slot``."""
         if slot is None:
@@ -269,13 +295,18 @@ class DepthService:
         await self.triton.infer_in_slot(model, slot, height, width)
         return None
 
-    async def _slot(self, model: ServedModel, request: DepthRequest) -> Slot | None:
-        """A shared-memory slot for this image when its network size fits one; None: gRPC payloads."""
+    async def _slot(self, model: ServedModel, request: DepthRequest, holdings: Holdings) -> Slot | None:
+        """A shared-memory slot for this image when its network size fits one (None: gRPC payloads), held
+        until the image's holdings are given back."""
         shared = self.triton.shared
         if shared is None:
             return None
         largest = max(height * width for height, width in model.family(request.process_res))
-        return await shared.acquire() if shared.fits(largest) else None
+        if not shared.fits(largest):
+            return None
+        slot = await shared.acquire()
+        holdings.on_give_back(functools.partial(shared.release, slot))
+        return slot
 
     async def _one(
         self, index: int, source: ImageSource, request: DepthRequest, model: ServedModel, job: JobContext
@@ -286,7 +317,7 @@ class DepthService:
         )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
-        slot, decoded = None, None
+        holdings = Holdings()  # the slot and parked photo, kept until no process may touch them
         try:
             if source.type == "url":
                 data = await self.fetcher.fetch(source.data, job.download_slots)
@@ -296,24 +327,10 @@ class DepthService:
             clock.lap("fetch")
             header = await self._cpu(open_image, data, self.settings.max_pixels)
             job.budget.admit(*header.size)  # before any pixel is decoded
-            slot = await self._slot(model, request)
-            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot)
+            slot = await self._slot(model, request, holdings)
+            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
             clock.lap("decode")  # and resize to the network
-            depth = await self._infer(model, decoded, slot)
-            clock.lap("infer")
-            to_render = dataclasses.replace(decoded, network_input=None)  # the pipe need not carry it again
-            fallback = None
-            try:
-                outputs = await self.workers.render(to_render, depth, request, model, slot)
-            except NonFiniteDepth:  # FP16 can overflow on some inputs: never render garbage
-                depth = await self._finite_depth(model, decoded, slot)
-                fallback = "float32"
-                try:
-                    outputs = await self.workers.render(to_render, depth, request, model, slot)
-                except NonFiniteDepth:
-                    raise ImageError(f"{NON_FINITE}, in float32 too") from None
-            if fallback is not None:
-                outputs["fallback_dtype"] = fallback
+            outputs = await self._infer_and_render(model, decoded, request, slot, holdings, clock)
             clock.lap("render")
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}
@@ -321,10 +338,7 @@ class DepthService:
             log.exception("image %d failed unexpectedly", index)
             return {"index": index, "input": described, "error": "internal error while processing this image"}
         finally:
-            if slot is not None and self.triton.shared is not None:
-                self.triton.shared.release(slot)
-            if decoded is not None and isinstance(decoded.photo, SharedPhoto):
-                decoded.photo.discard()
+            holdings.close()
         width, height = decoded.size
         return {
             "index": index,

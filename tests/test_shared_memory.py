@@ -20,7 +20,8 @@ import pytest
 
 from gateway.devstack import post, running_gateway, start_gateway, wait_for_api
 from gateway.inputs.schema import DepthRequest
-from gateway.serving.imagework import Decoded, _discard_parked_photo, render_outputs
+from gateway.serving.imagework import Decoded, render_outputs
+from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import (
     SHM_DIR,
     SharedPhoto,
@@ -203,9 +204,16 @@ def test_a_photo_parked_by_one_process_is_read_by_another_and_discarded_by_the_g
     assert render_outputs(parked, depth, request, model, None) == render_outputs(inline, depth, request, model, None)
     parked.photo.discard()
 
-    abandoned: Future = Future()  # a decode whose job was cancelled while a worker ran it
-    abandoned.set_result(Decoded(None, (40, 30), (40, 30), (40, 30), _park(4), None))
-    _discard_parked_photo(abandoned)
+    async def abandoned_decode() -> None:
+        """A decode whose image was closed (its job cancelled) while a worker still ran it."""
+        holdings = Holdings()
+        running: Future = Future()
+        holdings.track(running, lambda decoded: holdings.on_give_back(decoded.photo.discard))
+        holdings.close()
+        running.set_result(Decoded(None, (40, 30), (40, 30), (40, 30), _park(4), None))
+        await asyncio.sleep(0.05)  # the pool's callback reaches the loop
+
+    asyncio.run(abandoned_decode())
     assert parked_photos() == before
 
 

@@ -11,9 +11,10 @@ Two calls per image: ``decode_and_prepare`` (photo bytes -> network input, and t
 the point cloud needs its colours) and ``render_outputs`` (network depth -> the response keys). With a
 shared-memory slot (``shared_memory``), the network input and the depth stay in the slot and only the
 slot's numbers travel; otherwise they travel through the pool's pipes. A photo the outputs need is
-parked in its own segment (``SharedPhoto``) between the two calls, and the gateway discards it after
-the render (also when the job was cancelled meanwhile). A
-crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
+parked in its own segment (``SharedPhoto``) between the two calls. Every call is tracked in the image's
+``Holdings``: its slot and parked photo are given back only when the gateway is done with the image and
+no call of it is still running, so a cancelled job's late decode cannot write into another image's slot.
+A crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
 is replaced; the other images are not affected.
 """
 
@@ -25,7 +26,7 @@ import functools
 import logging
 import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
+from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SharedPhoto, Slot
 from gateway.serving.triton import ServedModel
 from gateway.serving.triton_process import die_with_parent
@@ -100,12 +102,6 @@ def render_outputs(
     return render_with(decoded.photo)
 
 
-def _discard_parked_photo(future: Future) -> None:
-    """A decode nobody waits for any more: its parked photo would otherwise stay in /dev/shm."""
-    if not future.cancelled() and future.exception() is None and isinstance(future.result().photo, SharedPhoto):
-        future.result().photo.discard()
-
-
 def _warm(_: int) -> int:
     return 0
 
@@ -150,28 +146,45 @@ class ImageWorkers:
         list(self._pool.map(_warm, range(self.processes * 2)))
 
     async def decode(
-        self, data: bytes, max_pixels: int, request: DepthRequest, model: ServedModel, slot: Slot | None
+        self,
+        data: bytes,
+        max_pixels: int,
+        request: DepthRequest,
+        model: ServedModel,
+        slot: Slot | None,
+        holdings: Holdings,
     ) -> Decoded:
+        """The decoded image; a photo it parked is the image's until its holdings are given back, whether or
+        not this call is still awaited when the process finishes."""
+
+        def hold_photo(decoded: Decoded) -> None:
+            if isinstance(decoded.photo, SharedPhoto):
+                holdings.on_give_back(decoded.photo.discard)
+
         call = functools.partial(decode_and_prepare, data, max_pixels, request, model, slot)
-        return await self._run(call, if_abandoned=_discard_parked_photo)
+        return await self._run(call, holdings, hold_photo)
 
     async def render(
-        self, decoded: Decoded, depth: np.ndarray | None, request: DepthRequest, model: ServedModel, slot: Slot | None
+        self,
+        decoded: Decoded,
+        depth: np.ndarray | None,
+        request: DepthRequest,
+        model: ServedModel,
+        slot: Slot | None,
+        holdings: Holdings,
     ) -> dict:
-        return await self._run(functools.partial(render_outputs, decoded, depth, request, model, slot))
+        return await self._run(functools.partial(render_outputs, decoded, depth, request, model, slot), holdings)
 
-    async def _run(self, call: functools.partial, if_abandoned: Callable[[Future], None] | None = None) -> Any:
-        """``call`` in a worker process; ``if_abandoned(future)`` once it ends if the caller was cancelled
-        meanwhile (the process finishes what it started)."""
+    async def _run(
+        self, call: functools.partial, holdings: Holdings, on_result: Callable[[Any], None] | None = None
+    ) -> Any:
+        """``call`` in a worker process, tracked in ``holdings`` until the process is done with it (a
+        cancelled caller does not stop the process)."""
         pool = self._pool
         try:
             future = pool.submit(call)
-            try:
-                return await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                if if_abandoned is not None:
-                    future.add_done_callback(if_abandoned)
-                raise
+            holdings.track(future, on_result)
+            return await asyncio.wrap_future(future)
         except BrokenProcessPool:
             if pool is self._pool:
                 log.error("an image worker process died; starting a new pool")
