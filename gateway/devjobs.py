@@ -7,6 +7,9 @@ and long-polls ``/job-stop/<worker>`` for cancellations. This server speaks that
 jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), as
 are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}`` to the same URL),
 and the number of jobs in flight is tracked. For tests and benchmarks only; the worker does not use it.
+
+It can also misbehave as a job API might: answer a take with a raw body (``raw_takes``), hold job-takes
+open (``hang_takes``), or let a job's first job-done POST hang and drop it unrecorded (``hang_done``).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import time
 import uuid
 from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from gateway.devstack import LoopbackServer, QuietHandler
 
 LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
+HANG = 40.0  # seconds a hanging take or post stays open
 
 
 class JobApi(LoopbackServer):
@@ -34,12 +38,18 @@ class JobApi(LoopbackServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.takes = {"job-take": 0, "job-take-batch": 0}
+        self.raw_takes: deque[bytes] = deque()  # answered, in order, to the next takes as they are
+        self.hang_takes = False  # takes stay open (up to HANG seconds) without an answer
+        self.hang_done: set[str] = set()  # job ids whose first job-done POST hangs, then is dropped
+        self.stopping = threading.Event()  # ends the hangs
         self._lock = threading.Condition()
         super().__init__(self._handler())
 
     def env(self, worker_id: str = "worker-1") -> dict[str, str]:
-        """The variables that point runpod's job loop at this server."""
+        """The variables that point runpod's job loop at this server (and skip runpod's start-up fitness
+        checks, one of which connects to a public DNS server)."""
         return {
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
             "RUNPOD_WEBHOOK_GET_JOB": f"{self.base}/job-take/$ID?gpu=standin",
             "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.base}/job-done/$RUNPOD_POD_ID/$ID?gpu=standin",
             "RUNPOD_POD_ID": worker_id,
@@ -78,9 +88,13 @@ class JobApi(LoopbackServer):
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return jobs
 
+    def stop(self) -> None:
+        self.stopping.set()
+        super().stop()
+
     def _done(self, job_id: str, result: dict) -> None:
         with self._lock:
-            if job_id not in self.results:
+            if job_id not in self.results and job_id in self.taken_at:
                 self.in_flight -= 1
                 self.done_at[job_id] = time.monotonic()
             self.results[job_id].append(result)
@@ -109,6 +123,18 @@ class JobApi(LoopbackServer):
                     self.reply(404)
                     return
                 api.takes[kind] += 1
+                if api.raw_takes:
+                    body = api.raw_takes.popleft()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if api.hang_takes:
+                    api.stopping.wait(HANG)
+                    self.close_connection = True
+                    return
                 count = int(parse_qs(url.query).get("batch_size", ["1"])[0]) if kind == "job-take-batch" else 1
                 jobs = api._take(count)
                 if not jobs:
@@ -124,10 +150,16 @@ class JobApi(LoopbackServer):
                     self.reply(404)
                     return
                 posted = json.loads(body)
+                job_id = unquote(parts[3])
+                if job_id in api.hang_done:  # the first post of this job never gets through
+                    api.hang_done.discard(job_id)
+                    api.stopping.wait(HANG)
+                    self.close_connection = True
+                    return
                 if posted.get("status") == "IN_PROGRESS":  # runpod's progress_update posts here too
-                    api.progress[parts[3]].append(posted.get("output"))
+                    api.progress[job_id].append(posted.get("output"))
                 else:
-                    api._done(parts[3], posted)
+                    api._done(job_id, posted)
                 self.reply(200, {})
 
         return Handler

@@ -39,6 +39,7 @@ class Settings:
     triton_retries: int = 3
     triton_start_timeout: float = 180.0
     triton_max_restarts: int = 5
+    triton_unreachable_exit: float = 300.0
     cpu_workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     url_allowlist: tuple[str, ...] = ()
     bucket_endpoint_url: str | None = None
@@ -82,6 +83,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "triton_retries": ("TRITON_RETRIES", int),
     "triton_start_timeout": ("TRITON_START_TIMEOUT", float),
     "triton_max_restarts": ("TRITON_MAX_RESTARTS", int),
+    "triton_unreachable_exit": ("TRITON_UNREACHABLE_EXIT", float),
     "cpu_workers": ("CPU_WORKERS", int),
     "url_allowlist": ("URL_ALLOWLIST", _items),
     "bucket_endpoint_url": ("BUCKET_ENDPOINT_URL", str),

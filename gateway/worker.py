@@ -23,6 +23,7 @@ import runpod
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving import jobloop
+from gateway.serving.health import TritonHealth
 from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import ModelUnavailable, TritonModels
@@ -97,21 +98,33 @@ def main() -> None:
     except TritonStartError as error:
         log.error("could not start: %s", error)
         sys.exit(1)
+
+    def leave() -> None:
+        """Stop intake, let the jobs in flight finish, then exit non-zero (``exit_status``)."""
+        os.kill(os.getpid(), signal.SIGTERM)
+
     supervisor = None
+    health = TritonHealth(
+        service.triton.url, None if server is not None else settings.triton_unreachable_exit, leave
+    ).start()
+    atexit.register(health.stop)
     if server is not None:
         supervisor = TritonSupervisor(
             server,
             models_in_use=lambda: service.triton.loaded,
-            on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM),
+            on_give_up=leave,
             max_restarts=settings.triton_max_restarts,
         ).start()
         atexit.register(supervisor.stop)  # runs before server.stop (atexit is last in, first out)
 
     def exit_status() -> int:
-        return 1 if supervisor is not None and supervisor.gave_up else 0
+        return 1 if health.gave_up or (supervisor is not None and supervisor.gave_up) else 0
 
+    # For the local API (--rp_serve_api); runpod's production loop installs its own, which drains first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(exit_status()))  # runs atexit (stops the embedded Triton)
     concurrency = settings.concurrency
     jobloop.install()
-    runpod.serverless.start({"handler": service.handle_job, "concurrency_modifier": lambda _current: concurrency})
+    runpod.serverless.start(
+        {"handler": service.handle_job, "concurrency_modifier": lambda _current: health.concurrency(concurrency)}
+    )
     sys.exit(exit_status())

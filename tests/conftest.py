@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny random checkpoints of the three architectures, exported through the real CLI."""
+"""Shared fixtures: tiny random checkpoints of the three architectures, exported through the real CLI.
+
+Also the network guard: every Python process of the run (this one, and through ``PYTHONPATH`` each
+worker, Triton stub and client it starts) refuses connections outside loopback and records them; a run
+that recorded any fails at its end.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +25,11 @@ from export.random_checkpoint import save_random_checkpoint
 from gateway.devstack import post, running_gateway
 from gateway.serving.triton_process import EmbeddedTriton
 from tests.servers import ImageServer, running_image_server
+
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+os.environ["NETGUARD_LOG"] = tempfile.mkstemp(prefix="netguard-", suffix=".log")[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
+import tests.netguard.sitecustomize  # noqa: E402, F401  # this process too
 
 RELATIVE_ID = "depth-anything/Depth-Anything-V2-Small-hf"
 SMALL = "depth_anything_v2_small"  # its Triton name
@@ -135,3 +147,11 @@ def run_job(gateway_url: str):
         return reply["output"]
 
     return send
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any of its processes tried to reach an address outside loopback."""
+    dialed = Path(os.environ["NETGUARD_LOG"]).read_text()
+    if dialed:
+        print(f"\nconnections outside loopback were attempted (pid address:port):\n{dialed}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
 from gateway.devjobs import JobApi
-from gateway.serving import jobloop
+from gateway.serving import jobintake, jobloop
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
@@ -124,9 +125,14 @@ def test_jobs_of_several_images_report_progress(worker) -> None:
     assert len(api.results[several][0]["output"]["results"]) == 4
 
 
+async def posted_nowhere(_session: object, _job_id: str, _result: dict) -> bool:
+    return True
+
+
 def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> tuple[int, list]:
     """Jobs taken in ``seconds`` by a scaler with 4 slots, jobs of 10 ms, and every sleep it asked for."""
     real_sleep = asyncio.sleep
+    monkeypatch.setattr(jobloop, "post_result", posted_nowhere)
     asked: list[float] = []
 
     async def recorded_sleep(delay: float, *args: object) -> None:
@@ -143,11 +149,15 @@ def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: flo
             taken += count
             return [{"id": f"job-{taken - i}", "input": {}} for i in range(count)]
 
-        async def handler(_session: object, _config: dict, _job: dict) -> None:
+        async def handler(_job: dict) -> dict:
             await real_sleep(0.01)
+            return {}
+
+        async def jobs_handler(_session: object, config: dict, job: dict) -> None:  # runpod's own loop calls this
+            await config["handler"](job)
 
         scaler = scaler_class({"handler": handler, "concurrency_modifier": lambda _current: 4})
-        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, handler
+        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, jobs_handler
         loops = [asyncio.create_task(scaler.get_jobs(None)), asyncio.create_task(scaler.run_jobs(None))]
         await real_sleep(seconds)
         scaler.kill_worker()
@@ -169,16 +179,21 @@ def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.Monkey
     assert 1 in asked
 
 
-def jobs_handled_when_shutdown_meets_a_take(scaler_class: type) -> list[str]:
+def jobs_handled_when_shutdown_meets_a_take(scaler_class: type, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Shutdown begins while a job-take is in flight, and the take returns a job only after ``run_jobs``
     has stopped: which jobs were handled?"""
+    monkeypatch.setattr(jobloop, "post_result", posted_nowhere)
 
     async def run() -> list[str]:
         handled: list[str] = []
         takes = 0
 
-        async def handler(_session: object, _config: dict, job: dict) -> None:
+        async def handler(job: dict) -> dict:
             handled.append(job["id"])
+            return {}
+
+        async def jobs_handler(_session: object, config: dict, job: dict) -> None:
+            await config["handler"](job)
 
         async def fetcher(_session: object, _count: int) -> list[dict]:
             nonlocal takes
@@ -192,20 +207,20 @@ def jobs_handled_when_shutdown_meets_a_take(scaler_class: type) -> list[str]:
             return []
 
         scaler = scaler_class({"handler": handler, "concurrency_modifier": lambda _current: 1})
-        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, handler
+        scaler.jobs_fetcher, scaler.jobs_handler = fetcher, jobs_handler
         await asyncio.wait_for(asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None)), 10)
         return handled
 
     return asyncio.run(run())
 
 
-def test_a_job_taken_as_shutdown_begins_is_still_handled() -> None:
-    assert jobs_handled_when_shutdown_meets_a_take(jobloop.EagerJobScaler) == ["first", "in transit"]
+def test_a_job_taken_as_shutdown_begins_is_still_handled(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert jobs_handled_when_shutdown_meets_a_take(jobloop.EagerJobScaler, monkeypatch) == ["first", "in transit"]
 
 
-def test_runpods_own_loop_loses_a_job_taken_as_shutdown_begins() -> None:
+def test_runpods_own_loop_loses_a_job_taken_as_shutdown_begins(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: the window the fix above closes."""
-    assert jobs_handled_when_shutdown_meets_a_take(rp_scale.JobScaler) == ["first"]
+    assert jobs_handled_when_shutdown_meets_a_take(rp_scale.JobScaler, monkeypatch) == ["first"]
 
 
 def test_sigterm_finishes_the_jobs_in_flight_and_posts_their_results(worker) -> None:
@@ -226,15 +241,16 @@ def test_sigterm_finishes_the_jobs_in_flight_and_posts_their_results(worker) -> 
 
 def test_the_sdk_internals_the_adapter_relies_on_are_there() -> None:
     """runpod is pinned; if an upgrade moves what EagerJobScaler replaces or calls, this fails first."""
-    assert inspect.iscoroutinefunction(rp_scale.JobScaler.get_jobs)
-    assert inspect.iscoroutinefunction(rp_scale.JobScaler.handle_job)
-    assert list(inspect.signature(rp_http._transmit).parameters) == ["client_session", "url", "job_data"]
+    for name in ("get_jobs", "run_jobs", "handle_job", "monitor_stop_signals", "set_scale"):
+        assert inspect.iscoroutinefunction(getattr(rp_scale.JobScaler, name)), name
     assert "$ID" in rp_http.JOB_DONE_URL_TEMPLATE or rp_http.JOB_DONE_URL_TEMPLATE == "JOB_DONE_URL"
-    assert list(inspect.signature(rp_job.get_job).parameters) == ["session", "num_jobs"]
+    assert list(inspect.signature(rp_job._job_get_url).parameters) == ["batch_size"]
+    assert callable(rp_scale._set_batch_id)
+    assert callable(rp_scale._reset_batch_id)
     scaler = jobloop.EagerJobScaler({"handler": lambda job: job})
-    assert scaler.jobs_handler is jobloop.run_and_send
-    assert hasattr(scaler, "jobs_queue")
-    assert hasattr(scaler, "job_progress")
+    assert scaler.jobs_fetcher is jobintake.take_jobs
+    for name in ("jobs_queue", "job_progress", "jobs_tasks", "_shutdown_event", "jobs_fetcher_timeout"):
+        assert hasattr(scaler, name), name
 
 
 def test_job_results_have_runpods_shape() -> None:
@@ -242,3 +258,125 @@ def test_job_results_have_runpods_shape() -> None:
     assert jobloop.job_result({"error": "bad request"}) == {"error": "bad request"}
     assert jobloop.job_result([1, 2]) == {"output": [1, 2]}
     assert jobloop.job_result({}) == {}
+
+
+# --------------------------------------------------------------------------- a job API that misbehaves
+
+GOOD_INPUT = {"image_b64": GOOD_IMAGE}
+DEEP_INPUT = "[" * 5000 + "]" * 5000  # past the JSON parser's recursion limit
+
+
+def raw_job(job_id: str, raw_input: str) -> str:
+    return '{"id": "%s", "input": %s}' % (job_id, raw_input)  # noqa: UP031
+
+
+def test_a_batch_with_malformed_entries_answers_every_job_that_has_an_id(worker) -> None:
+    api, process, log_path = worker
+    good = json.dumps(GOOD_INPUT)
+    batch = ", ".join(
+        [
+            raw_job("good-1", good),
+            "1",
+            '"x"',
+            "null",
+            '{"input": {}}',  # no id
+            '{"id": 7, "input": {}}',  # an id that is not a string
+            '{"id": "no-input"}',
+            raw_job("deep", DEEP_INPUT),
+            raw_job("good-2", good),
+        ]
+    )
+    api.raw_takes.append(f"[{batch}]".encode())
+    api.raw_takes.append(b'{"id": 5, "input": {}}')  # a single job-take without a usable id
+    api.raw_takes.append(b"[1, 2")  # not JSON at all
+    results = api.wait_for(["good-1", "good-2", "no-input", "deep"], timeout=60)
+    for job_id in ("good-1", "good-2"):
+        assert decode_image(results[job_id]["output"]["results"][0]["depth_png_b64"]).shape == (24, 32)
+    assert results["no-input"] == {"error": "the job has no input"}
+    assert results["deep"] == {"error": "the job's input is not valid JSON or is nested too deeply"}
+    after = api.submit(GOOD_INPUT)  # the worker is alive and still takes jobs
+    assert "output" in api.wait_for([after], timeout=30)[after]
+    assert process.poll() is None
+    time.sleep(1)
+    assert all(len(api.results[job_id]) == 1 for job_id in ("good-1", "good-2", "no-input", "deep", after))
+    assert log_path.read_text().count("job-take entry without a usable id skipped") == 6
+
+
+def test_a_hanging_result_post_holds_no_job_slot(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    api = JobApi().start()
+    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=1)  # the slow post's slot is the only one
+    try:
+        api.wait_for([api.submit(GOOD_INPUT)], timeout=120)
+        slow = api.submit(GOOD_INPUT, job_id="slow")
+        api.hang_done.add("slow")
+        started = time.monotonic()
+        others = [api.submit(GOOD_INPUT) for _ in range(6)]
+        api.wait_for(others, timeout=15)  # a post holding the slot would stop intake for 40 s
+        assert time.monotonic() - started < 15
+        assert "slow" not in api.results
+        api.wait_for([slow], timeout=30)  # the retry after the attempt's timeout gets through
+        assert jobloop.RESULT_POST_ATTEMPT <= api.done_at[slow] - api.taken_at[slow] < jobloop.RESULT_POST_DEADLINE
+        assert len(api.results[slow]) == 1
+        assert "depth_png_b64" in api.results[slow][0]["output"]["results"][0]
+    finally:
+        process.kill()
+        process.wait()
+        api.stop()
+
+
+def test_sigterm_while_a_job_take_hangs_exits_within_the_grace(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    api = JobApi().start()
+    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=2)
+    try:
+        api.wait_for([api.submit(GOOD_INPUT)], timeout=120)
+        api.hang_takes = True
+        takes = sum(api.takes.values())
+        deadline = time.monotonic() + 10
+        while sum(api.takes.values()) == takes:  # a take that will hang is now open
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=60) == 0
+        assert time.monotonic() - started < jobloop.TAKE_GRACE + 5  # runpod's own loop: 91 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        api.stop()
+
+
+def test_no_jobs_are_taken_while_triton_is_down_and_a_lasting_outage_ends_the_worker(
+    own_repository: Path, tmp_path: Path
+) -> None:
+    triton = EmbeddedTriton(own_repository, start_timeout=120).start()
+    api = JobApi().start()
+    log_path = tmp_path / "worker.log"
+    process = start_worker(api, triton, log_path, concurrency=8, extra={"TRITON_UNREACHABLE_EXIT": "8"})
+    try:
+        api.wait_for([api.submit(GOOD_INPUT)], timeout=120)
+        triton.terminate()
+        time.sleep(3)  # the worker notices within its 1 s probe
+        during = [api.submit(GOOD_INPUT) for _ in range(4)]
+        time.sleep(2)
+        assert not any(job_id in api.taken_at for job_id in during)  # left for a worker that can serve them
+        triton.start()  # back (same ports) before the limit: the jobs are taken and served
+        results = api.wait_for(during, timeout=60)
+        assert all("depth_png_b64" in results[job_id]["output"]["results"][0] for job_id in during)
+        text = log_path.read_text()
+        assert text.count("does not answer; taking no jobs until it does") == 1
+        assert text.count("taking no jobs: the worker cannot serve them right now") == 1
+        assert "Triton answers again after" in text
+
+        started = time.monotonic()
+        triton.terminate()  # now for good
+        assert process.wait(timeout=60) == 1
+        assert 8 <= time.monotonic() - started < 8 + 15
+        assert "unreachable for 8 s; leaving so the platform replaces this worker" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        triton.stop()
+        api.stop()

@@ -1,23 +1,27 @@
-"""Runpod's production job loop, adapted so that one worker can keep a GPU busy.
+"""Runpod's production job loop, adapted so that one worker keeps a GPU busy and no job API answer can
+take it down.
 
 runpod 1.12's ``JobScaler`` (pinned; ``tests/test_jobloop.py`` fails on an SDK whose internals moved)
-is used as it is, with two of its steps replaced in a subclass:
+keeps its stop channel (per-job cancellation), heartbeats and SIGTERM handling; ``EagerJobScaler``
+replaces these steps:
 
 - Intake. ``JobScaler.get_jobs`` sleeps a whole second whenever its slots are full, so a worker took at
-  most about ``CONCURRENCY`` jobs a second whatever its speed. ``EagerJobScaler`` instead waits for a
-  slot to free (an event set when any job ends, with the same one-second ceiling) and asks for every
-  free slot at once (job-take-batch).
-- Result path. runpod's ``run_job`` formats the whole handler output into two debug f-strings (at any
-  log level) and ``send_result`` serializes it with ``json.dumps``, all on the event loop: about 6 ms per
-  MB of base64 for every job. ``send_job_result`` posts the same body (``{"output": ...}`` or
-  ``{"error": ...}``, to the same job-done URL, through runpod's own ``_transmit`` with its retries)
-  serialized once with orjson (about 0.03 ms per MB) and never formatted for logs.
-
-- Shutdown. A job-take in flight when SIGTERM arrives can return jobs after the SDK's ``run_jobs`` has
-  stopped draining its queue; the SDK then never runs or answers them. ``EagerJobScaler`` runs them.
-
-Everything else (job-take URLs and batching, the stop channel, heartbeats, SIGTERM draining, per-job
-cancellation) is the SDK's own code.
+  most about ``CONCURRENCY`` jobs a second whatever its speed. Here intake waits for a slot to free (an
+  event set when any job ends, with the same one-second ceiling) and asks for every free slot at once
+  (job-take-batch). Jobs are read and validated by ``jobintake``: a malformed entry is logged and
+  skipped, or answered with an error when it has an id; the rest of its batch runs.
+- Readiness. While ``concurrency_modifier`` answers 0 (the worker cannot serve: Triton is down), no job
+  is taken; the queue is not resized.
+- Results. A job's result is posted by its own task with a per-attempt timeout, retries with backoff
+  and an overall deadline (``RESULT_POST_DEADLINE``): a job-done POST that hangs holds no job slot. The
+  job stays in runpod's in-progress list (heartbeats) until its post ends; at most ``CONCURRENCY`` posts
+  wait beside the slots, beyond that they hold slots again, so memory stays bounded. The body is
+  serialized once with orjson (runpod's path formats it into debug f-strings and ``json.dumps`` on the
+  event loop: ~6 ms per MB).
+- Shutdown. SIGTERM stops intake: a job-take in flight gets ``TAKE_GRACE`` seconds to deliver what it
+  has (jobs it brings are run and answered), then is abandoned; the stop channel's long poll is
+  abandoned; jobs in flight finish (each bounded by its own deadlines) and their results are posted
+  (within ``RESULT_POST_DEADLINE``). With no job in flight the loop ends within ``TAKE_GRACE`` + 1 s.
 """
 
 from __future__ import annotations
@@ -25,15 +29,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import orjson
+from runpod.http_client import AsyncClientSession
 from runpod.serverless.modules import rp_http, rp_scale
 from runpod.serverless.modules.rp_scale import JobScaler
+
+from gateway.serving.jobintake import Intake, Unreadable, take_jobs
 
 log = logging.getLogger("gateway")
 
 SLOT_WAIT_CEILING = 1.0  # seconds; what the SDK waited unconditionally
+TAKE_GRACE = 3.0  # seconds a job-take in flight at SIGTERM may still take
+RESULT_POST_ATTEMPT = 10.0  # seconds for one job-done POST
+RESULT_POST_DEADLINE = 60.0  # seconds for all attempts of one job's result
+INTERNAL_ERROR = "internal error while processing this job"
 
 
 def job_result(output: Any) -> dict:
@@ -50,77 +64,197 @@ def job_result(output: Any) -> dict:
     return result
 
 
-async def send_job_result(session: Any, job: dict, result: dict) -> None:
-    """POST ``result`` to runpod's job-done URL for ``job``, as ``rp_http.send_result`` does."""
-    url = rp_http.JOB_DONE_URL.replace("$ID", job["id"]) + "&isStream=false"
+async def post_result(
+    session: aiohttp.ClientSession,
+    job_id: str,
+    result: dict,
+    deadline: float = RESULT_POST_DEADLINE,
+    attempt_timeout: float = RESULT_POST_ATTEMPT,
+) -> bool:
+    """POST ``result`` to runpod's job-done URL for ``job_id`` (as ``rp_http.send_result`` does), retrying
+    connection errors, timeouts, 429 and 5xx with backoff until ``deadline`` seconds have passed."""
+    url = rp_http.JOB_DONE_URL.replace("$ID", quote(job_id, safe="")) + "&isStream=false"
     body = orjson.dumps(result)  # bytes: aiohttp sends them as they are
-    try:
-        await rp_http._transmit(session, url, body)
-    except Exception as error:  # the SDK logs and drops a failed post the same way
-        log.error("could not post the result of job %s: %s", job["id"], type(error).__name__)
+    headers = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded", "X-Request-ID": job_id}
+    ends = time.monotonic() + deadline
+    attempt, outcome = 0, "no attempt"
+    while (remaining := ends - time.monotonic()) > 0:
+        try:
+            async with asyncio.timeout(min(attempt_timeout, remaining)):
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status < 300:
+                        return True
+                    outcome = f"HTTP {response.status}"
+                    if response.status < 500 and response.status not in (408, 429):
+                        break  # refused: another attempt would be refused too
+        except TimeoutError:
+            outcome = "timed out"
+        except aiohttp.ClientError as error:
+            outcome = type(error).__name__
+        attempt += 1
+        await asyncio.sleep(min(0.5 * 2**attempt, 5.0, max(ends - time.monotonic(), 0)))
+    log.error("could not post the result of job %s (%s, %d attempts)", job_id, outcome, attempt + 1)
+    return False
 
 
-async def run_and_send(session: Any, config: dict, job: dict) -> None:
-    """The handler on one job, then its result posted (runpod's ``handle_job`` without the log formatting)."""
+async def run_handler(config: dict, job: dict) -> dict:
+    """The handler's answer to ``job`` in runpod's result shape; an unexpected failure is a clean error."""
     try:
-        result = job_result(await config["handler"](job))
+        return job_result(await config["handler"](job))
     except Exception:
         log.exception("job %s failed unexpectedly", job["id"])
-        result = {"error": "internal error while processing this job"}
-    await send_job_result(session, job, result)
+        return {"error": INTERNAL_ERROR}
 
 
 class EagerJobScaler(JobScaler):
-    """``JobScaler`` that refills a slot as soon as it frees and posts results without extra passes."""
+    """``JobScaler`` with validated intake, a readiness gate, detached result posts and bounded shutdown."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.jobs_handler = run_and_send
+        self.jobs_fetcher = take_jobs
         self._slot_freed = asyncio.Event()
+        self._posting: set[str] = set()
+        self._posts: set[asyncio.Task] = set()
+        self._paused = False
 
-    async def handle_job(self, session: Any, job: dict) -> None:
-        try:
-            await super().handle_job(session, job)
-        finally:
-            self._slot_freed.set()
+    # ------------------------------------------------------------------ the loop's three tasks
+
+    async def run(self) -> None:
+        async with AsyncClientSession() as session:
+            stop_channel = asyncio.create_task(self.monitor_stop_signals(session))
+            try:
+                await asyncio.gather(self.get_jobs(session), self.run_jobs(session))
+                if self._posts:
+                    await asyncio.wait(self._posts, timeout=RESULT_POST_DEADLINE + 5)
+            finally:
+                stop_channel.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stop_channel
+
+    def current_occupancy(self) -> int:
+        """Jobs queued or running; results waiting for their post count only beyond ``CONCURRENCY``."""
+        posting = len(self._posting)
+        return super().current_occupancy() - min(posting, self.current_concurrency)
+
+    async def set_scale(self) -> int:  # type: ignore[override]
+        """The concurrency the modifier asks for now; 0 pauses intake without resizing the queue."""
+        wanted = self.concurrency_modifier(self.current_concurrency)
+        if wanted <= 0:
+            if not self._paused:
+                log.warning("taking no jobs: the worker cannot serve them right now")
+            self._paused = True
+            return 0
+        if self._paused:
+            log.info("taking jobs again")
+        self._paused = False
+        if wanted != self.current_concurrency or self.jobs_queue.maxsize != wanted:
+            while self.current_occupancy() > 0:  # the SDK's rule: resize only with nothing in flight
+                await asyncio.sleep(0.1)
+            self.current_concurrency = wanted
+            self.jobs_queue = asyncio.Queue(maxsize=wanted)
+        return wanted
 
     async def get_jobs(self, session: Any) -> None:
-        """The SDK's intake loop, waiting for a free slot instead of sleeping a second."""
+        """Take jobs whenever slots are free and the worker can serve; wait for a slot otherwise."""
         while self.is_alive():
-            await self.set_scale()
             self._slot_freed.clear()
-            needed = self.current_concurrency - self.current_occupancy()
+            wanted = await self.set_scale()
+            needed = wanted - self.current_occupancy()
             if needed <= 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), SLOT_WAIT_CEILING)
+                await self._wait_for_slot_or_shutdown()
                 continue
             await self._take(session, needed)
 
-    async def _take(self, session: Any, needed: int) -> None:
+    async def _wait_for_slot_or_shutdown(self) -> None:
+        waits = [asyncio.ensure_future(self._slot_freed.wait()), asyncio.ensure_future(self._shutdown_event.wait())]
         try:
-            jobs = await asyncio.wait_for(self.jobs_fetcher(session, needed), timeout=self.jobs_fetcher_timeout)
+            await asyncio.wait(waits, timeout=SLOT_WAIT_CEILING, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _take(self, session: Any, needed: int) -> None:
+        take = asyncio.ensure_future(self.jobs_fetcher(session, needed))
+        stop = asyncio.ensure_future(self._shutdown_event.wait())
+        try:
+            await asyncio.wait([take, stop], timeout=self.jobs_fetcher_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not take.done() and stop.done():  # SIGTERM: the take may still bring jobs, briefly
+                await asyncio.wait([take], timeout=TAKE_GRACE)
+            if not take.done():
+                take.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await take
+                return
+            intake = take.result()
         except rp_scale.TooManyRequests:
             await asyncio.sleep(5)  # the SDK's debounce
             return
-        except TimeoutError:
-            return
-        except Exception as error:
-            log.error("could not take jobs: %s", type(error).__name__)
+        except Exception as error:  # whatever the job API answered, the loop goes on
+            log.error("could not take jobs: %s", error if isinstance(error, Unreadable) else type(error).__name__)
             await asyncio.sleep(1)
             return
-        for job in jobs or []:
-            await self.jobs_queue.put(job)
-            self.job_progress.add(job)
-        if jobs and not self.is_alive():
-            await self._drain(session)
+        finally:
+            stop.cancel()
+        await self._accept(session, intake if isinstance(intake, Intake) else Intake(jobs=list(intake or [])))
 
-    async def _drain(self, session: Any) -> None:
-        """Run what a take brought in after shutdown began: ``run_jobs`` may have stopped draining already,
-        and a job taken from the platform must be answered (runpod's own loop loses it in that window)."""
-        tasks = []
-        while not self.jobs_queue.empty():
-            tasks.append(asyncio.create_task(self.handle_job(session, self.jobs_queue.get_nowait())))
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _accept(self, session: Any, intake: Intake) -> None:
+        """Queue the valid jobs and answer the refused ones; jobs brought in after shutdown began are run
+        here (``run_jobs`` may have stopped draining already; runpod's own loop loses them)."""
+        for job_id, error in intake.refused:
+            self._post_later(session, job_id, {"error": error})
+        running = set(self.jobs_tasks) | self._posting
+        for job in intake.jobs:
+            if job["id"] in running:
+                log.error("job %s was taken again while in progress; the repeat is skipped", job["id"])
+                continue
+            await self.jobs_queue.put(job)
+            self.job_progress.add(job["id"])
+        if intake.jobs and not self.is_alive():
+            tasks = []
+            while not self.jobs_queue.empty():
+                tasks.append(asyncio.create_task(self.handle_job(session, self.jobs_queue.get_nowait())))
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ one job
+
+    async def handle_job(self, session: Any, job: dict) -> None:
+        """Run the handler on ``job`` (cancellable through the stop channel); its result is posted by a
+        task of its own, so the slot frees as soon as the handler ends."""
+        token = rp_scale._set_batch_id(job.get("batchId"))
+        job_id = job["id"]
+        posted_later = False
+        try:
+            result = await run_handler(self.config, job)
+            self._post_later(session, job_id, result)
+            posted_later = True
+            if self.config.get("refresh_worker", False):
+                self.kill_worker()
+        except asyncio.CancelledError:
+            log.info("job %s stopped", job_id)
+            raise
+        finally:
+            self.jobs_queue.task_done()
+            self.jobs_tasks.pop(job_id, None)
+            if not posted_later:
+                self.job_progress.remove(job_id)
+            rp_scale._reset_batch_id(token)
+            self._slot_freed.set()
+
+    def _post_later(self, session: Any, job_id: str, result: dict) -> None:
+        self._posting.add(job_id)
+        self.job_progress.add(job_id)  # in the heartbeats' list until answered
+        task = asyncio.create_task(self._post(session, job_id, result))
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+
+    async def _post(self, session: Any, job_id: str, result: dict) -> None:
+        try:
+            await post_result(session, job_id, result)
+        finally:
+            self._posting.discard(job_id)
+            self.job_progress.remove(job_id)
+            self._slot_freed.set()
 
 
 def install() -> None:

@@ -1,0 +1,167 @@
+"""Jobs from the job API, validated before the job loop sees them. Pure apart from ``take_jobs``' GET.
+
+runpod's ``get_job`` hands the loop whatever the job-take answer holds: an entry without ``id`` or one
+that is not an object crashes the loop (the worker exits, the whole batch unanswered), and a batch
+holding one input nested deeper than the JSON parser's recursion limit is dropped whole (no job of it
+ever answered). Here the body is read within a size bound and parsed; when the parser refuses it (too
+deep), its top level is split by a scanner that does not recurse and each job is parsed on its own, so
+one bad job costs only itself. Each entry ends as a job to run, a job to answer with an error (it has an
+id, the rest is wrong), or a logged skip (no usable id: nothing can be answered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from runpod.http_client import TooManyRequests
+from runpod.serverless.modules import rp_job
+
+log = logging.getLogger("gateway")
+
+MAX_ID_CHARS = 256
+TAKE_BYTES_PER_JOB = 32 << 20  # a job's body is at most 20 MB on the platform (/runsync), plus its fields
+TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)  # strings skipped whole, in C
+
+
+@dataclass
+class Intake:
+    """What one job-take brought: jobs to run, jobs to answer with an error, and entries skipped."""
+
+    jobs: list[dict] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (job id, error)
+    skipped: int = 0
+
+
+class Unreadable(ValueError):
+    """The job-take body is not JSON of the expected shape at all."""
+
+
+def children(text: str) -> list[tuple[str | None, str]]:
+    """The top-level items of the JSON array or object that ``text`` is, without recursion (any depth):
+    ``(None, raw element)`` for an array, ``(raw key, raw value)`` for an object; Unreadable otherwise."""
+    text = text.strip()
+    if len(text) < 2 or text[0] not in "[{" or text[-1] != {"[": "]", "{": "}"}[text[0]]:
+        raise Unreadable("not a JSON array or object")
+    items: list[tuple[str | None, str]] = []
+    depth, start, key = 0, 1, None
+    for token in TOKEN.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+        elif mark in "]}":
+            depth -= 1
+            if depth == 0 and token.end() != len(text):
+                raise Unreadable("text after the end of the JSON value")
+        elif depth == 1 and mark == ":" and text[0] == "{" and key is None:
+            key, start = text[start : token.start()].strip(), token.end()
+            continue
+        if (depth == 1 and mark == ",") or depth == 0:
+            raw = text[start : token.start()].strip()
+            if raw or items or mark == ",":
+                items.append((key, raw))
+            key, start = None, token.end()
+    if depth != 0:
+        raise Unreadable("unbalanced JSON")
+    return items
+
+
+def job_id(entry: Any) -> str | None:
+    """The entry's id when it is one the loop can answer under: a short string of printable characters."""
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get("id")
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def sort_entry(entry: Any, intake: Intake, seen: set[str]) -> None:
+    """File one parsed entry under ``intake``."""
+    identifier = job_id(entry)
+    if identifier is None:
+        intake.skipped += 1
+        log.error("job-take entry without a usable id skipped (%s)", type(entry).__name__)
+        return
+    if identifier in seen:
+        intake.skipped += 1
+        log.error("job %s appears twice in one take; the repeat is skipped", identifier)
+        return
+    seen.add(identifier)
+    if "input" not in entry:
+        intake.refused.append((identifier, "the job has no input"))
+        return
+    intake.jobs.append(entry)
+
+
+def sort_unparsed(raw: str, intake: Intake, seen: set[str]) -> None:
+    """An entry the parser refused: answered with an error when its id can still be read."""
+    identifier = None
+    try:
+        for key, value in children(raw):
+            if key is not None and json.loads(key) == "id":
+                identifier = job_id({"id": json.loads(value)})
+    except (Unreadable, ValueError, RecursionError):
+        identifier = None
+    if identifier is None or identifier in seen:
+        intake.skipped += 1
+        log.error("unreadable job-take entry skipped")
+        return
+    seen.add(identifier)
+    intake.refused.append((identifier, "the job's input is not valid JSON or is nested too deeply"))
+
+
+def parse_take(body: bytes) -> Intake:
+    """The jobs of one job-take body (one job object, or an array of them)."""
+    intake, seen = Intake(), set[str]()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unreadable("the job-take body is not UTF-8") from None
+    try:
+        parsed = json.loads(text)
+    except RecursionError:
+        parsed = None  # split below, job by job
+    except ValueError:
+        raise Unreadable("the job-take body is not JSON") from None
+    if isinstance(parsed, dict):
+        sort_entry(parsed, intake, seen)
+    elif isinstance(parsed, list):
+        for entry in parsed:
+            sort_entry(entry, intake, seen)
+    elif parsed is not None:
+        raise Unreadable(f"the job-take body is a JSON {type(parsed).__name__}")
+    else:
+        stripped = text.strip()
+        raws = [stripped] if stripped.startswith("{") else [raw for _key, raw in children(stripped)]
+        for raw in raws:
+            try:
+                sort_entry(json.loads(raw), intake, seen)
+            except (ValueError, RecursionError):
+                sort_unparsed(raw, intake, seen)
+    return intake
+
+
+async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
+    """One job-take (batch when ``count`` > 1) as runpod's ``get_job`` sends it, with the body bounded."""
+    async with session.get(rp_job._job_get_url(count)) as response:
+        if response.status in (204, 400):  # no jobs; 400 is FlashBoot's "nothing for you"
+            return Intake()
+        if response.status == 429:
+            raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
+        response.raise_for_status()
+        limit = TAKE_BYTES_PER_JOB * max(count, 1)
+        if response.content_length is not None and response.content_length > limit:
+            raise Unreadable(f"job-take body of {response.content_length} bytes, over {limit}")
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(1 << 20):
+            body += chunk
+            if len(body) > limit:
+                raise Unreadable(f"job-take body over {limit} bytes")
+    if not body.strip():
+        return Intake()
+    return parse_take(bytes(body))

@@ -1,0 +1,31 @@
+"""The network guard itself: a process started by a test cannot reach an address outside loopback, and
+the attempt is recorded (so the run fails); loopback is untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DIAL = """
+import socket
+for address in [("127.0.0.1", 9), ("8.8.8.8", 53), ("2001:4860:4860::8888", 53)]:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family) as sock:
+        try:
+            sock.connect(address)
+        except OSError as error:
+            print(address[0], error.errno)
+"""
+
+
+def test_a_child_process_that_dials_out_is_refused_and_recorded(tmp_path: Path) -> None:
+    record = tmp_path / "dialed.log"
+    env = {**os.environ, "NETGUARD_LOG": str(record)}  # its own record: this attempt must not fail the run
+    result = subprocess.run([sys.executable, "-c", DIAL], env=env, capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "127.0.0.1 111"  # loopback reached the kernel (nothing listens on port 9)
+    assert lines[1:] == ["8.8.8.8 101", "2001:4860:4860::8888 101"]
+    pid = record.read_text().split()[0]
+    assert record.read_text().split("\n")[:-1] == [f"{pid} 8.8.8.8:53", f"{pid} 2001:4860:4860::8888:53"]
