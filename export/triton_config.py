@@ -29,6 +29,8 @@ METADATA_KEYS = (
     "license",
 )
 MAX_QUEUE_DELAY_US = 2000
+QUEUED_BATCHES = 8  # Triton's queue holds this many full batches, then rejects (the gateway retries with backoff)
+QUEUE_TIMEOUT_US = 60_000_000  # a request that waited this long is rejected; requests may ask for less
 TENSORRT_WORKSPACE_BYTES = 4 << 30
 TENSORRT_CACHE = "/cache/tensorrt"  # mount a volume here so that engines survive restarts
 
@@ -59,6 +61,18 @@ def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return [*spec.buckets, *(buckets[0] for _size, buckets in spec.families[1:])]
 
 
+def queue_policy(max_batch_size: int) -> mc.ModelQueuePolicy:
+    """A bounded queue: ``QUEUED_BATCHES`` full batches at most, and no request kept past its own timeout
+    (the gateway sends the rest of its deadline) or ``QUEUE_TIMEOUT_US``; Triton rejects the rest at once
+    instead of queueing without end."""
+    return mc.ModelQueuePolicy(
+        timeout_action=mc.ModelQueuePolicy.REJECT,
+        default_timeout_microseconds=QUEUE_TIMEOUT_US,
+        allow_timeout_override=True,
+        max_queue_size=QUEUED_BATCHES * max_batch_size,
+    )
+
+
 def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensorrt: bool = False) -> mc.ModelConfig:
     """The full ModelConfig message for one exported model."""
     if tensorrt and backend != "onnxruntime":
@@ -72,7 +86,9 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
         input=[mc.ModelInput(name="image", data_type=mc.TYPE_UINT8, dims=image_dims)],
         output=[mc.ModelOutput(name="depth", data_type=mc.TYPE_FP32, dims=image_dims[:2])],
         instance_group=[mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=MAX_QUEUE_DELAY_US, default_queue_policy=queue_policy(spec.max_batch_size)
+        ),
         model_warmup=[
             mc.ModelWarmup(
                 name=f"bucket_{height}x{width}",

@@ -118,8 +118,7 @@ class DepthService:
         """Start the image workers, load the default model and set up shared memory with Triton, so that
         the first request waits for none of them."""
         self.workers.warm_up()
-        name, _ = await self.triton.resolve(self.settings.default_model, None)
-        model = await self.triton.ensure_loaded(name)
+        model = await self.triton.preload(self.settings.default_model)
         if self.settings.shared_memory == "auto":
             pixels = max(height * width for height, width in model.buckets)
             await self.triton.use_shared_memory(pixels, self.settings.shared_memory_slots)
@@ -185,7 +184,8 @@ class DepthService:
                 report(f"{finished}/{total} images")
             return result
 
-        results = await asyncio.gather(*(counted(index, source) for index, source in enumerate(parsed.sources)))
+        with self.triton.using(model.name):  # not unloaded while any image of the job may still need it
+            results = await asyncio.gather(*(counted(index, source) for index, source in enumerate(parsed.sources)))
         response = {
             "results": results,
             "model": model.hf_id,

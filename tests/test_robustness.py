@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import json
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -209,10 +211,10 @@ def test_triton_outage_gives_quick_clean_errors_and_recovery(fragile_stack) -> N
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda _: post(url, GOOD_JOB), range(4)))
     assert time.monotonic() - started < 15  # within the deadline: no hang
-    for reply in replies:
+    for reply in replies:  # the model's image fails (its job was already resolved against a cached index)
         assert_clean_reply(reply)
-        assert reply["status"] == "FAILED"
-        assert reply["error"] == "the inference server is unavailable right now; try again shortly"
+        errors = [reply["error"]] if reply["status"] == "FAILED" else [r["error"] for r in reply["output"]["results"]]
+        assert errors == ["the inference server is unavailable right now; try again shortly"]
 
     triton.start()  # same ports; a fresh Triton has no model loaded (explicit mode)
     deadline = time.monotonic() + 60
@@ -241,12 +243,14 @@ def test_worker_start_fails_loudly_without_triton(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def overloaded_triton(serving_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A Triton whose small model takes 0.5 s per request and queues at most one more."""
+    """A Triton whose small model takes 0.5 s per request and queues at most one more (the shipped queue
+    policy with its size cut)."""
     repository = tmp_path_factory.mktemp("slow_repository")
     model_dir = shutil.copytree(serving_repository / "depth_anything_v2_small", repository / "depth_anything_v2_small")
     config = (model_dir / "config.pbtxt").read_text()
+    assert "max_queue_size: 256" in config  # the shipped policy (8 batches of 32), its queue cut to one request
     config = config.replace("max_batch_size: 32", "max_batch_size: 1").replace(
-        "dynamic_batching {", "dynamic_batching {\n  default_queue_policy { max_queue_size: 1 }"
+        "max_queue_size: 256", "max_queue_size: 1"
     )
     (model_dir / "config.pbtxt").write_text(config)
     code = (model_dir / "1" / "model.py").read_text()
@@ -312,3 +316,42 @@ def test_triton_killed_mid_job_fails_the_images_in_flight_within_the_deadline(ov
     assert all(isinstance(result, ImageError) for result in results), results
     for result in results:
         assert_clean_message(str(result))
+
+
+def load(triton: EmbeddedTriton, name: str) -> None:
+    request = urllib.request.Request(f"{triton.http_url}/v2/repository/models/{name}/load", b"", method="POST")
+    urllib.request.urlopen(request, timeout=300).close()
+
+
+def executions(triton: EmbeddedTriton, name: str) -> int:
+    with urllib.request.urlopen(f"{triton.http_url}/v2/models/{name}/stats", timeout=10) as response:
+        (stats,) = json.loads(response.read())["model_stats"]
+    return int(stats["execution_count"])
+
+
+def test_a_request_whose_deadline_passed_in_the_queue_is_dropped_by_triton(overloaded_triton) -> None:
+    """A request that would start after the gateway gave up on it is dropped from Triton's queue, not run
+    for nobody: the slot hold-back relies on it. Two things ask for it here: gRPC's cancellation at the
+    client deadline (Triton honours it) and the request's own ``timeout`` under the shipped queue
+    policy, which also covers a client whose cancellation never reaches Triton."""
+
+    async def run() -> tuple[object, object]:
+        patient = TritonModels(overloaded_triton.grpc_url, max_loaded=1, timeout=10, retries=0)
+        hasty = TritonModels(overloaded_triton.grpc_url, max_loaded=1, timeout=0.25, retries=0)
+        model = await patient.ensure_loaded("depth_anything_v2_small")
+        image = np.zeros((518, 518, 3), np.uint8)
+        first = asyncio.create_task(patient.infer(model, image))  # runs 0.5 s
+        await asyncio.sleep(0.1)
+        second = await asyncio.gather(hasty.infer(model, image), return_exceptions=True)  # queued behind it
+        results = (await first, second[0])
+        await asyncio.sleep(1.0)  # when the second would have run
+        await patient.close()
+        await hasty.close()
+        return results
+
+    load(overloaded_triton, "depth_anything_v2_small")
+    before = executions(overloaded_triton, "depth_anything_v2_small")
+    first, second = asyncio.run(run())
+    assert first.shape == (518, 518)
+    assert isinstance(second, ImageError)
+    assert executions(overloaded_triton, "depth_anything_v2_small") - before == 1

@@ -7,8 +7,12 @@ runs on a GPU. The only table used is the exporter's HF id -> Triton name mappin
 never becomes a model name.
 
 Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
-recently used idle one is unloaded. Every call carries a deadline; only transient faults (server
-unavailable, queue full) are retried, with backoff. Errors raised here carry short, safe messages.
+recently used one that no job is using (``using``: from the job's choice of model to its answer, not
+only during inference) is unloaded. The repository index is cached for ``INDEX_TTL`` seconds (asked
+again at once when a name is missing), so a job costs no index RPC. Every call carries a deadline, and
+Triton is told the rest of it (a request's ``timeout``: Triton's queue policy drops a request that waited
+past it instead of running it for nobody); only transient faults (server unavailable, queue full) are
+retried, with backoff. Errors raised here carry short, safe messages.
 
 Tensors travel in gRPC payloads (``infer``) or, when Triton is on this host, through system shared
 memory (``use_shared_memory``, ``infer_in_slot``; see ``shared_memory``): a region Triton no longer
@@ -24,6 +28,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +54,7 @@ log = logging.getLogger("gateway")
 DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
+INDEX_TTL = 30.0  # seconds the repository index is trusted
 
 
 MODEL_CHOICES = (
@@ -133,7 +139,8 @@ class TritonModels:
         self.timeout = timeout
         self.retries = retries
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
-        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.in_use: defaultdict[str, int] = defaultdict(int)  # jobs that chose each model and are not answered
+        self._index: tuple[float, set[str]] | None = None  # (when asked, names)
         self.gpu: bool | None = None
         self._client: grpcaio.InferenceServerClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -154,28 +161,66 @@ class TritonModels:
             await self._client.close()
             self._client = None
 
-    async def served_names(self) -> set[str]:
+    async def served_names(self, fresh: bool = False) -> set[str]:
+        """The model names in Triton's repository (cached for ``INDEX_TTL`` unless ``fresh``)."""
+        if not fresh and self._index is not None and time.monotonic() - self._index[0] < INDEX_TTL:
+            return self._index[1]
         try:
             index = await self.client.get_model_repository_index(client_timeout=self.timeout)
         except InferenceServerException:
             raise ModelUnavailable("the inference server is unavailable right now; try again shortly") from None
-        return {model.name for model in index.models}
+        names = {model.name for model in index.models}
+        self._index = (time.monotonic(), names)
+        return names
+
+    async def served_dtypes(self, hf_id: str) -> list[str]:
+        """The dtypes ``hf_id`` is served at (the index asked again when the cached one has none)."""
+        if hf_id not in MODELS:
+            raise ModelUnavailable(f"unknown model {quoted(hf_id)}; {MODEL_CHOICES}")
+        for fresh in (False, True):
+            names = await self.served_names(fresh)
+            served = [d for d in DTYPE_PRECISION if variant_name(hf_id, d) in names]
+            if served:
+                return served
+        available = sorted(m for m in MODELS if any(variant_name(m, d) in names for d in DTYPE_PRECISION))
+        raise ModelUnavailable(f"model {hf_id} is not served here; served models: {', '.join(available)}")
 
     async def resolve(self, hf_id: str, dtype: str | None) -> tuple[str, str]:
         """(Triton name, dtype) serving ``hf_id`` at ``dtype`` (default: float16 on GPU, float32 on CPU)."""
-        if hf_id not in MODELS:
-            raise ModelUnavailable(f"unknown model {quoted(hf_id)}; {MODEL_CHOICES}")
-        names = await self.served_names()
-        served = [d for d in DTYPE_PRECISION if variant_name(hf_id, d) in names]
-        if not served:
-            available = sorted(m for m in MODELS if any(variant_name(m, d) in names for d in DTYPE_PRECISION))
-            raise ModelUnavailable(f"model {hf_id} is not served here; served models: {', '.join(available)}")
+        served = await self.served_dtypes(hf_id)
         if dtype is None:
             preferred = "float16" if self.gpu else "float32"
             dtype = preferred if preferred in served else served[0]
         elif dtype not in served:
             raise ModelUnavailable(f"dtype {dtype} is not served for {hf_id}; served dtypes: {', '.join(served)}")
         return variant_name(hf_id, dtype), dtype
+
+    async def preload(self, hf_id: str) -> ServedModel:
+        """Load the variant a request without ``dtype`` gets. Before any model is loaded it is not known
+        whether Triton runs them on a GPU: the float16 variant is loaded first to learn it, and exchanged
+        for float32 when it runs on the CPU and float32 is served."""
+        served = await self.served_dtypes(hf_id)
+        if self.gpu is None and "float16" in served:
+            model = await self.ensure_loaded(variant_name(hf_id, "float16"))
+            if model.on_gpu or "float32" not in served:
+                return model
+            await self.unload(model.name)
+        name, _dtype = await self.resolve(hf_id, None)
+        return await self.ensure_loaded(name)
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[None]:
+        """A job that chose model ``name``: it is not unloaded until the job is answered."""
+        self.in_use[name] += 1
+        try:
+            yield
+        finally:
+            self.in_use[name] -= 1
+
+    async def unload(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        with contextlib.suppress(InferenceServerException):  # already gone, e.g. Triton restarted
+            await self.client.unload_model(name, client_timeout=self.timeout)
 
     async def ensure_loaded(self, name: str) -> ServedModel:
         """Load ``name`` if needed (evicting the least recently used idle model) and return its metadata."""
@@ -202,10 +247,8 @@ class TritonModels:
         for victim in list(self.loaded):
             if len(self.loaded) < self.max_loaded:
                 return
-            if self.in_flight[victim] == 0:
-                del self.loaded[victim]
-                with contextlib.suppress(InferenceServerException):  # already gone, e.g. Triton restarted
-                    await self.client.unload_model(victim, client_timeout=self.timeout)
+            if self.in_use[victim] == 0:
+                await self.unload(victim)
 
     async def infer(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
         """Depth ``[H, W]`` for one RGB uint8 ``[H, W, 3]`` image already at a bucket shape."""
@@ -238,11 +281,8 @@ class TritonModels:
         self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None
     ) -> grpcaio.InferResult:
         deadline = time.monotonic() + self.timeout
-        self.in_flight[model.name] += 1
-        try:
+        with self.using(model.name):
             return await self._infer_with_retries(model, tensor, output, slot, deadline)
-        finally:
-            self.in_flight[model.name] -= 1
 
     async def _infer_with_retries(
         self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None, deadline: float
@@ -252,7 +292,9 @@ class TritonModels:
             if remaining <= 0:
                 break
             try:
-                return await self.client.infer(model.name, [tensor], outputs=[output], client_timeout=remaining)
+                return await self.client.infer(
+                    model.name, [tensor], outputs=[output], timeout=int(remaining * 1e6), client_timeout=remaining
+                )
             except InferenceServerException as error:
                 status, message = error.status() or "", error.message() or ""
                 if "DEADLINE_EXCEEDED" in status:
