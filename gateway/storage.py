@@ -24,7 +24,9 @@ import hashlib
 import ipaddress
 import logging
 import socket
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -86,36 +88,48 @@ async def check_endpoint(bucket: Bucket, policy: AddressPolicy) -> None:
             raise StorageConfigError(str(error)) from None
 
 
+MAX_CLIENTS = 32  # boto3 clients kept (about 0.5 MB each); the least recently used goes first
+
+
 class Storage:
-    """Uploads and presigned URLs; one boto3 client per (endpoint, key)."""
+    """Uploads and presigned URLs; one boto3 client per (endpoint, key), the ``MAX_CLIENTS`` most recently
+    used kept (every job may bring its own credentials)."""
 
     def __init__(self, prefix: str, url_expiry: int, timeout: float, threads: int = 16) -> None:
         self.prefix = prefix.strip("/")
         self.url_expiry = url_expiry
         self.timeout = timeout
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="uploads")
-        self._clients: dict[tuple[str, str, str], object] = {}
+        self._clients: OrderedDict[tuple[str, str, str], object] = OrderedDict()
+        self._clients_lock = threading.Lock()  # upload threads share the cache
         self._known_buckets: dict[tuple[str, str], float] = {}
 
     def _client(self, bucket: Bucket):
         secret_digest = hashlib.sha256(bucket.secret_key.encode()).hexdigest()
         key = (bucket.endpoint_url, bucket.access_key, secret_digest)
-        if key not in self._clients:
-            self._clients[key] = boto3.client(
-                "s3",
-                endpoint_url=bucket.endpoint_url,
-                aws_access_key_id=bucket.access_key,
-                aws_secret_access_key=bucket.secret_key,
-                region_name="us-east-1",
-                config=Config(
-                    signature_version="s3v4",
-                    connect_timeout=min(5.0, self.timeout),
-                    read_timeout=self.timeout,
-                    retries={"max_attempts": 2, "mode": "standard"},
-                    max_pool_connections=32,
-                ),
-            )
-        return self._clients[key]
+        with self._clients_lock:
+            if key in self._clients:
+                self._clients.move_to_end(key)
+                return self._clients[key]
+        client = boto3.client(
+            "s3",
+            endpoint_url=bucket.endpoint_url,
+            aws_access_key_id=bucket.access_key,
+            aws_secret_access_key=bucket.secret_key,
+            region_name="us-east-1",
+            config=Config(
+                signature_version="s3v4",
+                connect_timeout=min(5.0, self.timeout),
+                read_timeout=self.timeout,
+                retries={"max_attempts": 2, "mode": "standard"},
+                max_pool_connections=32,
+            ),
+        )
+        with self._clients_lock:
+            self._clients[key] = client
+            while len(self._clients) > MAX_CLIENTS:
+                self._clients.popitem(last=False)
+        return client
 
     def object_key(self, job_id: str, file_name: str) -> str:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
@@ -144,7 +158,10 @@ class Storage:
             self._client(bucket).head_bucket(Bucket=bucket.name)
         except (ClientError, BotoCoreError) as error:
             raise _describe(error, bucket) from None
-        self._known_buckets[key] = time.monotonic()
+        now = time.monotonic()
+        self._known_buckets[key] = now
+        if len(self._known_buckets) > MAX_CLIENTS:  # forget the ones past their minute
+            self._known_buckets = {k: t for k, t in self._known_buckets.items() if now - t < 60}
 
     def _put(self, bucket: Bucket, key: str, data: bytes, content_type: str) -> str:
         client = self._client(bucket)

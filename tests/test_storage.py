@@ -29,6 +29,7 @@ from gateway.devjobs import JobApi
 from gateway.devstack import post, running_gateway
 from gateway.outputs.output_names import OUTPUTS, url_key
 from gateway.serving.triton_process import EmbeddedTriton, free_port
+from gateway.storage import MAX_CLIENTS, Bucket, Storage
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.servers import running_image_server
@@ -304,3 +305,13 @@ def test_storage_stopped_mid_job_gives_clean_errors_within_the_deadline(
     assert errors <= {"the storage endpoint is unreachable", "the upload to storage did not finish within 5 s"}, errors
     assert errors
     assert ADMIN[1] not in log_path.read_text()
+
+
+def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None:
+    storage = Storage("depth", 60, 5.0)
+    buckets = [Bucket("http://127.0.0.1:9", f"AK{n}", f"SK{n}", "b") for n in range(100)]
+    clients = [storage._client(bucket) for bucket in buckets]  # 100 jobs, each with its own keys
+    assert len(storage._clients) == MAX_CLIENTS
+    assert storage._client(buckets[-1]) is clients[-1]  # recent: reused
+    assert storage._client(buckets[0]) is not clients[0]  # long unused: built again
+    assert len(storage._clients) == MAX_CLIENTS

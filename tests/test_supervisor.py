@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.serving.supervisor import TritonSupervisor
-from gateway.serving.triton_process import EmbeddedTriton, free_port
+from gateway.serving.triton_process import BACKEND_REGION_PREFIX, EmbeddedTriton, free_port, mapped_shm_files
 from tests.conftest import SMALL
 from tests.test_robustness import GOOD_JOB
 
@@ -126,3 +126,24 @@ def test_the_worker_recovers_from_a_crash_then_exits_non_zero_when_triton_cannot
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def backend_regions() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith(BACKEND_REGION_PREFIX)}
+
+
+def test_a_killed_tritons_backend_regions_are_removed_and_a_live_ones_kept(own_repository: Path, triton) -> None:
+    live_before = backend_regions() & mapped_shm_files()  # e.g. the session's Triton: must stay
+    server = EmbeddedTriton(own_repository, start_timeout=120).start()
+    try:
+        before = backend_regions()
+        load(server, SMALL)
+        ours = backend_regions() - before
+        assert ours, "the Python backend made no region"
+        time.sleep(1.1)
+        server.crash()  # tritonserver SIGKILLed, as an OOM kill does: its regions are never unlinked
+        server.terminate()  # what the supervisor does before a restart (and stop, at exit)
+        assert backend_regions() & ours == set()
+        assert live_before <= backend_regions()
+    finally:
+        server.stop()

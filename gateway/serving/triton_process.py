@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +39,47 @@ def die_with_parent() -> None:
 
 class TritonStartError(RuntimeError):
     """Triton did not become ready."""
+
+
+log = logging.getLogger("gateway")
+BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+def mapped_shm_files() -> set[str]:
+    """Names of the /dev/shm files some live process has mapped (from every ``/proc/<pid>/maps``)."""
+    mapped = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                for line in (entry / "maps").read_text().splitlines():
+                    path = line.split(maxsplit=5)[-1]
+                    if path.startswith("/dev/shm/"):
+                        mapped.add(path[len("/dev/shm/") :].removesuffix(" (deleted)"))
+    return mapped
+
+
+def remove_unmapped_backend_regions(min_age: float = 1.0) -> list[str]:
+    """Unlink the Python backend's regions in /dev/shm that no live process maps any more: a Triton that
+    was killed leaves them behind (tens of MB each time). Regions of another live Triton are mapped and
+    stay; ``min_age`` spares one created this instant and not yet mapped."""
+    now = time.time()
+    candidates = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/dev/shm"):
+            if entry.name.startswith(BACKEND_REGION_PREFIX):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime >= min_age:
+                        candidates.append(entry.name)
+    if not candidates:
+        return []
+    mapped = mapped_shm_files()
+    removed = []
+    for name in candidates:
+        if name not in mapped:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+                removed.append(name)
+    return removed
 
 
 def free_port() -> int:
@@ -157,6 +199,9 @@ class EmbeddedTriton:
         deadline = time.monotonic() + 5
         while self.group_members() and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
             time.sleep(0.05)
+        removed = remove_unmapped_backend_regions()
+        if removed:
+            log.info("removed %d shared-memory regions a stopped Triton left in /dev/shm", len(removed))
 
     def crash(self) -> None:
         """SIGKILL the tritonserver process alone, as an OOM kill would (tests); its stubs stay."""
