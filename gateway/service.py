@@ -23,12 +23,14 @@ import numpy as np
 import pybase64
 
 from gateway.errors import ImageError, safe_text
-from gateway.inputs.budget import JobBudget, estimated_output_bytes
+from gateway.inputs.budget import JobBudget, estimated_output_bytes, estimated_work_bytes
 from gateway.inputs.decode import decode_base64, open_image
 from gateway.inputs.fetch import Fetcher
-from gateway.inputs.schema import DepthRequest, ImageSource, RequestError, parse_request
+from gateway.inputs.schema import DepthRequest, ImageSource, ParsedRequest, RequestError, parse_request
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
+from gateway.outputs.render import needs_photo
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
+from gateway.serving.memory import WorkerMemory
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
@@ -67,12 +69,13 @@ def depth_meaning(metric: bool) -> dict:
     }
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobContext:
-    """What the images of one job share: its budget and its download slots."""
+    """What the images of one job share: its budget, its download slots and the output memory it holds."""
 
     budget: JobBudget
     download_slots: asyncio.Semaphore
+    output_bytes: int = 0
 
 
 def approximate_json_size(value: Any) -> int:
@@ -113,6 +116,9 @@ class DepthService:
                 settings.bucket_name,
             )
         self.workers = ImageWorkers(settings.cpu_workers)
+        self.memory = WorkerMemory(
+            settings.input_memory_bytes, settings.work_memory_bytes, settings.output_memory_bytes
+        )
 
     async def startup(self) -> None:
         """Start the image workers, load the default model and set up shared memory with Triton, so that
@@ -141,39 +147,11 @@ class DepthService:
         outputs go to storage (the job's ``s3Config`` or the worker's bucket) when ``output_mode`` says so."""
         started = time.perf_counter()
         try:
-            parsed = parse_request(payload, self.settings.max_images)
-            request = parsed.request
-            model_id = request.model or self.settings.default_model
-            name, dtype = await self.triton.resolve(model_id, request.dtype)
-            model = await self.triton.ensure_loaded(name)
-            bucket = await self._bucket(s3_config)
-            if request.output_mode == "url" and bucket is None:
-                raise RequestError(
-                    "output_mode url needs a bucket: the worker has none configured (BUCKET_ENDPOINT_URL) "
-                    "and the job carries no s3Config"
-                )
-            if request.process_res is not None and request.process_res not in model.sizes:
-                served = ", ".join(str(size) for size in model.sizes)
-                raise RequestError(
-                    f"process_res {request.process_res} is not served for {model.hf_id}; served sizes: {served}"
-                )
+            parsed, model, dtype, bucket = await self._accept(payload, s3_config)
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
-        inline_only = request.output_mode == "inline" or bucket is None
-        budget = JobBudget(
-            self.settings.max_job_pixels,
-            self.settings.max_response_bytes if inline_only else 10**15,  # uploads are not in the response
-            functools.partial(
-                estimated_output_bytes,
-                tasks=tuple(request.tasks),
-                output_format=request.output_format,
-                include_raw=request.include_raw,
-                point_cloud_grid=request.point_cloud_grid,
-                max_points=request.max_points,
-                max_mesh_vertices=request.max_mesh_vertices,
-            ),
-        )
-        job = JobContext(budget, self.fetcher.slots())
+        request = parsed.request
+        job = JobContext(self._job_budget(request, bucket), self.fetcher.slots())
         total, finished = len(parsed.sources), 0
 
         async def counted(index: int, source: ImageSource) -> dict:
@@ -184,20 +162,65 @@ class DepthService:
                 report(f"{finished}/{total} images")
             return result
 
-        with self.triton.using(model.name):  # not unloaded while any image of the job may still need it
-            results = await asyncio.gather(*(counted(index, source) for index, source in enumerate(parsed.sources)))
-        response = {
-            "results": results,
-            "model": model.hf_id,
-            "license": model.license,
-            **{key: getattr(request, key) for key in ECHOED},
-            "process_res": request.process_res or model.sizes[0],
-            "dtype": dtype,
-            "device": "cuda" if model.on_gpu else "cpu",
-            "cuda_available": bool(self.triton.gpu),
-            "count": len(results),
-            "elapsed_sec": round(time.perf_counter() - started, 4),
-        }
+        try:
+            with self.triton.using(model.name):  # not unloaded while any image of the job may still need it
+                images = (counted(index, source) for index, source in enumerate(parsed.sources))
+                results = await asyncio.gather(*images)
+            response = {
+                "results": results,
+                "model": model.hf_id,
+                "license": model.license,
+                **{key: getattr(request, key) for key in ECHOED},
+                "process_res": request.process_res or model.sizes[0],
+                "dtype": dtype,
+                "device": "cuda" if model.on_gpu else "cpu",
+                "cuda_available": bool(self.triton.gpu),
+                "count": len(results),
+                "elapsed_sec": round(time.perf_counter() - started, 4),
+            }
+            return await self._deliver(response, request, bucket, job_id)
+        finally:
+            self.memory.outputs.release(job.output_bytes)
+
+    async def _accept(self, payload: Any, s3_config: object) -> tuple[ParsedRequest, ServedModel, str, Bucket | None]:
+        """The parsed request, its model (loaded), dtype and bucket; RequestError or ModelUnavailable."""
+        parsed = parse_request(payload, self.settings.max_images)
+        request = parsed.request
+        name, dtype = await self.triton.resolve(request.model or self.settings.default_model, request.dtype)
+        model = await self.triton.ensure_loaded(name)
+        bucket = await self._bucket(s3_config)
+        if request.output_mode == "url" and bucket is None:
+            raise RequestError(
+                "output_mode url needs a bucket: the worker has none configured (BUCKET_ENDPOINT_URL) "
+                "and the job carries no s3Config"
+            )
+        if request.process_res is not None and request.process_res not in model.sizes:
+            served = ", ".join(str(size) for size in model.sizes)
+            raise RequestError(
+                f"process_res {request.process_res} is not served for {model.hf_id}; served sizes: {served}"
+            )
+        return parsed, model, dtype, bucket
+
+    def _job_budget(self, request: DepthRequest, bucket: Bucket | None) -> JobBudget:
+        """Inline, a job's outputs must fit its response; uploaded, the worker's output memory."""
+        inline_only = request.output_mode == "inline" or bucket is None
+        return JobBudget(
+            self.settings.max_job_pixels,
+            self.settings.max_response_bytes if inline_only else self.settings.output_memory_bytes,
+            functools.partial(
+                estimated_output_bytes,
+                tasks=tuple(request.tasks),
+                output_format=request.output_format,
+                include_raw=request.include_raw,
+                point_cloud_grid=request.point_cloud_grid,
+                max_points=request.max_points,
+                max_mesh_vertices=request.max_mesh_vertices,
+            ),
+            "the response" if inline_only else "the job's outputs (OUTPUT_MEMORY_BYTES)",
+        )
+
+    async def _deliver(self, response: dict, request: DepthRequest, bucket: Bucket | None, job_id: str) -> dict:
+        """The response inline, or with its outputs uploaded when ``output_mode`` (or its size) says so."""
         size = approximate_json_size(response)
         if bucket is not None and (request.output_mode == "url" or size > self.settings.max_response_bytes):
             response["results"] = await self._upload(response["results"], bucket, job_id)
@@ -295,6 +318,44 @@ class DepthService:
         await self.triton.infer_in_slot(model, slot, height, width)
         return None
 
+    def _input_bytes(self, source: ImageSource) -> int:
+        """The encoded bytes an image source can bring: its base64 decoded, or the download limit."""
+        if source.type == "url":
+            return self.settings.max_download_bytes
+        return min(len(source.data), self.settings.max_b64_chars) * 3 // 4 + 3
+
+    async def _fetch(self, source: ImageSource, job: JobContext, described: dict) -> bytes:
+        if source.type == "url":
+            return await self.fetcher.fetch(source.data, job.download_slots)
+        data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
+        described["bytes"] = len(data)
+        return data
+
+    async def _reserve_work(
+        self, size: tuple[int, int], request: DepthRequest, model: ServedModel, holdings: Holdings
+    ) -> None:
+        """The image's working memory, from the worker's budget until its holdings are given back."""
+        width, height = size
+        network_pixels = max(h * w for h, w in model.family(request.process_res))
+        needed = estimated_work_bytes(
+            width * height,
+            network_pixels,
+            request.tasks,
+            request.include_raw,
+            needs_photo(request.tasks),
+            request.max_points,
+            request.max_mesh_vertices,
+        )
+        await self.memory.work.acquire(needed)
+        holdings.on_give_back(functools.partial(self.memory.work.release, needed))
+
+    def _keep_outputs(self, outputs: dict, reserved: int, job: JobContext) -> None:
+        """Account the rendered outputs to the job's limit and the worker's output memory (or ImageError)."""
+        size = approximate_json_size(outputs)
+        job.budget.settle(reserved, size)
+        self.memory.outputs.try_acquire(size)
+        job.output_bytes += size
+
     async def _slot(self, model: ServedModel, request: DepthRequest, holdings: Holdings) -> Slot | None:
         """A shared-memory slot for this image when its network size fits one (None: gRPC payloads), held
         until the image's holdings are given back."""
@@ -317,21 +378,20 @@ class DepthService:
         )
         timings: dict[str, float] = {}
         clock = Stopwatch(timings)
-        holdings = Holdings()  # the slot and parked photo, kept until no process may touch them
+        holdings = Holdings()  # the slot, parked photo and working memory, kept until no process may touch them
         try:
-            if source.type == "url":
-                data = await self.fetcher.fetch(source.data, job.download_slots)
-            else:
-                data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
-                described["bytes"] = len(data)
-            clock.lap("fetch")
-            header = await self._cpu(open_image, data, self.settings.max_pixels)
-            job.budget.admit(*header.size)  # before any pixel is decoded
-            slot = await self._slot(model, request, holdings)
-            decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
-            clock.lap("decode")  # and resize to the network
+            async with self.memory.inputs.reserved(self._input_bytes(source)) as encoded:
+                data = await self._fetch(source, job, described)
+                encoded.resize(len(data))
+                clock.lap("fetch")
+                header = await self._cpu(open_image, data, self.settings.max_pixels)
+                reserved_output = job.budget.admit(*header.size)  # before any pixel is decoded
+                await self._reserve_work(header.size, request, model, holdings)
+                slot = await self._slot(model, request, holdings)
+                decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
+                clock.lap("decode")  # and resize to the network
             outputs = await self._infer_and_render(model, decoded, request, slot, holdings, clock)
-            clock.lap("render")
+            self._keep_outputs(outputs, reserved_output, job)
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}
         except Exception:

@@ -52,6 +52,9 @@ class Settings:
     triton_ports: tuple[int, ...] = (8000, 8001, 8002)
     shared_memory: str = "auto"
     shared_memory_slots: int = 64
+    input_memory_bytes: int = 512 << 20
+    work_memory_bytes: int = 3 << 30
+    output_memory_bytes: int = 2 << 30
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -96,4 +99,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "triton_ports": ("TRITON_PORTS", lambda raw: tuple(int(port) for port in _items(raw))),
     "shared_memory": ("TRITON_SHARED_MEMORY", lambda raw: _choice(raw, ("auto", "off"))),
     "shared_memory_slots": ("SHARED_MEMORY_SLOTS", int),
+    "input_memory_bytes": ("INPUT_MEMORY_BYTES", int),
+    "work_memory_bytes": ("WORK_MEMORY_BYTES", int),
+    "output_memory_bytes": ("OUTPUT_MEMORY_BYTES", int),
 }
