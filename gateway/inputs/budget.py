@@ -34,7 +34,7 @@ GLB_BYTES_PER_VERTEX = 16  # position and colour; indices come on top
 
 
 # Working memory per photo pixel from decode to render, at most (measured on a 4 MP JPEG with
-# ``bench.memory``'s method, peak RSS of the image worker; each figure rounded up and then some).
+# ``python -m bench.memory``: peak RSS of an image worker per task set; each figure rounded up, with room).
 WORK_BYTES_PER_PIXEL = {
     "base": 16,  # the decoded photo and the depth at photo size, float32
     "photo": 8,  # the photo kept for the outputs (and its parked copy in /dev/shm)
