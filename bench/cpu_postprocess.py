@@ -29,6 +29,7 @@ from export.models import get_spec
 from export.random_checkpoint import image_processor
 from gateway.inputs.decode import decode_image, decode_scaled
 from gateway.inputs.schema import DepthRequest
+from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import b64, encode_image
 from gateway.outputs.render import network_bucket, prepare, render, render_3d
@@ -137,7 +138,9 @@ class Ours:
         return b64(encode_image(pp.colorize(self.unit(depth), "viridis"), fmt, 95))
 
     def normals(self, depth: np.ndarray, fmt: str = "png") -> str:
-        return b64(encode_image(pp.normals(self.unit(depth)), fmt, 95))
+        camera = geometry.from_fov(WIDTH, HEIGHT, geometry.DEFAULT_FOV_X, "default")
+        normals = geometry.surface_normals(geometry.planar_depth(depth, metric=False), camera)
+        return b64(encode_image(pp.normals_rgb(normals), fmt, 95))
 
     def disparity(self, depth: np.ndarray, fmt: str = "png") -> str:
         return b64(encode_image(pp.disparity(depth, metric=False), fmt, 95))

@@ -109,11 +109,12 @@ class DepthService:
         self.storage = Storage(settings.bucket_prefix, settings.bucket_url_expiry, settings.upload_timeout)
         self.bucket = None
         if settings.bucket_endpoint_url:
-            self.bucket = Bucket(
+            self.bucket = Bucket.configured(  # StorageConfigError: the worker does not start
                 settings.bucket_endpoint_url,
                 settings.bucket_access_key_id or "",
                 settings.bucket_secret_access_key or "",
                 settings.bucket_name,
+                settings.bucket_region,
             )
         self.workers = ImageWorkers(settings.cpu_workers)
         self.memory = WorkerMemory(
@@ -241,8 +242,7 @@ class DepthService:
         if s3_config is None:
             return self.bucket
         try:
-            bucket = Bucket.from_job(s3_config)
-            await check_endpoint(bucket, self.fetcher.policy)
+            bucket = await check_endpoint(Bucket.from_job(s3_config), self.fetcher.policy)
         except StorageConfigError as error:
             raise RequestError(str(error)) from None
         return bucket
@@ -391,6 +391,7 @@ class DepthService:
                 decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
                 clock.lap("decode")  # and resize to the network
             outputs = await self._infer_and_render(model, decoded, request, slot, holdings, clock)
+            clock.lap("render")
             self._keep_outputs(outputs, reserved_output, job)
         except ImageError as error:
             return {"index": index, "input": described, "error": str(error)}

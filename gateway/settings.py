@@ -46,6 +46,7 @@ class Settings:
     bucket_access_key_id: str | None = None
     bucket_secret_access_key: str | None = field(default=None, repr=False)
     bucket_name: str = "depth-outputs"
+    bucket_region: str | None = None
     bucket_prefix: str = "depth"
     bucket_url_expiry: int = 7 * 24 * 3600
     upload_timeout: float = 60.0
@@ -93,6 +94,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "bucket_access_key_id": ("BUCKET_ACCESS_KEY_ID", str),
     "bucket_secret_access_key": ("BUCKET_SECRET_ACCESS_KEY", str),
     "bucket_name": ("BUCKET_NAME", str),
+    "bucket_region": ("BUCKET_REGION", str),
     "bucket_prefix": ("BUCKET_PREFIX", str),
     "bucket_url_expiry": ("BUCKET_URL_EXPIRY", int),
     "upload_timeout": ("UPLOAD_TIMEOUT", float),

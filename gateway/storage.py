@@ -1,20 +1,26 @@
 """Outputs as objects in S3-compatible storage, for results too big or too many for a job's JSON.
 
 Where: the worker's bucket (``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID``, ``BUCKET_SECRET_ACCESS_KEY``,
-``BUCKET_NAME``: trusted, from the deployment) or the job's own ``s3Config`` (``endpointUrl``,
-``accessId``, ``accessSecret``, ``bucketName``, Runpod's shape beside ``input``: untrusted, so its
-endpoint goes through the same address policy as image URLs before any connection). Objects are
-``<BUCKET_PREFIX>/<job id>/<index>_<output>.<ext>`` with their Content-Type; the result carries presigned
-GET URLs valid ``BUCKET_URL_EXPIRY`` seconds (7 days by default, as runpod's own helper).
+``BUCKET_NAME``, ``BUCKET_REGION``: trusted, from the deployment, checked at start-up) or the job's own
+``s3Config`` (``endpointUrl``, ``accessId``, ``accessSecret``, ``bucketName``, optionally ``region``:
+Runpod's shape beside ``input``; untrusted). Objects are ``<BUCKET_PREFIX>/<job id>/<index>_<output>.<ext>``
+with their Content-Type; the result carries presigned GET URLs valid ``BUCKET_URL_EXPIRY`` seconds.
 
-Uploads run in a thread pool (boto3 blocks), all of a job's at once, under one deadline
-(``UPLOAD_TIMEOUT``); clients are kept per endpoint and key. Failures are per image and say what
-happened (endpoint unreachable, credentials refused, bucket missing, deadline); an image any of whose
-uploads failed reports that error and no URL. No message or log line carries a key or secret.
+An endpoint is parsed once, by one parser, and rebuilt from its parts (scheme, host, port: no user
+info, path, query or backslash survives), with its host name checked (letters, digits, hyphens, at most
+253 characters). A job's endpoint then goes through the image URLs' address policy, and boto3's
+connections are pinned to the address that was checked (``pin_connections``): a name that resolves
+elsewhere at connect time (DNS rebinding) is never asked again. Bucket names follow S3's naming rules.
+The region (for the signature and presigned URLs) is the job's or the worker's, else read from the
+endpoint (``s3.<region>.amazonaws.com``, ``<region>.digitaloceanspaces.com``, as Runpod's helper does),
+else us-east-1.
 
-The endpoint's addresses are checked when the job starts; boto3 resolves the name again when it
-connects, so a name whose DNS answer changes in between (rebinding) is not caught: that window is
-the same as in most SSRF filters that sit in front of a library they do not control.
+Uploads need only ``s3:PutObject`` (no bucket check that needs ``s3:ListBucket`` before them): a missing
+bucket is reported from the upload's own error (or, when that only says "internal error", from a
+HeadBucket asked after the failure). Each job uploads from threads of its own (at most
+``UPLOAD_THREADS``) under one deadline (``UPLOAD_TIMEOUT``), so a slow or hostile endpoint holds only its
+own job's threads. Failures are per image and say what happened (endpoint unreachable, credentials
+refused, bucket missing, deadline). No message or log line carries a key or secret.
 """
 
 from __future__ import annotations
@@ -23,69 +29,215 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import re
 import socket
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util import connection
 
 from gateway.errors import ImageError
 from gateway.inputs.fetch import AddressPolicy
 
 log = logging.getLogger("gateway")
 S3_CONFIG_FIELDS = ("endpointUrl", "accessId", "accessSecret", "bucketName")
+S3_CONFIG_OPTIONAL = ("region",)
 CREDENTIAL_ERRORS = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "Forbidden"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
+DEFAULT_REGION = "us-east-1"
+UPLOAD_THREADS = 8  # per job
+MAX_URL_CHARS = 2048
+HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+REGION = re.compile(r"[a-z]{2}(?:-[a-z0-9]+){1,3}|[a-z]{3}\d")
+ENDPOINT_REGION = (
+    re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z0-9-]+)\."),
+    re.compile(r"^([a-z0-9-]+)\.digitaloceanspaces\.com$"),
+)
 
 
 class StorageConfigError(ValueError):
-    """The job's ``s3Config`` is unusable; the message names why (never a secret)."""
+    """A storage setting is unusable; the message names which and why (never a secret)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str  # lower case; an IP address without brackets
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The URL rebuilt from the parts (the scheme's default port left out, as clients send Host)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}[self.scheme]
+        return f"{self.scheme}://{host}" if self.port == default else f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_endpoint(url: object, what: str) -> Endpoint:
+    """``url`` as (scheme, host, port), or StorageConfigError saying what is wrong with it."""
+    if not isinstance(url, str) or not url.strip():
+        raise StorageConfigError(f"{what} must be an http or https URL")
+    if len(url) > MAX_URL_CHARS:
+        raise StorageConfigError(f"{what} is longer than {MAX_URL_CHARS} characters")
+    if not url.isprintable() or any(c in url for c in "\\ \t"):
+        raise StorageConfigError(f"{what} must not contain spaces, backslashes or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise StorageConfigError(f"{what} is not a valid URL (its host or port)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageConfigError(f"{what} must be an http or https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise StorageConfigError(f"{what} must not carry a user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise StorageConfigError(f"{what} must be scheme://host[:port] only, without a path or query")
+    host = parts.hostname.lower()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        if len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+            raise StorageConfigError(
+                f"{what} has an invalid host name (letters, digits and hyphens between dots, at most 253)"
+            ) from None
+        host = host.rstrip(".")
+    return Endpoint(parts.scheme, host, port or (443 if parts.scheme == "https" else 80))
+
+
+def check_bucket_name(name: object, what: str) -> str:
+    """``name`` when S3's bucket naming rules allow it, else StorageConfigError saying which rule fails."""
+    if not isinstance(name, str) or not name:
+        raise StorageConfigError(f"{what} must be a non-empty string")
+    if not 3 <= len(name) <= 63:
+        raise StorageConfigError(f"{what} must be 3 to 63 characters long (S3's bucket naming rules)")
+    if not BUCKET_NAME.fullmatch(name):
+        raise StorageConfigError(
+            f"{what} may hold only lower-case letters, digits, dots and hyphens, and must begin and end with a "
+            "letter or digit (S3's bucket naming rules)"
+        )
+    if ".." in name or ".-" in name or "-." in name:
+        raise StorageConfigError(f"{what} must not have two dots, or a dot beside a hyphen, in a row")
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    raise StorageConfigError(f"{what} must not look like an IP address")
+
+
+def check_prefix(prefix: str) -> str:
+    """``BUCKET_PREFIX`` without outer slashes; StorageConfigError for segments that would leave it."""
+    prefix = prefix.strip("/")
+    if len(prefix) > 512 or not prefix.isprintable() or "\\" in prefix:
+        raise StorageConfigError("BUCKET_PREFIX must be printable, without backslashes, at most 512 characters")
+    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
+        raise StorageConfigError("BUCKET_PREFIX must not have empty, '.' or '..' segments")
+    return prefix
+
+
+def region_for(endpoint: Endpoint, given: str | None) -> str:
+    """The region to sign for: the one given, else the endpoint's (AWS and DigitalOcean style), else us-east-1."""
+    if given is not None:
+        if not REGION.fullmatch(given):
+            raise StorageConfigError("the storage region must look like eu-west-1 (letters, digits, hyphens)")
+        return given
+    for pattern in ENDPOINT_REGION:
+        found = pattern.search(endpoint.host)
+        if found and REGION.fullmatch(found.group(1)):
+            return found.group(1)
+    return DEFAULT_REGION
 
 
 @dataclass(frozen=True)
 class Bucket:
-    endpoint_url: str
+    endpoint: Endpoint
     access_key: str = field(repr=False)
     secret_key: str = field(repr=False)
     name: str
+    region: str = DEFAULT_REGION
+    pinned: str | None = None  # the checked address every connection goes to (a job's endpoint)
+
+    @classmethod
+    def configured(
+        cls, endpoint_url: str, access_key: str, secret_key: str, name: str, region: str | None = None
+    ) -> Bucket:
+        """The worker's bucket from its settings (StorageConfigError at start-up when they are wrong)."""
+        endpoint = parse_endpoint(endpoint_url, "BUCKET_ENDPOINT_URL")
+        name = check_bucket_name(name, "BUCKET_NAME")
+        return cls(endpoint, access_key, secret_key, name, region_for(endpoint, region))
 
     @classmethod
     def from_job(cls, config: object) -> Bucket:
-        if not isinstance(config, dict) or set(config) - set(S3_CONFIG_FIELDS):
-            raise StorageConfigError(f"s3Config must be an object with {', '.join(S3_CONFIG_FIELDS)}")
+        allowed = set(S3_CONFIG_FIELDS) | set(S3_CONFIG_OPTIONAL)
+        if not isinstance(config, dict) or set(config) - allowed:
+            raise StorageConfigError(f"s3Config must be an object with {', '.join(S3_CONFIG_FIELDS)} (and region)")
         values = [config.get(name) for name in S3_CONFIG_FIELDS]
         if not all(isinstance(value, str) and value.strip() for value in values):
             raise StorageConfigError(f"s3Config needs {', '.join(S3_CONFIG_FIELDS)}, each a non-empty string")
-        bucket = cls(*values)
-        parts = urlsplit(bucket.endpoint_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise StorageConfigError("s3Config.endpointUrl must be an http or https URL with a host")
-        return bucket
+        endpoint_url, access_key, secret_key, name = values
+        endpoint = parse_endpoint(endpoint_url, "s3Config.endpointUrl")
+        name = check_bucket_name(name, "s3Config.bucketName")
+        region = config.get("region")
+        if region is not None and not isinstance(region, str):
+            raise StorageConfigError("s3Config.region must be a string")
+        return cls(endpoint, access_key, secret_key, name, region_for(endpoint, region))
 
 
-async def check_endpoint(bucket: Bucket, policy: AddressPolicy) -> None:
-    """Refuse an endpoint that resolves to an address the policy closes (before any connection)."""
-    parts = urlsplit(bucket.endpoint_url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+async def check_endpoint(bucket: Bucket, policy: AddressPolicy) -> Bucket:
+    """``bucket`` pinned to its endpoint's checked address, or StorageConfigError when the address policy
+    closes any address the name resolves to (before any connection)."""
+    endpoint = bucket.endpoint
     try:
-        addresses = [ipaddress.ip_address(host)]
+        addresses = [ipaddress.ip_address(endpoint.host)]
     except ValueError:
         try:
-            answers = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
+            answers = await asyncio.get_running_loop().getaddrinfo(
+                endpoint.host, endpoint.port, type=socket.SOCK_STREAM
+            )
+        except (OSError, UnicodeError):
             raise StorageConfigError("s3Config.endpointUrl: its host name does not resolve") from None
-        addresses = [ipaddress.ip_address(answer[4][0]) for answer in answers]
+        addresses = [ipaddress.ip_address(answer[4][0].split("%")[0]) for answer in answers]
     for address in addresses:
         try:
-            policy.check(host, address, port, what="s3Config.endpointUrl")
+            policy.check(endpoint.host, address, endpoint.port, what="s3Config.endpointUrl")
         except ImageError as error:
             raise StorageConfigError(str(error)) from None
+    return replace(bucket, pinned=str(addresses[0]))
+
+
+def pin_connections(client: object, address: str) -> None:
+    """Make every connection of boto3 ``client`` go to ``address`` (TLS and the Host header keep the
+    endpoint's name). botocore has no public hook for it: its URLLib3Session's pool classes are
+    replaced by subclasses whose connections dial ``address`` (``tests/test_storage.py`` pins the
+    internals this relies on)."""
+    session = client._endpoint.http_session  # type: ignore[attr-defined]
+
+    def pinned(pool_class: type) -> type:
+        class PinnedConnection(pool_class.ConnectionCls):  # type: ignore[name-defined, misc]
+            def _new_conn(self) -> socket.socket:
+                try:
+                    return connection.create_connection(
+                        (address, self.port), self.timeout, source_address=self.source_address,
+                        socket_options=self.socket_options,
+                    )  # fmt: skip
+                except TimeoutError as error:
+                    raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from error
+                except OSError as error:
+                    raise NewConnectionError(self, f"failed to connect to {self.host}: {error}") from error
+
+        return type(f"Pinned{pool_class.__name__}", (pool_class,), {"ConnectionCls": PinnedConnection})
+
+    classes = {scheme: pinned(pool_class) for scheme, pool_class in session._pool_classes_by_scheme.items()}
+    session._pool_classes_by_scheme = classes
+    session._manager.pool_classes_by_scheme = classes
 
 
 MAX_CLIENTS = 32  # boto3 clients kept (about 0.5 MB each); the least recently used goes first
@@ -95,36 +247,37 @@ class Storage:
     """Uploads and presigned URLs; one boto3 client per (endpoint, key), the ``MAX_CLIENTS`` most recently
     used kept (every job may bring its own credentials)."""
 
-    def __init__(self, prefix: str, url_expiry: int, timeout: float, threads: int = 16) -> None:
-        self.prefix = prefix.strip("/")
+    def __init__(self, prefix: str, url_expiry: int, timeout: float) -> None:
+        self.prefix = check_prefix(prefix)
         self.url_expiry = url_expiry
         self.timeout = timeout
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="uploads")
-        self._clients: OrderedDict[tuple[str, str, str], object] = OrderedDict()
+        self._clients: OrderedDict[tuple, object] = OrderedDict()
         self._clients_lock = threading.Lock()  # upload threads share the cache
-        self._known_buckets: dict[tuple[str, str], float] = {}
 
     def _client(self, bucket: Bucket):
         secret_digest = hashlib.sha256(bucket.secret_key.encode()).hexdigest()
-        key = (bucket.endpoint_url, bucket.access_key, secret_digest)
+        key = (bucket.endpoint, bucket.region, bucket.pinned, bucket.access_key, secret_digest)
         with self._clients_lock:
             if key in self._clients:
                 self._clients.move_to_end(key)
                 return self._clients[key]
         client = boto3.client(
             "s3",
-            endpoint_url=bucket.endpoint_url,
+            endpoint_url=bucket.endpoint.url,
             aws_access_key_id=bucket.access_key,
             aws_secret_access_key=bucket.secret_key,
-            region_name="us-east-1",
+            region_name=bucket.region,
             config=Config(
                 signature_version="s3v4",
+                s3={"addressing_style": "path"},  # the bucket never becomes part of the host name
                 connect_timeout=min(5.0, self.timeout),
                 read_timeout=self.timeout,
                 retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=32,
+                max_pool_connections=UPLOAD_THREADS,
             ),
         )
+        if bucket.pinned is not None:
+            pin_connections(client, bucket.pinned)
         with self._clients_lock:
             self._clients[key] = client
             while len(self._clients) > MAX_CLIENTS:
@@ -136,32 +289,20 @@ class Storage:
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
     async def upload(self, bucket: Bucket, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
-        """Upload ``(key, data, content type)`` objects at once; a presigned URL or the error, per object."""
+        """Upload ``(key, data, content type)`` objects from this job's own threads; a presigned URL or the
+        error, per object. Threads a stalled endpoint still holds at the deadline end with boto3's timeouts."""
         loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(min(UPLOAD_THREADS, max(len(objects), 1)), thread_name_prefix="uploads")
         try:
             async with asyncio.timeout(self.timeout):
-                await loop.run_in_executor(self.executor, self._ensure_bucket, bucket)
                 return await asyncio.gather(
-                    *(loop.run_in_executor(self.executor, self._put, bucket, *obj) for obj in objects),
+                    *(loop.run_in_executor(executor, self._put, bucket, *obj) for obj in objects),
                     return_exceptions=True,
                 )
         except TimeoutError:
             return [ImageError(f"the upload to storage did not finish within {self.timeout:g} s")] * len(objects)
-        except ImageError as error:
-            return [error] * len(objects)
-
-    def _ensure_bucket(self, bucket: Bucket) -> None:
-        key = (bucket.endpoint_url, bucket.name)
-        if time.monotonic() - self._known_buckets.get(key, -1e9) < 60:
-            return
-        try:
-            self._client(bucket).head_bucket(Bucket=bucket.name)
-        except (ClientError, BotoCoreError) as error:
-            raise _describe(error, bucket) from None
-        now = time.monotonic()
-        self._known_buckets[key] = now
-        if len(self._known_buckets) > MAX_CLIENTS:  # forget the ones past their minute
-            self._known_buckets = {k: t for k, t in self._known_buckets.items() if now - t < 60}
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _put(self, bucket: Bucket, key: str, data: bytes, content_type: str) -> str:
         client = self._client(bucket)
@@ -171,18 +312,36 @@ class Storage:
                 "get_object", Params={"Bucket": bucket.name, "Key": key}, ExpiresIn=self.url_expiry
             )
         except (ClientError, BotoCoreError) as error:
-            raise _describe(error, bucket) from None
+            raise self._diagnosed(client, error, bucket) from None
+
+    @staticmethod
+    def _diagnosed(client, error: ClientError | BotoCoreError, bucket: Bucket) -> ImageError:
+        """The upload's error; when the storage refused or failed without naming why (SeaweedFS answers
+        AccessDenied or InternalError for a bucket that does not exist), a HeadBucket, asked only now,
+        may name the missing bucket (with keys that may not ask it, the refusal stands)."""
+        if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+            "InternalError",
+            "AccessDenied",
+        ):
+            try:
+                client.head_bucket(Bucket=bucket.name)
+            except ClientError as head_error:
+                if str(head_error.response.get("Error", {}).get("Code")) in MISSING_BUCKET:
+                    return _describe(head_error, bucket)
+            except BotoCoreError:
+                pass
+        return _describe(error, bucket)
 
 
 def _describe(error: ClientError | BotoCoreError, bucket: Bucket) -> ImageError:
     """A short, safe sentence for a storage failure (logged with its code, never with credentials)."""
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", "unknown"))
-        log.error("storage error %s for bucket %s at %s", code, bucket.name, bucket.endpoint_url)
+        log.error("storage error %s for bucket %s at %s", code, bucket.name, bucket.endpoint.url)
         if code in CREDENTIAL_ERRORS or code == "403":
             return ImageError("the storage refused the credentials")
         if code in MISSING_BUCKET:
             return ImageError(f"the storage bucket {bucket.name[:63]!r} does not exist")
         return ImageError(f"the upload to storage failed ({code[:40]})")
-    log.error("storage unreachable at %s: %s", bucket.endpoint_url, type(error).__name__)
+    log.error("storage unreachable at %s: %s", bucket.endpoint.url, type(error).__name__)
     return ImageError("the storage endpoint is unreachable")  # a BotoCoreError: no answer from the endpoint

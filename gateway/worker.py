@@ -29,6 +29,7 @@ from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import ModelUnavailable, TritonModels
 from gateway.serving.triton_process import EmbeddedTriton, TritonStartError
 from gateway.settings import Settings
+from gateway.storage import StorageConfigError
 
 log = logging.getLogger("gateway")
 
@@ -95,7 +96,7 @@ def main() -> None:
     settings = Settings.from_env()
     try:
         service, server = build_service(settings)
-    except TritonStartError as error:
+    except (TritonStartError, ModelUnavailable, StorageConfigError) as error:  # one line, exit 1: replaced
         log.error("could not start: %s", error)
         sys.exit(1)
 

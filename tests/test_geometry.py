@@ -17,14 +17,22 @@ import trimesh
 from PIL import Image
 
 from export.models import get_spec
+from gateway.errors import ImageError
 from gateway.inputs.decode import focal_length_35mm
 from gateway.inputs.schema import CAMERA_FORMS, DepthRequest
 from gateway.outputs import geometry
+from gateway.outputs import postprocess as pp
 from gateway.outputs.formats3d import encode_glb, opencv_to_gltf
+from gateway.outputs.postprocess import decode_normals
 from gateway.outputs.render import render
 from gateway.serving.triton import ServedModel
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, ROOT
-from tests.helpers import b64decode
+from tests.helpers import b64decode, decode_image
+
+
+def decode_image_b64(text: str) -> np.ndarray:
+    return decode_image(text)
+
 
 VALIDATOR = Path(os.environ.get("GLTF_VALIDATOR_DIR", ROOT / ".cache" / "node"))
 
@@ -171,6 +179,109 @@ def test_an_empty_mesh_is_still_a_valid_glb(tmp_path: Path) -> None:
     assert report["errors"] == 0, report["messages"]
 
 
+# --------------------------------------------------------------------------- cameras at their extremes
+
+EXTREMES = [1e-300, 1e-40, 0.01, 1.0, 300.0, 1e6, 1e37, 1e308]
+CENTRES = [-1e308, -1e37, -200.0, 79.5, 300.0, 1e37, 1e308]
+
+
+def test_any_camera_gives_a_clear_error_or_finite_points_and_a_valid_glb(tmp_path: Path) -> None:
+    """A grid of extreme intrinsics on a 160 x 120 image: each is refused with a message that names the
+    value and the accepted range, or served with every coordinate finite and a GLB the validator passes."""
+    rows, cols = np.mgrid[0:120, 0:160].astype(np.float32)
+    depth = 2.0 + 0.004 * cols + 0.002 * rows
+    served_glbs, refusals = [], []
+    for fx in EXTREMES:
+        for centre in CENTRES:
+            camera = {"fx": fx, "fy": fx, "cx": centre, "cy": centre * 0.75}
+            try:
+                out = render_3d(depth, camera=camera)
+            except ImageError as error:
+                refusals.append(str(error))
+                continue
+            points = read_ply(out)
+            assert np.isfinite(points).all()
+            assert out["points_count"] == 120 * 160
+            served_glbs.append(b64decode(out["mesh_b64"]))
+    low, high = geometry.focal_range(160)
+    assert all(message.startswith(("camera.fx ", "camera.cx ")) and "expected " in message for message in refusals)
+    assert len(refusals) == len(EXTREMES) * len(CENTRES) - len(served_glbs)
+    assert len(served_glbs) == sum(low <= fx <= high for fx in EXTREMES) * sum(
+        -160 <= c <= 320 and -120 <= c * 0.75 <= 240 for c in CENTRES
+    )
+    for report in validate(served_glbs, tmp_path):
+        assert report["errors"] == 0, report["messages"]
+
+
+def test_the_field_of_view_limits_are_those_the_error_states() -> None:
+    low, high = geometry.focal_range(640)
+    assert math.degrees(2 * math.atan(320 / low)) == pytest.approx(179)
+    assert math.degrees(2 * math.atan(320 / high)) == pytest.approx(1)
+    assert geometry.intrinsics_for(640, 480, {"fov_x": 179}, None).fx == pytest.approx(low)
+    with pytest.raises(geometry.CameraError, match=r"camera.fy 1e-40 px gives a field of view outside 1-179"):
+        geometry.intrinsics_for(640, 480, {"fx": 500, "fy": 1e-40, "cx": 320, "cy": 240}, None)
+    nonsense_exif = geometry.intrinsics_for(640, 480, None, focal_35mm=1e-9)  # EXIF is not trusted blindly
+    assert nonsense_exif.source == "default"
+
+
+# --------------------------------------------------------------------------- normals on known planes
+
+
+def plane_depth(normal: tuple[float, float, float], distance: float, camera: geometry.Intrinsics, shape) -> np.ndarray:
+    """Planar depth Z of the plane n . P = -distance (n in OpenCV's frame, facing the camera)."""
+    height, width = shape
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    rays = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones_like(u)], axis=-1)
+    return (-distance / (rays @ np.asarray(normal))).astype(np.float32)
+
+
+PLANES = {
+    # name: the surface normal in OpenCV's frame (x right, y down, z forward), the plane's distance
+    "floor": ((0.0, -1.0, 0.0), 1.5),  # camera 1.5 m above it, looking level
+    "wall": ((0.0, 0.0, -1.0), 3.0),
+    "tilted": ((0.5, -0.3, -((1 - 0.34) ** 0.5)), 2.0),
+}
+
+
+@pytest.mark.parametrize("name", PLANES)
+@pytest.mark.parametrize("model_id", [METRIC_ID, RELATIVE_ID])
+def test_normals_of_known_planes_agree_for_metric_and_relative_models(name: str, model_id: str) -> None:
+    """Metric models give Z; relative ones inverse depth (here exactly 1 / Z, spread over near..far as
+    the request says). Either way the normals are the plane's, in the documented frame (x right, y up,
+    z towards the camera), pointing towards the camera."""
+    normal, distance = PLANES[name]
+    shape = (90, 120)
+    camera = geometry.from_fov(shape[1], shape[0], 70.0, "request")
+    z = plane_depth(normal, distance, camera, shape)
+    rows = slice(60, 88) if name == "floor" else slice(2, 88)  # the floor is below the horizon only
+    visible = np.zeros(shape, bool)
+    visible[rows, 2:118] = True
+    z = np.where(visible, z, np.float32(np.nan))
+    if model_id == METRIC_ID:
+        depth = np.where(visible, z, np.nanmax(z)).astype(np.float32)
+        fields = {}
+    else:
+        inverse = np.where(visible, 1 / z, np.nanmin(1 / z)).astype(np.float32)
+        depth = inverse
+        near, far = float(np.nanmin(z)), float(np.nanmax(z))
+        fields = {"near": near, "far": max(far, 2 * near)}  # a wall is flat: any far will do
+    request = DepthRequest(image_b64="x", tasks=["normals"], camera={"fov_x": 70.0}, **fields)
+    out = render((shape[1], shape[0]), None, depth, request, served(model_id))
+    normals = decode_normals(decode_image_b64(out["normals_b64"]))
+    expected = np.array([normal[0], -normal[1], -normal[2]])  # into x right, y up, z towards the camera
+    inner = normals[rows.start + 2 : rows.stop - 2, 4:116]
+    assert np.abs(inner - expected).max() < 0.03, (name, inner.mean(axis=(0, 1)), expected)
+
+
+def test_a_floor_is_green_and_a_wall_blue() -> None:
+    """The encoding, as a person sees it: floor (0, 1, 0) -> RGB (128, 255, 128), wall -> (128, 128, 255)."""
+    camera = geometry.from_fov(120, 90, 70.0, "request")
+    floor = geometry.surface_normals(plane_depth((0.0, -1.0, 0.0), 1.5, camera, (90, 120)), camera)[60:85, 5:-5]
+    wall = geometry.surface_normals(np.full((90, 120), 3.0, np.float32), camera)
+    for normals, rgb in ((floor, (128, 255, 128)), (wall, (128, 128, 255))):  # 0 encodes as 127.5
+        assert np.abs(pp.normals_rgb(normals).reshape(-1, 3).mean(axis=0) - rgb).max() <= 1
+
+
 # --------------------------------------------------------------------------- through the running gateway
 
 
@@ -211,8 +322,9 @@ def test_the_photos_exif_focal_length_is_used(run_job, photos: dict[str, np.ndar
 @pytest.mark.parametrize(
     ("camera", "message"),
     [
-        ({"fov_x": -10}, "invalid camera: camera.fov_x must be between 0 and 180 degrees"),
-        ({"fov_x": 180}, "invalid camera: camera.fov_x must be between 0 and 180 degrees"),
+        ({"fov_x": -10}, "invalid camera: camera.fov_x must be between 1 and 179 degrees"),
+        ({"fov_x": 180}, "invalid camera: camera.fov_x must be between 1 and 179 degrees"),
+        ({"fov_x": 5e-324}, "invalid camera: camera.fov_x must be between 1 and 179 degrees"),
         ({"fx": 500, "fy": 500, "cx": 320}, f"invalid camera: camera must be {CAMERA_FORMS}"),
         ({"fov_x": "60"}, "invalid camera: camera.fov_x must be a finite number"),
         ({"fx": 500, "fy": -1, "cx": 320, "cy": 240}, "invalid camera: camera.fx and camera.fy must be positive"),

