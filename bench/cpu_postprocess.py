@@ -25,7 +25,7 @@ from PIL import Image
 from skimage import data
 
 from bench.common import interleaved, write
-from export.models import get_spec
+from catalogue.models import get_spec
 from export.random_checkpoint import image_processor
 from gateway.inputs.decode import decode_image, decode_scaled
 from gateway.inputs.schema import DepthRequest

@@ -27,9 +27,9 @@ import onnxruntime as ort
 import torch
 
 from bench.common import RESULTS, write
+from catalogue.models import get_spec
 from export import fusion
 from export.graph import ServingGraph
-from export.models import get_spec
 from export.onnx_export import export_onnx
 from export.parity import photo_batch, relative_l2
 from export.random_checkpoint import build_model

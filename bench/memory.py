@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from bench.common import write
-from export.models import MODELS
+from catalogue.models import MODELS
 
 MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"
 WIDTH, HEIGHT = 2304, 1728

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import write
+from catalogue.models import get_spec
 from export.graph import ServingGraph
-from export.models import get_spec
 from export.onnx_export import export_onnx
 from export.parity import photo_batch
 from export.random_checkpoint import build_model

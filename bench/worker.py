@@ -44,7 +44,7 @@ from PIL import Image
 from skimage import data
 
 from bench.common import write
-from export.models import MODELS
+from catalogue.models import MODELS
 from export.triton_config import build_config, render
 from gateway.devjobs import JobApi
 from gateway.serving.triton_process import EmbeddedTriton

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import transformers
 
+from catalogue.models import MODELS, UnknownModelError, get_spec
 from export.exporter import ExportError, ExportOptions, export_model, write_config
-from export.models import MODELS, UnknownModelError, get_spec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

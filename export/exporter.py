@@ -25,9 +25,9 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
+from catalogue.models import ModelSpec, Precision
 from export import fusion
 from export.graph import ServingGraph, expected_model_class
-from export.models import ModelSpec, Precision
 from export.onnx_export import OPSET, export_onnx
 from export.parity import THRESHOLDS, check_parity
 from export.triton_config import Backend, build_config, render

@@ -20,7 +20,7 @@ import torch
 from onnxruntime.transformers.optimizer import optimize_model
 from transformers import PretrainedConfig, PreTrainedModel
 
-from export.models import ModelSpec, Precision
+from catalogue.models import ModelSpec, Precision
 
 
 def _dinov2_layer(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import DepthAnythingForDepthEstimation, DPTForDepthEstimation, PreTrainedModel
 
-from export.models import ModelSpec
+from catalogue.models import ModelSpec
 
 
 class ServingGraph(nn.Module):

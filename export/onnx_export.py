@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from catalogue.models import ModelSpec
 from export.graph import ServingGraph
-from export.models import ModelSpec
 
 OPSET = 17
 

@@ -17,8 +17,8 @@ import onnxruntime as ort
 import torch
 from skimage import data
 
+from catalogue.models import ModelSpec, Precision
 from export.graph import ServingGraph
-from export.models import ModelSpec, Precision
 
 # FP16 lands near 1e-3 to 5e-3 on the released weights; FP32 differs only by kernel rounding.
 THRESHOLDS: dict[Precision, float] = {"fp16": 1e-2, "fp32": 1e-4}

@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from export.models import MODELS, ModelSpec, get_spec
+from catalogue.models import MODELS, ModelSpec, get_spec
 
 Size = Literal["full", "tiny"]
 

@@ -13,7 +13,7 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.models import ModelSpec, Precision
+from catalogue.models import ModelSpec, Precision
 
 Backend = Literal["onnxruntime", "python"]
 

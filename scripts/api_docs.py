@@ -11,14 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from export.models import MODELS
+from catalogue.models import MODELS
 from gateway.inputs.schema import DepthRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
 # API reference
 
-Generated from `export/models.py` and `gateway/inputs/schema.py` by `python scripts/api_docs.py`; do not edit
+Generated from `catalogue/models.py` and `gateway/inputs/schema.py` by `python scripts/api_docs.py`; do not edit
 by hand. The JSON Schema of the request is in [request.schema.json](request.schema.json); the response
 is described in the README ("API").
 

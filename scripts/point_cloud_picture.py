@@ -20,8 +20,8 @@ import torch
 import trimesh
 from skimage import data
 
+from catalogue.models import get_spec
 from export.graph import ServingGraph
-from export.models import get_spec
 from export.random_checkpoint import build_model
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import prepare, render

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from export.models import MODELS
+from catalogue.models import MODELS
 from gateway.devstack import post
 from gateway.serving.triton_process import EmbeddedTriton
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from export.models import get_spec
+from catalogue.models import get_spec
 from export.triton_config import build_config, parse, render
 from tests.conftest import ROOT
 

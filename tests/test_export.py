@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForDepthEstimation
 
+from catalogue.models import MODELS, get_spec
 from export import parity
 from export.cli import main as export_main
 from export.fusion import attention_nodes, contrib_nodes
 from export.graph import ServingGraph
-from export.models import MODELS, get_spec
 from export.random_checkpoint import save_random_checkpoint
 from export.triton_config import METADATA_KEYS, parse
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, TINY_MODELS

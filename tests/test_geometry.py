@@ -16,7 +16,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from export.models import get_spec
+from catalogue.models import get_spec
 from gateway.errors import ImageError
 from gateway.inputs.decode import focal_length_35mm
 from gateway.inputs.schema import CAMERA_FORMS, DepthRequest

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.models import get_spec
+from catalogue.models import get_spec
 from export.triton_config import build_config, render
 from gateway.devstack import post, running_gateway
 from gateway.serving.triton_process import EmbeddedTriton

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib import colormaps
 
-from export.models import DEPTH_ANYTHING_BUCKETS
+from catalogue.models import DEPTH_ANYTHING_BUCKETS
 from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp

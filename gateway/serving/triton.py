@@ -37,7 +37,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from export.models import MODELS
+from catalogue.models import MODELS
 from gateway.errors import ImageError, quoted
 from gateway.serving.shared_memory import (
     MIN_SLOTS,
