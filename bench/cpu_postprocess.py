@@ -33,8 +33,8 @@ from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import b64, encode_image
 from gateway.outputs.render import network_bucket, prepare, render, render_3d
+from gateway.served_model import ServedModel
 from gateway.serving.imagework import keep_freed_memory
-from gateway.serving.triton import ServedModel
 
 WIDTH, HEIGHT = 1024, 768
 PHONE = (4032, 3024)

@@ -62,8 +62,8 @@ def one_case(tasks: list[str], process_res: int | None) -> dict:
     from gateway.inputs.budget import estimated_work_bytes
     from gateway.inputs.schema import parse_request
     from gateway.outputs.render import needs_photo
+    from gateway.served_model import ServedModel
     from gateway.serving.imagework import decode_and_prepare, keep_freed_memory, render_outputs
-    from gateway.serving.triton import ServedModel
 
     keep_freed_memory()
     photo = cv2.resize(data.astronaut(), (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)

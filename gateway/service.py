@@ -29,11 +29,12 @@ from gateway.inputs.fetch import Fetcher
 from gateway.inputs.schema import DepthRequest, ImageSource, ParsedRequest, RequestError, parse_request
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.outputs.render import needs_photo
+from gateway.served_model import ServedModel
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
 from gateway.serving.memory import WorkerMemory
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import Slot
-from gateway.serving.triton import ModelUnavailable, ServedModel, TritonModels
+from gateway.serving.triton import ModelUnavailable, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
 

@@ -25,7 +25,7 @@ from export.graph import ServingGraph
 from export.random_checkpoint import build_model
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import prepare, render
-from gateway.serving.triton import ServedModel
+from gateway.served_model import ServedModel
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt

@@ -26,7 +26,8 @@ from PIL import Image
 
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
-from gateway.serving.shared_memory import SHM_DIR, SharedTensors
+from gateway.serving.shared_memory import SHM_DIR
+from gateway.serving.shm_region import SharedTensors
 from gateway.serving.triton import TritonModels
 from gateway.settings import Settings
 from tests import images

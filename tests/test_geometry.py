@@ -25,7 +25,7 @@ from gateway.outputs import postprocess as pp
 from gateway.outputs.formats3d import encode_glb, opencv_to_gltf
 from gateway.outputs.postprocess import decode_normals
 from gateway.outputs.render import render
-from gateway.serving.triton import ServedModel
+from gateway.served_model import ServedModel
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, ROOT
 from tests.helpers import b64decode, decode_image
 

@@ -22,15 +22,8 @@ from gateway.devstack import post, running_gateway, start_gateway, wait_for_api
 from gateway.inputs.schema import DepthRequest
 from gateway.serving.imagework import Decoded, render_outputs
 from gateway.serving.ownership import Holdings
-from gateway.serving.shared_memory import (
-    SHM_DIR,
-    SharedPhoto,
-    SharedTensors,
-    Slot,
-    is_local,
-    slot_bytes,
-    slots_that_fit,
-)
+from gateway.serving.shared_memory import SHM_DIR, SharedPhoto, Slot, slot_bytes, slots_that_fit
+from gateway.serving.shm_region import SharedTensors, is_local
 from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
 from tests.test_geometry import served

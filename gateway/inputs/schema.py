@@ -18,7 +18,7 @@ from gateway.outputs.geometry import MAX_FOV, MIN_FOV
 Task = Literal["depth", "colorized", "normals", "disparity", "point_cloud", "points", "mesh"]
 Colormap = Literal["viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 OutputFormat = Literal["png", "webp", "jpg"]
-Dtype = Literal["float16", "bfloat16", "float32"]
+Dtype = Literal["float16", "float32"]
 
 
 class RequestError(ValueError):

@@ -20,7 +20,7 @@ from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import MIME, b64, encode_image, encode_npz, writable_format
 from gateway.outputs.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
-from gateway.serving.triton import ServedModel
+from gateway.served_model import ServedModel
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,9 @@ from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
+from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SharedPhoto, Slot
-from gateway.serving.triton import ServedModel
 from gateway.serving.triton_process import die_with_parent
 
 log = logging.getLogger("gateway")

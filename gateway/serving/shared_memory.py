@@ -1,48 +1,34 @@
-"""Triton system shared memory for the network input going in and the depth coming out.
+"""Shared memory between the gateway's processes: an image's slot and its parked photo. Pure (no Triton
+client): the image workers import it.
 
-When Triton runs beside the gateway (the embedded server, or ``TRITON_URL`` on loopback with the same
-``/dev/shm``), an image's tensors never travel through gRPC or the image workers' pipes. One region,
-named after the gateway's process and registered with Triton, is cut into slots; an image holds one slot
-from decode to render. The worker process that decodes writes the network input into its slot, Triton
-reads it there and writes the depth into the slot's second part, and the worker process that renders
-reads the depth from there: what crosses processes is a ``Slot``, a few numbers.
+When Triton runs beside the gateway, an image's tensors never travel through gRPC or the image workers'
+pipes: the region (``shm_region.SharedTensors``, registered with Triton) is cut into slots, and an image
+holds one from decode to render. The worker process that decodes writes the network input into its
+slot (``Slot.write_input``), Triton reads it there and writes the depth into the slot's second part,
+and the worker process that renders reads the depth there (``Slot.read_output``): what crosses processes
+is a ``Slot``, a few numbers. A photo the outputs need is parked in its own segment (``SharedPhoto``)
+between the two workers. Who may touch a slot or photo when is ``ownership``'s rule.
 
 Sizing: a slot holds the default model's largest default bucket (3 bytes in and 4 bytes out per pixel,
-3.4 MB for Depth-Anything at 518); an image of a larger network size (another model, a larger
-``process_res``) uses plain gRPC payloads. ``SHARED_MEMORY_SLOTS`` slots (default 64), fewer when
-``/dev/shm`` has not twice their size free; under 4, shared memory is off. Images wait for a free slot,
-which also bounds the decoded images in flight.
-
-Lifetime: the region is registered at startup, and again whenever Triton answers that it does not know
-it (a restart); it is unregistered and unlinked on exit, and Python's resource tracker unlinks it if the
-gateway is killed. A slot whose inference ended without Triton's answer (deadline, cancellation) is
-kept out of use for the Triton timeout, so that a late write cannot land in another image's slot.
+3.4 MB for Depth-Anything at 518); ``slots_that_fit`` keeps the region under half of the free
+``/dev/shm``. Pages are allocated up front (``allocate``), so a /dev/shm that fills up later cannot SIGBUS
+a writer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import numpy as np
-import tritonclient.grpc as grpcsync
-import tritonclient.grpc.aio as grpcaio
-import tritonclient.utils.shared_memory as triton_shm
-from tritonclient.utils import InferenceServerException
 
-log = logging.getLogger("gateway")
 T = TypeVar("T")
 
 SHM_DIR = "/dev/shm"
-MIN_SLOTS = 4
 INPUT_BYTES_PER_PIXEL = 3  # RGB uint8
 OUTPUT_BYTES_PER_PIXEL = 4  # float32 depth
 
@@ -87,7 +73,7 @@ class SharedPhoto:
         """The photo copied into a new segment; None when /dev/shm has no room for it."""
         segment = shared_memory.SharedMemory(create=True, size=max(photo.nbytes, 1))
         try:
-            _allocate(segment.name, segment.size)
+            allocate(segment.name, segment.size)
         except OSError:
             segment.close()
             segment.unlink()
@@ -121,12 +107,6 @@ def _buffer(key: str) -> memoryview:
     return _attached[key].buf
 
 
-def is_local(url: str) -> bool:
-    """Whether Triton's gRPC address is on this host (only then can it share ``/dev/shm``)."""
-    host = urlsplit(f"//{url}").hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def slots_that_fit(wanted: int, slot_bytes: int, shm_dir: str = SHM_DIR) -> int:
     """``wanted``, or fewer so that the region takes at most half of the free space in ``shm_dir``."""
     try:
@@ -137,92 +117,7 @@ def slots_that_fit(wanted: int, slot_bytes: int, shm_dir: str = SHM_DIR) -> int:
     return max(0, min(wanted, free // 2 // slot_bytes))
 
 
-class SharedTensors:
-    """The region, its slots and its registration with Triton. Owned by the gateway process."""
-
-    def __init__(self, slots: int, pixels: int, timeout: float) -> None:
-        self.pixels = pixels
-        self.timeout = timeout
-        self.key = f"depth-gateway-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.region = self.key
-        size = slot_bytes(pixels)
-        self.byte_size = slots * size
-        self.handle = triton_shm.create_shared_memory_region(self.region, self.key, self.byte_size, create_only=True)
-        try:
-            _allocate(self.key, self.byte_size)
-        except OSError:
-            self.destroy()
-            raise
-        self.slots = [
-            Slot(
-                self.key,
-                self.region,
-                index,
-                index * size,
-                index * size + _aligned(pixels * INPUT_BYTES_PER_PIXEL),
-            )
-            for index in range(slots)
-        ]
-        self._free: asyncio.Queue[Slot] = asyncio.Queue()
-        for slot in self.slots:
-            self._free.put_nowait(slot)
-        self._unanswered: set[Slot] = set()
-        self._registering: asyncio.Lock | None = None
-
-    def fits(self, pixels: int) -> bool:
-        return pixels <= self.pixels
-
-    async def acquire(self) -> Slot:
-        return await self._free.get()
-
-    def hold_back(self, slot: Slot) -> None:
-        """An inference into ``slot`` ended without Triton's answer: Triton may still write into it."""
-        self._unanswered.add(slot)
-
-    def release(self, slot: Slot) -> None:
-        """Back to the free slots; after the Triton timeout when it was held back."""
-        if slot in self._unanswered:
-            self._unanswered.discard(slot)
-            asyncio.get_running_loop().call_later(self.timeout, self._free.put_nowait, slot)
-        else:
-            self._free.put_nowait(slot)
-
-    async def register(self, client: grpcaio.InferenceServerClient) -> None:
-        """Register the region with Triton, unless it already is (one registration however many callers)."""
-        if self._registering is None:
-            self._registering = asyncio.Lock()
-        async with self._registering:
-            status = await client.get_system_shared_memory_status(client_timeout=self.timeout)
-            if self.region in status.regions:
-                return
-            await client.register_system_shared_memory(
-                self.region, f"/{self.key}", self.byte_size, client_timeout=self.timeout
-            )
-            log.info(
-                "shared memory region %s registered with Triton: %d slots of up to %d pixels",
-                self.region,
-                len(self.slots),
-                self.pixels,
-            )
-
-    def close(self, url: str) -> None:
-        """At exit: unregister from Triton (when it still runs) and unlink the region."""
-        try:
-            client = grpcsync.InferenceServerClient(url)
-            client.unregister_system_shared_memory(self.region, client_timeout=5)
-            client.close()
-        except InferenceServerException:
-            pass  # Triton already gone: nothing of ours left in it
-        self.destroy()
-
-    def destroy(self) -> None:
-        """Unlink the region (Triton keeps its own mapping until unregistered or stopped)."""
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            triton_shm.destroy_shared_memory_region(handle)
-
-
-def _allocate(key: str, byte_size: int) -> None:
+def allocate(key: str, byte_size: int) -> None:
     """Give the region its pages now. tmpfs allocates them on first write otherwise, and a write that
     finds /dev/shm full is a SIGBUS in whichever process makes it (an image worker, or Triton); here a
     full /dev/shm is an ``OSError`` at startup instead."""
@@ -235,13 +130,8 @@ def _allocate(key: str, byte_size: int) -> None:
 
 def slot_bytes(pixels: int) -> int:
     """Bytes of one slot: the network input and the depth of up to ``pixels`` pixels."""
-    return _aligned(pixels * INPUT_BYTES_PER_PIXEL) + _aligned(pixels * OUTPUT_BYTES_PER_PIXEL)
+    return aligned(pixels * INPUT_BYTES_PER_PIXEL) + aligned(pixels * OUTPUT_BYTES_PER_PIXEL)
 
 
-def _aligned(size: int, alignment: int = 64) -> int:
+def aligned(size: int, alignment: int = 64) -> int:
     return -(-size // alignment) * alignment
-
-
-def is_shared_memory_error(message: str) -> bool:
-    """Triton's words for a region it does not know (it restarted since the gateway registered)."""
-    return "shared memory" in message.lower()

@@ -24,43 +24,31 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from catalogue.models import MODELS
+from catalogue.models import MODELS, Precision
 from gateway.errors import ImageError, quoted
-from gateway.serving.shared_memory import (
-    MIN_SLOTS,
-    SharedTensors,
-    Slot,
-    is_local,
-    is_shared_memory_error,
-    slot_bytes,
-    slots_that_fit,
-)
+from gateway.served_model import ServedModel
+from gateway.serving.shared_memory import Slot, slot_bytes, slots_that_fit
+from gateway.serving.shm_region import MIN_SLOTS, SharedTensors, is_local, is_shared_memory_error
 
 log = logging.getLogger("gateway")
 
-DTYPE_PRECISION = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+DTYPE_PRECISION: dict[str, Precision] = {"float16": "fp16", "float32": "fp32"}  # what the exporter writes
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
 INDEX_TTL = 30.0  # seconds the repository index is trusted
 
 
-MODEL_CHOICES = (
-    "expected depth-anything/Depth-Anything-V2-{Small,Base,Large,Metric-Indoor-Large,Metric-Outdoor-Large}-hf"
-    " or Intel/dpt-large"
-)
+MODEL_CHOICES = f"expected one of {', '.join(MODELS)}"
 
 
 class InferenceTimeout(ImageError):
@@ -71,63 +59,9 @@ class ModelUnavailable(ValueError):
     """The requested model or dtype is not served; the message names what is."""
 
 
-Bucket = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    hf_id: str
-    metric: bool
-    max_depth: float | None
-    precision: str
-    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (network short side, buckets); first = default
-    resample: str
-    on_gpu: bool
-    license: str
-
-    @property
-    def buckets(self) -> tuple[Bucket, ...]:
-        """The default network size's buckets."""
-        return self.families[0][1]
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """The network short sides (``process_res``) served, the default first."""
-        return tuple(size for size, _buckets in self.families)
-
-    def family(self, size: int | None) -> tuple[Bucket, ...]:
-        """The buckets of network size ``size`` (None: the default); KeyError if it is not served."""
-        return self.buckets if size is None else dict(self.families)[size]
-
-    @classmethod
-    def from_config(cls, config: mc.ModelConfig) -> ServedModel:
-        params = {key: value.string_value for key, value in config.parameters.items()}
-        buckets = tuple(tuple(bucket) for bucket in json.loads(params["buckets"]))
-        families = ((min(buckets[0]), buckets),)  # a config written before network-size families
-        if params.get("bucket_families"):
-            families = tuple(
-                (int(size), tuple(tuple(bucket) for bucket in family))
-                for size, family in json.loads(params["bucket_families"]).items()
-            )
-        return cls(
-            name=config.name,
-            hf_id=params["hf_id"],
-            metric=params["kind"] == "metric",
-            max_depth=float(params["max_depth"]) if params.get("max_depth") else None,
-            precision=params["precision"],
-            families=families,
-            resample=params.get("resample", "bicubic"),
-            on_gpu=any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in config.instance_group),
-            license=params.get("license", "unknown"),
-        )
-
-
 def variant_name(hf_id: str, dtype: str) -> str:
-    """Triton name of ``hf_id`` at ``dtype`` (the exporter's naming: plain for fp16, suffixed otherwise)."""
-    base = MODELS[hf_id].triton_name
-    precision = DTYPE_PRECISION[dtype]
-    return base if precision == "fp16" else f"{base}_{precision}"
+    """Triton name of ``hf_id`` at ``dtype``: the model table's one naming rule, as the exporter uses it."""
+    return MODELS[hf_id].served_name(DTYPE_PRECISION[dtype])
 
 
 class TritonModels:

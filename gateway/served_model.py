@@ -1,0 +1,62 @@
+"""What a served model is: its Triton name, HF id, kind, precision, network-size buckets, resample filter,
+licence and device, as its Triton config says. Pure (no Triton client), so that the image workers and
+the outputs can use it without importing gRPC; ``from_config`` reads the config message it is given."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+Bucket = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    hf_id: str
+    metric: bool
+    max_depth: float | None
+    precision: str
+    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (network short side, buckets); first = default
+    resample: str
+    on_gpu: bool
+    license: str
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The default network size's buckets."""
+        return self.families[0][1]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The network short sides (``process_res``) served, the default first."""
+        return tuple(size for size, _buckets in self.families)
+
+    def family(self, size: int | None) -> tuple[Bucket, ...]:
+        """The buckets of network size ``size`` (None: the default); KeyError if it is not served."""
+        return self.buckets if size is None else dict(self.families)[size]
+
+    @classmethod
+    def from_config(cls, config: Any) -> ServedModel:
+        """From a ``ModelConfig`` message (tritonclient's ``model_config_pb2``) the exporter wrote."""
+        gpu_kind = 1  # ModelInstanceGroup.KIND_GPU in model_config.proto
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        buckets = tuple(tuple(bucket) for bucket in json.loads(params["buckets"]))
+        families = ((min(buckets[0]), buckets),)  # a config written before network-size families
+        if params.get("bucket_families"):
+            families = tuple(
+                (int(size), tuple(tuple(bucket) for bucket in family))
+                for size, family in json.loads(params["bucket_families"]).items()
+            )
+        return cls(
+            name=config.name,
+            hf_id=params["hf_id"],
+            metric=params["kind"] == "metric",
+            max_depth=float(params["max_depth"]) if params.get("max_depth") else None,
+            precision=params["precision"],
+            families=families,
+            resample=params.get("resample", "bicubic"),
+            on_gpu=any(group.kind == gpu_kind for group in config.instance_group),
+            license=params.get("license", "unknown"),
+        )
