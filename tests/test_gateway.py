@@ -32,7 +32,7 @@ RESULT_KEYS = {
 TASK_KEYS = {
     "depth": {"depth_png_b64", "depth_png_mime"},
     "colorized": {"colorized_b64", "colorized_mime", "colormap"},
-    "normals": {"normals_b64", "normals_mime"},
+    "normals": {"normals_b64", "normals_mime", "intrinsics"},  # the camera the normals were computed with
     "disparity": {"disparity_b64", "disparity_mime"},
     "point_cloud": {"point_cloud_b64", "point_cloud_mime", "point_cloud_grid"},
 }
