@@ -236,7 +236,13 @@ def test_normals_are_unit_vectors_and_disparity_is_reciprocal_depth(run_job, pho
     result = run_job({"image_url": photo_urls["coffee"], "tasks": tasks, "include_raw": True})["results"][0]
     vectors = decode_normals(decode_image(result["normals_b64"]))
     assert np.abs(np.linalg.norm(vectors, axis=2) - 1).max() < 0.02
-    assert (vectors[..., 2] > 0).all()  # all face the camera
+    camera = result["intrinsics"]
+    rows, cols = np.mgrid[0 : vectors.shape[0], 0 : vectors.shape[1]]
+    to_camera = np.stack(  # from each pixel's surface point back to the camera, in the normals' frame (y up, z back)
+        [-(cols - camera["cx"]) / camera["fx"], (rows - camera["cy"]) / camera["fy"], np.ones(rows.shape)], axis=-1
+    )
+    facing = np.einsum("hwc,hwc->hw", vectors, to_camera) / np.linalg.norm(to_camera, axis=2)
+    assert facing.min() > -0.02  # every normal faces the camera (up to the 8-bit encoding)
     depth, disparity = raw_depth(result), decode_image(result["disparity_b64"]).astype(float)
     assert disparity.ndim == 2
     assert correlation(disparity, depth) > 0.999  # a relative model's output is inverse depth already
