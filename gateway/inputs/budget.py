@@ -41,7 +41,7 @@ WORK_BYTES_PER_PIXEL = {
     "depth": 8,
     "raw": 4,
     "colorized": 8,
-    "normals": 28,
+    "normals": 36,  # back-projected surface normals (41 B measured, with the base)
     "disparity": 4,
     "point_cloud": 16,
 }

@@ -216,16 +216,17 @@ def surface_normals(zs: np.ndarray, camera: Intrinsics) -> np.ndarray:
     z_v, z_u = (np.gradient(z, axis=axis) if z.shape[axis] > 1 else np.zeros_like(z) for axis in (0, 1))
     u = (np.arange(width, dtype=np.float64) - camera.cx).astype(np.float32)
     v = (np.arange(height, dtype=np.float64) - camera.cy).astype(np.float32)
-    nz = z_u * u[None, :]
-    nz += z_v * v[:, None]
+    nz = np.multiply(z_u, u[None, :])
     nz += z
+    nz += np.multiply(z_v, v[:, None], out=z)  # z's memory, no longer needed
     z_u *= np.float32(camera.fx)  # nx
     z_v *= np.float32(-camera.fy)  # ny
-    length = cv2.magnitude(z_u, z_v)
-    length = cv2.magnitude(length, nz)
+    length = cv2.magnitude(cv2.magnitude(z_u, z_v), nz)
     flat = ~(length > 0) | ~np.isfinite(length)
     length[flat] = np.inf  # a flat or unknown spot: (0, 0, 0) + the camera-facing fix below
     np.reciprocal(length, out=length)
-    planes = [z_u * length, z_v * length, nz * length]
-    planes[2][flat] = 1.0
+    planes = [z_u, z_v, nz]
+    for plane in planes:
+        plane *= length
+    nz[flat] = 1.0
     return cv2.merge(planes)
