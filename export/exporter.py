@@ -129,6 +129,7 @@ def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, chec
         served.half()
     name = spec.served_name(options.precision)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=repository))
+    staging.chmod(0o755)  # mkdtemp makes it 0700: Triton running as another user (triton-server) must read it
     try:
         onnx_path = staging / "1" / "model.onnx"
         onnx_path.parent.mkdir()

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
+    """CPUs the container's cgroup quota allows (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` over its
+    period); None when there is no quota or no cgroup file to read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def usable_cpus(root: Path = CGROUP) -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup's quota (a container on a
+    128-core host limited to 16 vCPUs: 16, where ``os.cpu_count()`` says 128)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
 
 
 def _items(raw: str) -> tuple[str, ...]:
@@ -40,7 +73,7 @@ class Settings:
     triton_start_timeout: float = 180.0
     triton_max_restarts: int = 5
     triton_unreachable_exit: float = 300.0
-    cpu_workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    cpu_workers: int = field(default_factory=usable_cpus)
     url_allowlist: tuple[str, ...] = ()
     bucket_endpoint_url: str | None = None
     bucket_access_key_id: str | None = None

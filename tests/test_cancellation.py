@@ -16,7 +16,7 @@ import contextvars
 import functools
 import io
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,9 @@ NOISE = np.random.default_rng(1).integers(0, 256, (1800, 2400, 3), dtype=np.uint
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
-    server = Weed(tmp_path_factory.mktemp("weed")).start()
-    server.client().create_bucket(Bucket="cancel-outputs")
-    yield server
-    server.stop()
+def bucket(seaweed: Weed) -> Weed:
+    seaweed.client().create_bucket(Bucket="cancel-outputs")
+    return seaweed
 
 
 def parked_photos() -> set[str]:

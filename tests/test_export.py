@@ -46,6 +46,10 @@ def test_export_writes_model_config_and_report(repository: Path, model_id: str) 
     spec = get_spec(model_id)
     model_dir = repository / spec.triton_name
     assert (model_dir / "1" / "model.onnx").stat().st_size > 100_000
+    for folder in (model_dir, model_dir / "1"):  # another user (Triton's) can list and enter them
+        assert folder.stat().st_mode & 0o005 == 0o005, folder
+    for file in (model_dir / "1" / "model.onnx", model_dir / "config.pbtxt"):  # and read these
+        assert file.stat().st_mode & 0o004, file
     assert (model_dir / "1" / "model.py").read_text() == (ROOT / "export" / "triton_python_model.py").read_text()
     config = parse((model_dir / "config.pbtxt").read_text())
     assert config.name == spec.triton_name

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -126,11 +125,9 @@ def memory_of(pid: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
-    server = Weed(tmp_path_factory.mktemp("weed")).start()
-    server.client().create_bucket(Bucket="heavy")
-    yield server
-    server.stop()
+def bucket(seaweed: Weed) -> Weed:
+    seaweed.client().create_bucket(Bucket="heavy")
+    return seaweed
 
 
 def test_heavy_jobs_stay_under_the_stated_bound(
