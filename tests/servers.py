@@ -210,3 +210,50 @@ class Relay(LoopbackServer):
                     self.forward("POST", body)
 
         return Handler
+
+
+class HostileEndpoint(LoopbackServer):
+    """Speaks Runpod's /run and /status, answering each job with the next of ``replies`` (its final
+    /status body, as crafted by the test), and records the jobs' inputs."""
+
+    def __init__(self, replies: list[object]) -> None:
+        self.replies = list(replies)
+        self.jobs: dict[str, object] = {}
+        self.inputs: list[dict] = []
+        self._lock = threading.Lock()
+        super().__init__(self._handler_class())
+        self.url = self.base
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        endpoint = self
+
+        class Handler(QuietHandler):
+            def answer(self, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def status(self) -> None:
+                job_id = self.path.rsplit("/", 1)[1]
+                with endpoint._lock:
+                    reply = endpoint.jobs.get(job_id, {"status": "FAILED", "error": "Job ID not found"})
+                self.answer(reply)
+
+            def do_GET(self) -> None:
+                self.status()
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path.startswith("/status"):
+                    self.status()
+                    return
+                with endpoint._lock:
+                    job_id = f"job-{len(endpoint.jobs)}"
+                    endpoint.jobs[job_id] = endpoint.replies.pop(0) if endpoint.replies else {"status": "FAILED"}
+                    endpoint.inputs.append(body.get("input", {}))
+                self.answer({"id": job_id, "status": "IN_QUEUE"})
+
+        return Handler

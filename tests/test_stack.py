@@ -50,7 +50,7 @@ def test_embedded_stack_serves_and_the_client_writes_outputs(
     assert result.returncode == 1, result.stderr  # the missing file fails, on its own
     assert f"failed: {missing}: could not read the file: No such file or directory" in result.stderr
     names = sorted(p.name for p in out.iterdir())
-    others = ["coffee_depth_raw.npz", "coffee_points.ply", "coffee_mesh.glb"]
+    others = ["coffee_depth_raw.npz", "coffee_points.ply", "coffee_mesh.glb", "coffee.json", "run.json"]
     assert names == sorted([f"coffee_{t}.png" for t in tasks] + others)
     assert (out / "coffee_points.ply").read_bytes().startswith(b"ply\nformat binary_little_endian 1.0\n")
     assert (out / "coffee_mesh.glb").read_bytes()[:4] == b"glTF"

@@ -329,7 +329,8 @@ def test_the_client_writes_url_mode_outputs_like_inline_ones(storage_gateway, tm
                    "--tasks", "depth", "mesh", "--set", f"output_mode={mode}", "--json"]  # fmt: skip
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
-        outputs[mode] = {p.name: p.read_bytes() for p in out.iterdir()}
+        outputs[mode] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix not in (".json",)}
+        assert json.loads((out / "coffee.json").read_text())["request"]["output_mode"] == mode
     assert sorted(outputs["url"]) == ["coffee_depth.png", "coffee_mesh.glb"]
     assert outputs["url"] == outputs["inline"]
 

@@ -1,15 +1,6 @@
-"""Command line: ``python -m gateway.client INPUT... --out OUT [options]``.
-
-Every INPUT (file, folder, glob, ``@list.txt``, URL; see ``inputs``) becomes one image; ``--images-per-job``
-of them make a job (default 1). Jobs go to a deployed endpoint (``--endpoint-id`` with
-``RUNPOD_API_KEY``) or a local one (``--endpoint URL``, Runpod's local API), at most ``--concurrency`` in
-flight (``--sync`` sends one ``/runsync`` request per job instead of ``/run`` + ``/status``). An image
-whose outputs are all under ``--out`` already is skipped. Request options: ``--tasks``, ``--model``,
-``--colormap``, ``--format``, ``--include-raw``, and any other field of the API as ``--set NAME=JSON``
-(``--set process_res=770``, ``--set 'camera={"fov_x": 70}'``); the request is validated against the
-API's schema before anything is sent. Prints a progress bar on a terminal and a summary at the end
-(``--json``: the summary as JSON on stdout). Exit status 0 when every image succeeded (or was skipped),
-1 when any failed, 2 for bad arguments.
+"""Command line: ``python -m gateway.client INPUT... --out OUT [options]``; ``--help`` says it all
+(``DESCRIPTION`` and ``EPILOG`` below). Exit status 0 when every image succeeded or was skipped, 1 when any
+failed, 2 for bad arguments, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -21,52 +12,90 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from gateway.client.inputs import Item, expand
+from gateway.client.inputs import Item, expand, unique
 from gateway.client.jobs import Endpoint, JobFailed
-from gateway.client.outputs import already_done, remove_temporaries, write_result
+from gateway.client.outputs import remove_temporaries, request_digest, resume_state, write_atomically, write_result
+from gateway.client.results import BadReply, check_reply
 from gateway.inputs.schema import RequestError, parse_request
 
 DEPLOYED = "https://api.runpod.ai/v2/{endpoint_id}"
+DESCRIPTION = """Depth for a whole dataset: every INPUT becomes one image, sent to a depth endpoint (a deployed
+Runpod endpoint with --endpoint-id and RUNPOD_API_KEY, or a local one with --endpoint); its outputs
+and a sidecar JSON are written under --out, mirroring the inputs."""
+EPILOG = """inputs:
+  a file; a folder (every image below it); a glob (quote it: 'photos/**/*.jpg'); @list.txt (one path or
+  URL a line); an http(s) URL. Image URLs on private networks are refused by the worker unless its
+  URL_ALLOWLIST lets them through.
+
+file names:
+  an input named trip/img1 (its path relative to the folder or glob, its stem for a file, url/<host>/<path>
+  for a URL; characters other than letters, digits and ._- become _) gets trip/img1_depth.png,
+  trip/img1_colorized.png, ... and trip/img1.json (the request, the result's fields: depth range, units,
+  direction, the PNG's decode formula, intrinsics; and the files). The depth PNG carries the same facts as
+  PNG text chunks. Inputs whose names collide (dup.jpg and dup.png, URLs that differ in their query, ...)
+  each get ~<first 8 hex digits of the SHA-256 of the input> appended. OUT/run.json summarizes the run.
+
+resume:
+  an input is skipped when its sidecar records the same request (tasks, format, model, --set fields) and
+  all the files it lists exist; a changed request or a missing file runs it again (the summary says how
+  many of each). Rerun the same command after an interruption.
+
+exit status:
+  0 every image succeeded or was skipped; 1 some failed (each is listed, with why); 2 bad arguments;
+  130 interrupted."""
 
 
 @dataclass
 class Summary:
     done: int = 0
     skipped: int = 0
+    redone: dict[str, int] = field(default_factory=lambda: {"changed": 0, "incomplete": 0})
     failed: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"done": self.done, "skipped": self.skipped, "failed": self.failed}
+        return {"done": self.done, "skipped": self.skipped, "redone": self.redone, "failed": self.failed}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gateway.client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.client", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, @list.txt, URLs")
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs (mirrors the inputs)")
-    parser.add_argument("--tasks", nargs="+", default=["depth", "colorized"])
-    parser.add_argument("--model")
-    parser.add_argument("--colormap")
-    parser.add_argument("--format", choices=["png", "webp", "jpg"], default="png")
-    parser.add_argument("--include-raw", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON", help="any other request field")
+    parser.add_argument("--tasks", nargs="+", default=["depth"], help="depth colorized normals disparity "
+                        "point_cloud points mesh (the API's tasks)")  # fmt: skip
+    parser.add_argument("--model", help="a model id (the endpoint's DEPTH_MODEL when not given)")
+    parser.add_argument("--colormap", help="viridis, magma, inferno, plasma, turbo or gray (the API's default)")
+    parser.add_argument("--format", choices=["png", "webp", "jpg"], default="png", help="colorized, normals, disparity")
+    parser.add_argument("--include-raw", action="store_true", help="also the float32 depth as .npz")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
+                        help="any other request field, e.g. process_res=770 or 'camera={\"fov_x\": 70}'")  # fmt: skip
     parser.add_argument("--endpoint", default="http://127.0.0.1:8000", help="Runpod local API base URL")
     parser.add_argument("--endpoint-id", help="a deployed Runpod endpoint (needs RUNPOD_API_KEY)")
-    parser.add_argument("--images-per-job", type=int, default=1)
+    parser.add_argument("--images-per-job", type=int, default=1, help="images sent in one job")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs in flight")
-    parser.add_argument("--retries", type=int, default=6)
+    parser.add_argument("--retries", type=int, default=6, help="attempts after the first, with backoff")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per HTTP request")
     parser.add_argument("--sync", action="store_true", help="/runsync, one request per job")
+    plain_http = "fetch outputs given as plain http URLs (allowed anyway from a loopback endpoint)"
+    parser.add_argument("--allow-http", action="store_true", help=plain_http)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_intermixed_args(argv)  # inputs may come after options too
     if args.images_per_job < 1 or args.concurrency < 1 or args.retries < 0:
         parser.error("--images-per-job and --concurrency must be at least 1, --retries at least 0")
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, description and epilog kept as written."""
 
 
 def request_template(args: argparse.Namespace) -> dict:
@@ -111,26 +140,36 @@ def source_of(item: Item) -> dict:
     return {"type": "b64", "data": base64.b64encode(Path(item.source).read_bytes()).decode()}
 
 
+def allows_http(args: argparse.Namespace) -> bool:
+    """Plain-http output URLs: when asked for, or when the endpoint itself is on loopback (local runs)."""
+    host = urlsplit(args.endpoint).hostname or ""
+    return args.allow_http or (not args.endpoint_id and (host == "localhost" or host.startswith("127.")))
+
+
 class Run:
     def __init__(self, args: argparse.Namespace, template: dict, client: Endpoint, progress: tqdm) -> None:
         self.args = args
         self.template = template
+        self.digest = request_digest(template)
         self.client = client
         self.progress = progress
+        self.allow_http = allows_http(args)
         self.summary = Summary()
 
-    def pending(self, items: Iterator[Item]) -> Iterator[list[Item]]:
-        """Jobs of ``--images-per-job`` images whose outputs are not all there yet."""
-        tasks, fmt, raw = self.template["tasks"], self.args.format, self.args.include_raw
-        todo = (i for i in items if not self._skip(i, already_done(self.args.out, i.name, tasks, fmt, raw)))
+    def pending(self, items: list[Item]) -> Iterator[list[Item]]:
+        """Jobs of ``--images-per-job`` images that this request has not produced yet."""
+        todo = (item for item in items if not self._skip(item))
         while chunk := list(itertools.islice(todo, self.args.images_per_job)):
             yield chunk
 
-    def _skip(self, item: Item, done: bool) -> bool:
-        if done:
+    def _skip(self, item: Item) -> bool:
+        state = resume_state(self.args.out, item.name, self.digest)
+        if state in self.summary.redone:
+            self.summary.redone[state] += 1
+        if state == "done":
             self.summary.skipped += 1
             self.progress.update(1)
-        return done
+        return state == "done"
 
     async def worker(self, jobs: Iterator[list[Item]]) -> None:
         for job in jobs:  # the workers share one iterator: each takes the next job when it is free
@@ -149,23 +188,24 @@ class Run:
         payload = {**self.template, "images": images}
         try:
             reply = await (self.client.runsync(payload) if self.args.sync else self.client.run(payload))
-        except JobFailed as error:
+            if reply.get("status") != "COMPLETED":
+                error = reply.get("error")
+                raise BadReply(f"job failed: {error[:300] if isinstance(error, str) else 'no reason given'}")
+            answers = check_reply(reply, len(sent), self.allow_http)
+        except (JobFailed, BadReply) as error:
             for item in sent:
                 self.fail(item, str(error))
             return
-        if reply.get("status") != "COMPLETED":
-            for item in sent:
-                self.fail(item, f"job failed: {reply.get('error', 'no reason given')}")
-            return
-        for result in reply["output"]["results"]:
-            item = sent[result["index"]]
-            if "error" in result:
-                self.fail(item, result["error"])
+        for item, answer in zip(sent, answers, strict=True):
+            if isinstance(answer, str):
+                self.fail(item, answer)
                 continue
             try:
-                await asyncio.to_thread(write_result, self.args.out, item.name, result)
-            except OSError as error:  # an output URL that could not be fetched
-                self.fail(item, f"could not download an output: {error}")
+                await asyncio.to_thread(
+                    write_result, self.args.out, item.name, item.source, self.template, answer, self.allow_http
+                )
+            except (OSError, ValueError) as error:  # an output URL that could not be fetched, refused, too big
+                self.fail(item, f"could not fetch an output: {error}")
                 continue
             self.summary.done += 1
             self.progress.update(1)
@@ -177,13 +217,17 @@ class Run:
 
 async def run(args: argparse.Namespace, template: dict) -> Summary:
     remove_temporaries(args.out)  # an interrupted run's half-written files
-    total = sum(1 for _ in expand(args.inputs))  # a cheap first pass, for the progress bar's ETA
+    items = unique(expand(args.inputs))  # every name known first: collisions are resolved before any work
     quiet = args.json or not sys.stderr.isatty()
-    with tqdm(total=total, unit="image", disable=quiet, dynamic_ncols=True) as progress:
+    started = time.time()
+    with tqdm(total=len(items), unit="image", disable=quiet, dynamic_ncols=True) as progress:
         async with endpoint(args) as client:
             job_run = Run(args, template, client, progress)
-            jobs = job_run.pending(expand(args.inputs))
+            jobs = job_run.pending(items)
             await asyncio.gather(*(job_run.worker(jobs) for _ in range(args.concurrency)))
+    record = {"endpoint": args.endpoint_id or args.endpoint, "request": template, "images": len(items),
+              "started": started, "finished": time.time(), **job_run.summary.as_dict()}  # fmt: skip
+    write_atomically(args.out / "run.json", json.dumps(record, indent=1).encode())
     return job_run.summary
 
 
@@ -205,5 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for failure in summary.failed:
             print(f"failed: {failure['input']}: {failure['error']}", file=sys.stderr)
-        print(f"done {summary.done}, failed {len(summary.failed)}, skipped {summary.skipped}; outputs in {args.out}")
+        redone = ", ".join(f"{count} {why}" for why, count in summary.redone.items() if count)
+        print(f"done {summary.done}, failed {len(summary.failed)}, skipped {summary.skipped} (same request"
+              f"{'; redone: ' + redone if redone else ''}); outputs in {args.out}")  # fmt: skip
     return 1 if summary.failed else 0

@@ -8,14 +8,19 @@
   relative to the list's folder and named as written;
 - an http(s) URL: ``url/<host>/<path>``.
 
-Names use ``/`` and keep only letters, digits, ``._-`` (anything else becomes ``_``).
+Names use ``/`` and keep only letters, digits, ``._-`` (anything else becomes ``_``). Inputs whose names
+would collide (``dup.jpg`` and ``dup.png``, ``a/IMG_1.jpg`` and ``b/IMG_1.jpg`` given as files, URLs that
+differ in their query, ``b c.jpg`` and ``b_c.jpg``) each get ``~`` and the first 8 hex digits of the
+SHA-256 of their source appended (``unique``): predictable, and stable from run to run.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -97,3 +102,15 @@ def url_name(url: str) -> str:
 def safe_name(path: PurePosixPath) -> str:
     parts = [_UNSAFE.sub("_", part) for part in path.parts if part not in ("", ".", "..", "/")]
     return "/".join(part.strip("_") or "_" for part in parts) or "image"
+
+
+def unique(items: Iterable[Item]) -> list[Item]:
+    """``items`` with every name that more than one of them has made unique (see the module docstring)."""
+    items = list(items)
+    counts = Counter(item.name for item in items)
+    return [
+        Item(item.source, f"{item.name}~{hashlib.sha256(item.source.encode()).hexdigest()[:8]}")
+        if counts[item.name] > 1
+        else item
+        for item in items
+    ]

@@ -14,6 +14,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import quote
 
 import aiohttp
 
@@ -95,15 +96,17 @@ class Endpoint:
         reply = await self._request("POST", "/runsync", {"input": payload})
         if reply.get("status") in ENDED:
             return reply
-        if "id" not in reply:  # still running, yet no id to ask about
+        job_id = reply.get("id")
+        if not isinstance(job_id, str) or not 0 < len(job_id) <= 256:  # still running, yet no id to ask about
             raise Retryable(f"/runsync answered without an end or a job id: {str(reply)[:100]}")
-        return await self._wait(reply["id"])
+        return await self._wait(quote(job_id, safe=""))
 
     async def _submit(self, payload: dict) -> str:
         reply = await self._request("POST", "/run", {"input": payload})
-        if "id" not in reply:
+        job_id = reply.get("id")
+        if not isinstance(job_id, str) or not 0 < len(job_id) <= 256:
             raise Retryable(f"/run answered without a job id: {str(reply)[:100]}")
-        return reply["id"]
+        return quote(job_id, safe="")
 
     async def _wait(self, job_id: str) -> dict:
         deadline = time.monotonic() + self.job_timeout
@@ -147,8 +150,11 @@ class Endpoint:
                     raise Retryable(f"HTTP {response.status} from {route}")
                 if response.status >= 400:
                     raise JobFailed(f"HTTP {response.status} from {route}: {(await response.text())[:200]}")
-                return await response.json(content_type=None)
+                reply = await response.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError) as error:
             raise Retryable(f"{type(error).__name__} on {route}") from None
         except ValueError:
             raise Retryable(f"{route} answered something that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise Retryable(f"{route} answered JSON that is not an object")
+        return reply
