@@ -67,7 +67,7 @@ class Settings:
     max_b64_chars: int = 36 << 20
     max_pixels: int = 50_000_000
     max_job_pixels: int = 64_000_000
-    max_response_bytes: int = 20_000_000
+    max_response_bytes: int = 10_000_000  # Runpod's cap on a /run result (the client uses /run)
     triton_timeout: float = 60.0
     triton_retries: int = 3
     triton_start_timeout: float = 180.0

@@ -123,7 +123,8 @@ def test_an_image_whose_outputs_cannot_fit_is_refused_before_rendering(gateway_u
     good, big = reply["output"]["results"]
     assert decode_image(good["normals_b64"]).shape == (24, 32, 3)
     assert big["error"].startswith("this image's outputs (about ")
-    assert "20 MB limit" in big["error"]
+    assert "10 MB limit" in big["error"]
+    assert "output_mode url or auto" in big["error"]
     assert_clean_message(big["error"])
     assert "timings" not in big  # refused before decoding: no stage ran
 
@@ -131,7 +132,7 @@ def test_an_image_whose_outputs_cannot_fit_is_refused_before_rendering(gateway_u
 def test_outputs_larger_than_estimated_cost_only_the_images_that_do_not_fit(gateway_url: str) -> None:
     """Estimates are low on purpose; each image's real output size is settled as it is rendered, so the
     images that would take the response over its limit fail alone (the job used to fail whole)."""
-    photo = b64(images.encode(images.Image.fromarray(images.photo_like(3000, 2200)), "PNG"))  # ~11 MB of depth
+    photo = b64(images.encode(images.Image.fromarray(images.photo_like(2200, 1600)), "PNG"))  # ~6 MB of depth
     reply = post(gateway_url, {"images": [{"type": "b64", "data": photo}] * 3, "tasks": ["depth"]})
     assert reply["status"] == "COMPLETED", reply
     results = reply["output"]["results"]
@@ -141,9 +142,9 @@ def test_outputs_larger_than_estimated_cost_only_the_images_that_do_not_fit(gate
     assert refused
     for result in refused:
         assert result["error"].startswith("this image's outputs (")
-        assert "would take the response over its 20 MB limit" in result["error"]
+        assert "would take the response over its 10 MB limit" in result["error"]
         assert_clean_message(result["error"])
-    assert sum(len(r["depth_png_b64"]) for r in served) < 20_000_000
+    assert sum(len(r["depth_png_b64"]) for r in served) < 10_000_000
     assert_still_serves(gateway_url)
 
 

@@ -28,7 +28,7 @@ def test_values_are_parsed_and_empty_means_default(monkeypatch: pytest.MonkeyPat
     assert settings.url_allowlist == ("images.example", "10.0.0.0/8")
     assert settings.triton_ports == (9000, 9001)
     assert settings.triton_url is None
-    assert settings.max_response_bytes == 20_000_000
+    assert settings.max_response_bytes == 10_000_000  # Runpod's /run cap
 
 
 def test_a_malformed_number_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:

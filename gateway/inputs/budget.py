@@ -127,8 +127,9 @@ class JobBudget:
             if needed > self.bytes_left:
                 raise ImageError(
                     f"this image's outputs (about {needed / 1e6:.1f} MB) would take {self.limit_name} over its "
-                    f"{self.max_response_bytes / 1e6:.0f} MB limit; ask for fewer tasks, a smaller image, "
-                    "or jpg/webp output"
+                    f"{self.max_response_bytes / 1e6:.0f} MB limit (outputs keep the photo's size); ask for fewer "
+                    "tasks, a smaller max_size or jpg/webp output"
+                    + (", or use output_mode url or auto with a bucket" if self.limit_name == "the response" else "")
                 )
             self.pixels_left -= pixels
             self.bytes_left -= needed
@@ -143,6 +144,7 @@ class JobBudget:
                 raise ImageError(
                     f"this image's outputs ({actual / 1e6:.1f} MB) would take {self.limit_name} over its "
                     f"{self.max_response_bytes / 1e6:.0f} MB limit; ask for fewer tasks, a smaller max_size "
-                    "or jpg/webp output" + (", or use output_mode url" if self.limit_name == "the response" else "")
+                    "or jpg/webp output"
+                    + (", or use output_mode url or auto with a bucket" if self.limit_name == "the response" else "")
                 )
             self.bytes_left -= actual - reserved

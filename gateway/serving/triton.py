@@ -48,7 +48,33 @@ LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build T
 INDEX_TTL = 30.0  # seconds the repository index is trusted
 
 
-MODEL_CHOICES = f"expected one of {', '.join(MODELS)}"
+def common_start(words: list[str]) -> str:
+    """The characters every one of ``words`` starts with."""
+    first, last = min(words), max(words)
+    length = 0
+    while length < len(first) and first[length] == last[length]:
+        length += 1
+    return first[:length]
+
+
+def brief(ids: list[str]) -> str:
+    """``ids`` as few words: ids sharing a start and an end become ``start{a,b,c}end``."""
+    groups: dict[str, list[str]] = {}
+    for model_id in ids:
+        groups.setdefault(model_id.split("/", 1)[0], []).append(model_id)
+    words = []
+    for group in groups.values():
+        if len(group) == 1:
+            words.append(group[0])
+            continue
+        start = common_start(group)
+        end = common_start([model_id[len(start) :][::-1] for model_id in group])[::-1]
+        middles = [model_id[len(start) : len(model_id) - len(end)] for model_id in group]
+        words.append(f"{start}{{{','.join(middles)}}}{end}")
+    return " or ".join(words)
+
+
+MODEL_CHOICES = f"expected {brief(list(MODELS))}"
 
 
 class InferenceTimeout(ImageError):
