@@ -29,3 +29,17 @@ def test_a_child_process_that_dials_out_is_refused_and_recorded(tmp_path: Path) 
     assert lines[1:] == ["8.8.8.8 101", "2001:4860:4860::8888 101"]
     pid = record.read_text().split()[0]
     assert record.read_text().split("\n")[:-1] == [f"{pid} 8.8.8.8:53", f"{pid} 2001:4860:4860::8888:53"]
+
+
+def test_pip_alone_may_reach_the_package_registry(tmp_path: Path) -> None:
+    """pip is recognised by its entry point; anything else in the same run is still refused."""
+    record = tmp_path / "dialed.log"
+    env = {**os.environ, "NETGUARD_LOG": str(record)}
+    probe = "import sys; sys.argv[0] = sys.argv[1]; from tests.netguard import sitecustomize as s; print(s._is_pip())"
+    answers = [
+        subprocess.run(
+            [sys.executable, "-c", probe, argv0], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for argv0 in ("/x/site-packages/pip/__main__.py", "/x/.venv/bin/pip", "-c", "/x/gateway/__main__.py")
+    ]
+    assert answers == ["True", "True", "False", "False"]

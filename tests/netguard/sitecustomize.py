@@ -1,9 +1,12 @@
 """Loaded by every Python process of a test run (``PYTHONPATH``): refuses and records any connection to an
-address outside loopback, so that a run that dials out fails (``tests/conftest.py`` reads the record)."""
+address outside loopback, so that a run that dials out fails (``tests/conftest.py`` reads the record).
+The one exception is pip, the package registry's client (the quickstart installs, the deployment test
+resolves wheels): the registry is the only network this project may reach."""
 
 import ipaddress
 import os
 import socket
+import sys
 
 _connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
 
@@ -17,6 +20,10 @@ def _outside(address: object) -> bool:
         return address[0] != "localhost"  # any other name may resolve anywhere
 
 
+def _is_pip() -> bool:
+    return any(part.replace("\\", "/").endswith(("pip/__main__.py", "/bin/pip")) for part in sys.argv[:1])
+
+
 def _refuse(address: tuple) -> None:
     with open(os.environ["NETGUARD_LOG"], "a") as record:
         record.write(f"{os.getpid()} {address[0]}:{address[1]}\n")
@@ -24,13 +31,13 @@ def _refuse(address: tuple) -> None:
 
 
 def connect(self: socket.socket, address: object) -> None:
-    if _outside(address):
+    if _outside(address) and not _is_pip():
         _refuse(address)  # type: ignore[arg-type]
     return _connect(self, address)
 
 
 def connect_ex(self: socket.socket, address: object) -> int:
-    if _outside(address):
+    if _outside(address) and not _is_pip():
         _refuse(address)  # type: ignore[arg-type]
     return _connect_ex(self, address)
 
