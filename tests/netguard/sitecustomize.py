@@ -21,7 +21,7 @@ def _outside(address: object) -> bool:
 
 
 def _is_pip() -> bool:
-    return any(part.replace("\\", "/").endswith(("pip/__main__.py", "/bin/pip")) for part in sys.argv[:1])
+    return any(part.replace("\\", "/").endswith(("pip/__main__.py", "pip/__pip-runner__.py", "/bin/pip")) for part in sys.argv[:1])
 
 
 def _refuse(address: tuple) -> None:
