@@ -20,8 +20,11 @@ def _outside(address: object) -> bool:
         return address[0] != "localhost"  # any other name may resolve anywhere
 
 
+PIP_ENTRY_POINTS = ("pip/__main__.py", "pip/__pip-runner__.py", "/bin/pip")  # python -m pip, its build env, pip
+
+
 def _is_pip() -> bool:
-    return any(part.replace("\\", "/").endswith(("pip/__main__.py", "pip/__pip-runner__.py", "/bin/pip")) for part in sys.argv[:1])
+    return bool(sys.argv) and sys.argv[0].replace("\\", "/").endswith(PIP_ENTRY_POINTS)
 
 
 def _refuse(address: tuple) -> None:
