@@ -252,6 +252,34 @@ def test_worker_start_fails_loudly_without_triton(tmp_path: Path) -> None:
     assert "not reachable after 2 s" in log_path.read_text()
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DEPTH_MODEL": "depth-anything/Depth-Anything-V2-Base-hf"},
+         "could not start: model depth-anything/Depth-Anything-V2-Base-hf is not served here; served models: "),
+        ({"BUCKET_ENDPOINT_URL": "http://storage.example", "BUCKET_NAME": "Not_A_Bucket"},
+         "could not start: BUCKET_NAME may hold only lower-case letters"),
+        ({"BUCKET_ENDPOINT_URL": "http://storage.example", "BUCKET_PREFIX": "a/../up"},
+         "could not start: BUCKET_PREFIX must not have empty, '.' or '..' segments"),
+    ],
+)  # fmt: skip
+def test_a_worker_that_cannot_serve_as_configured_says_why_in_one_line_and_exits_1(
+    triton, tmp_path: Path, env: dict, message: str
+) -> None:
+    """A default model the image does not hold, or storage settings S3 would refuse: no traceback, no
+    restart loop that looks alive, one line and status 1 (the platform shows it and replaces the worker)."""
+    log_path = tmp_path / "gateway.log"
+    process = start_gateway({"TRITON_URL": triton.grpc_url, **env}, free_port(), log_path)
+    try:
+        assert process.wait(timeout=120) == 1
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    text = log_path.read_text()
+    assert message in text
+    assert "Traceback" not in text
+
+
 @pytest.fixture(scope="module")
 def overloaded_triton(serving_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     """A Triton whose small model takes 0.5 s per request and queues at most one more (the shipped queue
