@@ -1,4 +1,4 @@
-"""Runpod Hub entry point: the same worker as ``python -m gateway`` (see Dockerfile.gateway)."""
+"""Runpod Hub entry point: the same worker as ``python -m gateway`` (see Dockerfile)."""
 
 from gateway.worker import main
 

@@ -51,7 +51,7 @@ def hub_config() -> dict:
 
 
 def test_both_images_build_on_the_documented_triton_release() -> None:
-    for dockerfile in ("Dockerfile.triton", "Dockerfile.gateway"):
+    for dockerfile in ("Dockerfile.triton", "Dockerfile"):
         assert f"ARG TRITON_IMAGE={TRITON_IMAGE}\n" in (ROOT / dockerfile).read_text()
     assert TRITON_IMAGE.split(":")[1].removesuffix("-py3") in (ROOT / "docs" / "deployment.md").read_text()
 
@@ -94,7 +94,7 @@ def gateway_requirements() -> list[str]:
 
 
 def test_gateway_dependencies_resolve_to_wheels_for_python_3_12(tmp_path: Path) -> None:
-    """What ``Dockerfile.gateway`` installs into the Ubuntu 24.04 image (CPython 3.12, glibc 2.39)."""
+    """What ``Dockerfile`` installs into the Ubuntu 24.04 image (CPython 3.12, glibc 2.39)."""
     platforms = ["manylinux_2_39_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                "--disable-pip-version-check", "--only-binary=:all:", "--python-version", "3.12",

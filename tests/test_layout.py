@@ -65,7 +65,7 @@ def test_an_image_worker_loads_no_grpc_triton_client_or_exporter() -> None:
 
 
 def test_the_worker_image_does_not_carry_the_exporter() -> None:
-    dockerfile = (ROOT / "Dockerfile.gateway").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
     worker_stage = dockerfile.rsplit("FROM ", 1)[1]
     assert "COPY catalogue ./catalogue" in worker_stage
     assert "COPY gateway ./gateway" in worker_stage

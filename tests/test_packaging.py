@@ -19,7 +19,7 @@ from gateway.settings import ENVIRONMENT, Settings
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.helpers import decode_image
 
-DOCKERFILES = ["Dockerfile.triton", "Dockerfile.gateway"]
+DOCKERFILES = ["Dockerfile.triton", "Dockerfile"]
 
 
 def quickstart(command: list[str], out: Path, **env: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_gateway_image_uses_the_tritonserver_path_the_launcher_knows() -> None:
     from gateway.serving.triton_process import NVIDIA_IMAGE_BINARY
 
     assert str(NVIDIA_IMAGE_BINARY) == "/opt/tritonserver/bin/tritonserver"
-    assert 'CMD ["python3", "-m", "gateway"]' in (ROOT / "Dockerfile.gateway").read_text()
+    assert 'CMD ["python3", "-m", "gateway"]' in (ROOT / "Dockerfile").read_text()
 
 
 def test_runpod_files_are_valid() -> None:

@@ -2,8 +2,8 @@
 # that a cold start downloads nothing. `python -m gateway` starts Triton inside the container on loopback
 # (explicit model control, loading on first use) and then the Runpod worker.
 #
-#   docker build -f Dockerfile.gateway -t depth-gateway .
-#   docker build -f Dockerfile.gateway --build-arg MODELS=all -t depth-gateway .
+#   docker build -f Dockerfile -t depth-gateway .
+#   docker build -f Dockerfile --build-arg MODELS=all -t depth-gateway .
 # Local check of the Runpod API: docker run --gpus all -p 8000:8000 depth-gateway \
 #   python3 -m gateway --rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port 8000
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.01-py3
