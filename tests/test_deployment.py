@@ -111,3 +111,27 @@ def test_gateway_dependencies_resolve_to_wheels_for_python_3_12(tmp_path: Path) 
         assert f"-{version}-" in wheels[name.lower().replace("_", "-")], requirement
     for name, wheel in wheels.items():
         assert re.search(r"-(cp312-cp312|cp3\d+-abi3|py3-none|py2\.py3-none)-", wheel), f"{name}: {wheel}"
+
+
+def baked_models() -> list[str]:
+    """The model ids the worker image's default build exports (``ARG MODELS`` of its export stage)."""
+    match = re.search(r"^ARG MODELS=(.+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert match, "Dockerfile has no default MODELS"
+    return match.group(1).split()
+
+
+def test_the_hub_layout_is_where_runpods_publishing_guide_looks() -> None:
+    """hub.json and tests.json in .runpod/; handler.py, Dockerfile and README.md in .runpod/ or the root."""
+    assert (ROOT / ".runpod" / "hub.json").is_file()
+    assert (ROOT / ".runpod" / "tests.json").is_file()
+    for name in ("handler.py", "Dockerfile", "README.md"):
+        assert (ROOT / ".runpod" / name).is_file() or (ROOT / name).is_file(), name
+
+
+def test_the_hub_offers_exactly_the_models_the_default_build_bakes_in() -> None:
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    (model,) = [entry["input"] for entry in hub["config"]["env"] if entry["key"] == "DEPTH_MODEL"]
+    assert [option["value"] for option in model["options"]] == baked_models()
+    assert model["default"] in baked_models()
+    assert baked_models() == ["depth-anything/Depth-Anything-V2-Small-hf"]  # and the README says how to bake more
+    assert "--build-arg MODELS=all" in (ROOT / "README.md").read_text()
