@@ -4,6 +4,7 @@ backend stubs are killed, and a Triton that cannot come back makes the worker ex
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.serving.supervisor import TritonSupervisor
-from gateway.serving.triton_process import BACKEND_REGION_PREFIX, EmbeddedTriton, free_port, mapped_shm_files
+from gateway.serving.triton_process import BACKEND_REGION_PREFIX, EmbeddedTriton, RateLimit, free_port, mapped_shm_files
 from tests.conftest import SMALL
 from tests.test_robustness import GOOD_JOB
 
@@ -147,3 +150,30 @@ def test_a_killed_tritons_backend_regions_are_removed_and_a_live_ones_kept(own_r
         assert live_before <= backend_regions()
     finally:
         server.stop()
+
+
+def test_tritons_output_reaches_the_worker_log_and_survives_a_restart(
+    own_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    server = EmbeddedTriton(own_repository, start_timeout=120).start()
+    try:
+        wait_until(lambda: any("Started GRPCInferenceService" in r.getMessage() for r in caplog.records), 30)
+        relayed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("triton: ")]
+        assert any("Started GRPCInferenceService" in line for line in relayed)
+        server.crash()  # its log used to be truncated by the restart
+        server.start()
+        wait_until(lambda: server.log_path.read_text().count("Started GRPCInferenceService") == 2, 30)
+        assert server.log_path.read_text().count("--- tritonserver starting at ") == 2
+    finally:
+        server.stop()
+
+
+def test_the_log_rate_limit_lets_bursts_through_and_then_a_steady_rate() -> None:
+    now = [0.0]
+    limit = RateLimit(rate=10.0, burst=5, clock=lambda: now[0])
+    assert [limit.allow() for _ in range(7)] == [True] * 5 + [False] * 2
+    now[0] += 0.35  # 3.5 tokens back
+    assert [limit.allow() for _ in range(4)] == [True] * 3 + [False]
+    now[0] += 100  # never more than the burst
+    assert sum(limit.allow() for _ in range(20)) == 5

@@ -8,6 +8,11 @@ PATH so the stub finds numpy and onnxruntime). Triton runs in explicit model-con
 
 Triton runs in a process group of its own, which its Python-backend stubs share: stopping it (or
 cleaning up after it crashed) signals the whole group, so no ``triton_python_backend_stub`` outlives it.
+
+Its output goes to ``tritonserver.log`` (appended, each start marked, so the log of a Triton that crashed
+survives the restart) and into the worker's own log, each line prefixed ``triton:`` and at most
+``LOG_LINES_PER_SECOND`` of them (bursts of ``LOG_BURST``; what is held back is counted and said), so
+Runpod's log view shows why Triton failed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -43,6 +49,46 @@ class TritonStartError(RuntimeError):
 
 log = logging.getLogger("gateway")
 BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"
+LOG_LINES_PER_SECOND = 50.0
+LOG_BURST = 200
+
+
+class RateLimit:
+    """A token bucket: ``allow()`` at most ``rate`` times a second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.last = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def relay_log(stream, path: Path, limit: RateLimit) -> None:
+    """Copy Triton's output (``stream``, until it closes) to ``path`` and, limited, to the worker's log."""
+    held_back = 0
+    with path.open("ab") as file:
+        for raw in iter(stream.readline, b""):
+            file.write(raw)
+            file.flush()
+            if not limit.allow():
+                held_back += 1
+                continue
+            if held_back:
+                log.warning("triton: (%d lines held back by the log rate limit; all are in %s)", held_back, path)
+                held_back = 0
+            log.info("triton: %s", raw.decode(errors="replace").rstrip())
+    if held_back:
+        log.warning("triton: (%d lines held back by the log rate limit; all are in %s)", held_back, path)
 
 
 def mapped_shm_files() -> set[str]:
@@ -104,6 +150,7 @@ class EmbeddedTriton:
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.log_path = self.workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self.log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
 
     @property
     def grpc_url(self) -> str:
@@ -147,15 +194,19 @@ class EmbeddedTriton:
 
     def start(self) -> EmbeddedTriton:
         command, env = self.command_and_env()
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=die_with_parent,
-                start_new_session=True,  # its own process group, shared with its backend stubs
-            )
+        with self.log_path.open("ab") as file:
+            file.write(f"--- tritonserver starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # its own process group, shared with its backend stubs
+        )
+        threading.Thread(
+            target=relay_log, args=(self.process.stdout, self.log_path, self.log_limit), name="triton-log", daemon=True
+        ).start()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
