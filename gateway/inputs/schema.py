@@ -42,7 +42,7 @@ class DepthRequest(BaseModel):
     images: list[ImageSource] | None = Field(None, description='`[{"type": "url" or "b64", "data": ...}]`, mixed')
     model: str | None = Field(None, description="one of the six model ids; default `$DEPTH_MODEL` (Small)")
     tasks: list[Task] = Field(
-        default_factory=lambda: ["depth"], min_length=1, description="any of the five tasks, each once"
+        default_factory=lambda: ["depth"], min_length=1, description="any of the seven tasks; one named twice runs once"
     )
     colormap: Colormap = Field("viridis", description="colormap of the `colorized` output")
     normalize: bool = Field(True, description="min-max normalize for the visual outputs (else a fixed scale)")
