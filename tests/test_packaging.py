@@ -16,7 +16,7 @@ import pytest
 from gateway.devstack import post
 from gateway.inputs.schema import parse_request
 from gateway.settings import ENVIRONMENT, Settings
-from tests.conftest import RELATIVE_ID, ROOT
+from tests.conftest import ROOT
 from tests.helpers import decode_image
 
 DOCKERFILES = ["Dockerfile.triton", "Dockerfile"]
@@ -35,17 +35,25 @@ def test_quickstart_without_weights_says_how_to_pass_them(tmp_path: Path) -> Non
     assert "--checkpoint /path/to/checkpoint" in result.stderr
 
 
-def test_quickstart_as_the_readme_runs_it(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    result = quickstart(["scripts/quickstart.sh", "--checkpoint", str(checkpoints[RELATIVE_ID])], tmp_path)
+def test_quickstart_as_the_readme_runs_it(tmp_path: Path) -> None:
+    """No weights at all, one command; the second run reuses the export."""
+    result = quickstart(["scripts/quickstart.sh", "--random-weights"], tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     results = tmp_path / "results"
     for task in ("depth", "colorized", "normals", "disparity", "point_cloud"):
         assert (results / f"sample_{task}.png").stat().st_size > 1000
+    assert (results / "sample_points.ply").read_bytes().startswith(b"ply\n")
+    assert (results / "sample_mesh.glb").read_bytes()[:4] == b"glTF"
     assert "Timings:" in result.stdout
     assert f"Outputs: {results}" in result.stdout
     assert re.search(r"\d+\.\d\d s  export", result.stdout)
     assert "no GPU: exporting and serving FP32" in result.stdout  # CPU-only machine
     assert sorted(p.name for p in (tmp_path / "model_repository").iterdir()) == ["depth_anything_v2_small_fp32"]
+
+    again = quickstart(["scripts/quickstart.sh", "--random-weights", "--tasks", "depth", "--format", "jpg"], tmp_path)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "is already exported from the same checkpoint; skipped" in again.stdout
+    assert not re.search(r"\d+\.\d\d s  export", again.stdout)
 
 
 def test_dockerfiles_pass_hadolint() -> None:
