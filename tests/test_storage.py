@@ -81,8 +81,10 @@ class Weed:
             f"-volume.port={free_port_pair()}",
             f"-filer.port={free_port_pair()}",
         ]
+        # -volume.max: each bucket is a collection with volumes of its own; 8 ran out at a shared server's
+        # second bucket (every upload then failed with InternalError)
         self.command = [weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *ports, "-s3",
-                        f"-s3.port={self.s3_port}", f"-s3.config={root / 's3.json'}", "-volume.max=8",
+                        f"-s3.port={self.s3_port}", f"-s3.config={root / 's3.json'}", "-volume.max=32",
                         "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
         self.process: subprocess.Popen | None = None
 
