@@ -2,8 +2,8 @@
 
 Run through ``scripts/quickstart.sh`` (which installs what this needs). Steps, each timed:
 1. export the model (``$DEPTH_MODEL``, default Depth-Anything-V2-Small) from the hub, from a local
-   Hugging Face checkpoint given with ``--checkpoint DIR`` or ``$CHECKPOINT``, or from a random-weight
-   checkpoint it makes itself (``--random-weights``: no weights needed at all), into
+   Hugging Face checkpoint given with ``--checkpoint DIR`` or ``$CHECKPOINT``, or from a tiny random-weight
+   checkpoint of the same architecture it makes itself (``--random-weights``: no weights needed at all), into
    ``OUT/model_repository`` with the Python backend (the local tritonserver has only that one), in FP32
    when there is no GPU; skipped when that model was already exported from the same checkpoint path;
 2. start ``python -m gateway`` (embedded Triton + Runpod's local API) on a free port;
@@ -95,6 +95,7 @@ def main() -> int:
         if not (args.checkpoint / "config.json").exists():
             with step(f"make a random-weight checkpoint of {args.model}", timings):
                 command = [sys.executable, "-m", "export.random_checkpoint", args.model, "--out", str(args.checkpoint)]
+                command += ["--size", "tiny"]  # seconds to export: it shows every part working, not their speed
                 subprocess.run(command, cwd=ROOT, check=True)
     precision = default_precision()
     if already_exported(repository, args.model, precision, args.checkpoint):
