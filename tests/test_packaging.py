@@ -16,7 +16,7 @@ import pytest
 from gateway.devstack import post
 from gateway.inputs.schema import parse_request
 from gateway.settings import ENVIRONMENT, Settings
-from tests.conftest import ROOT
+from tests.conftest import RELATIVE_ID, ROOT
 from tests.helpers import decode_image
 
 DOCKERFILES = ["Dockerfile.triton", "Dockerfile"]
@@ -36,7 +36,7 @@ def test_quickstart_without_weights_says_how_to_pass_them(tmp_path: Path) -> Non
 
 
 def test_quickstart_as_the_readme_runs_it(tmp_path: Path) -> None:
-    """No weights at all, one command; the second run reuses the export."""
+    """No weights at all, one command."""
     result = quickstart(["scripts/quickstart.sh", "--random-weights"], tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     results = tmp_path / "results"
@@ -50,10 +50,25 @@ def test_quickstart_as_the_readme_runs_it(tmp_path: Path) -> None:
     assert "no GPU: exporting and serving FP32" in result.stdout  # CPU-only machine
     assert sorted(p.name for p in (tmp_path / "model_repository").iterdir()) == ["depth_anything_v2_small_fp32"]
 
-    again = quickstart(["scripts/quickstart.sh", "--random-weights", "--tasks", "depth", "--format", "jpg"], tmp_path)
-    assert again.returncode == 0, again.stderr + again.stdout
-    assert "is already exported from the same checkpoint; skipped" in again.stdout
-    assert not re.search(r"\d+\.\d\d s  export", again.stdout)
+    checkpoint = tmp_path / "checkpoints" / "random"  # what a second run would find: no second export
+    assert quickstart_module().already_exported(tmp_path / "model_repository", RELATIVE_ID, "fp32", checkpoint)
+
+
+def quickstart_module():
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_quickstart_exports_again_only_for_another_checkpoint_or_precision(repository: Path) -> None:
+    quick = quickstart_module()
+    report = json.loads((repository / "depth_anything_v2_small" / "export_report.json").read_text())
+    checkpoint = Path(report["checkpoint"])
+    assert quick.already_exported(repository, RELATIVE_ID, "fp16", checkpoint)
+    assert not quick.already_exported(repository, RELATIVE_ID, "fp16", checkpoint.parent / "other")
+    assert not quick.already_exported(repository, RELATIVE_ID, "fp16", None)  # the hub's weights
+    assert not quick.already_exported(repository, "depth-anything/Depth-Anything-V2-Base-hf", "fp16", checkpoint)
 
 
 def test_dockerfiles_pass_hadolint() -> None:
