@@ -147,8 +147,8 @@ def test_heavy_jobs_stay_under_the_stated_bound(
         urls = [image_server.add(f"mem-{n}.jpg", photo_4mp()) for n in range(16)]
         sources = [{"type": "url", "data": url} for url in urls]
         jobs = [
-            {"images": sources, "process_res": 1036, "tasks": ["depth", "point_cloud"]},
-            {"images": sources, "process_res": 1036, "tasks": ["depth", "point_cloud"]},
+            {"images": sources[:10], "process_res": 1036, "tasks": ["depth", "point_cloud"]},
+            {"images": sources[6:], "process_res": 1036, "tasks": ["depth", "point_cloud"]},
             {"images": sources[:8], "tasks": ["depth", "colorized", "normals", "points", "mesh"],
              "max_points": 5_000_000, "max_mesh_vertices": 2_000_000},
             {"images": sources[:8], "tasks": ["depth", "normals", "disparity"], "include_raw": True},
