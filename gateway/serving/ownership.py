@@ -53,10 +53,6 @@ class Holdings:
         self._closed = True
         self._maybe_give_back()
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
     def _maybe_give_back(self) -> None:
         if not self._closed or self._running:
             return
