@@ -84,7 +84,7 @@ def one_case(tasks: list[str], process_res: int | None) -> dict:
     depth = np.add.outer(np.linspace(1, 2, height), np.linspace(0, 1, width)).astype(np.float32)
     outputs = render_outputs(decoded, depth, request, model, None)
     peak = status_bytes("VmHWM") - before
-    network = max(h * w for h, w in model.family(process_res))
+    network = model.largest_pixels(process_res)
     estimate = estimated_work_bytes(
         WIDTH * HEIGHT, network, tasks, request.include_raw, needs_photo(tasks), request.max_points,
         request.max_mesh_vertices,

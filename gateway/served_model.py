@@ -37,6 +37,10 @@ class ServedModel:
         """The buckets of network size ``size`` (None: the default); KeyError if it is not served."""
         return self.buckets if size is None else dict(self.families)[size]
 
+    def largest_pixels(self, size: int | None) -> int:
+        """Pixels of the largest bucket of network size ``size`` (None: the default)."""
+        return max(height * width for height, width in self.family(size))
+
     @classmethod
     def from_config(cls, config: Any) -> ServedModel:
         """From a ``ModelConfig`` message (tritonclient's ``model_config_pb2``) the exporter wrote."""

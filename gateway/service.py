@@ -128,8 +128,7 @@ class DepthService:
         self.workers.warm_up()
         model = await self.triton.preload(self.settings.default_model)
         if self.settings.shared_memory == "auto":
-            pixels = max(height * width for height, width in model.buckets)
-            await self.triton.use_shared_memory(pixels, self.settings.shared_memory_slots)
+            await self.triton.use_shared_memory(model.largest_pixels(None), self.settings.shared_memory_slots)
         await self.triton.close()
 
     async def handle_job(self, job: dict) -> dict:
@@ -337,7 +336,7 @@ class DepthService:
     ) -> None:
         """The image's working memory, from the worker's budget until its holdings are given back."""
         width, height = size
-        network_pixels = max(h * w for h, w in model.family(request.process_res))
+        network_pixels = model.largest_pixels(request.process_res)
         needed = estimated_work_bytes(
             width * height,
             network_pixels,
@@ -363,8 +362,7 @@ class DepthService:
         shared = self.triton.shared
         if shared is None:
             return None
-        largest = max(height * width for height, width in model.family(request.process_res))
-        if not shared.fits(largest):
+        if not shared.fits(model.largest_pixels(request.process_res)):
             return None
         slot = await shared.acquire()
         holdings.on_give_back(functools.partial(shared.release, slot))
