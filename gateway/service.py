@@ -37,6 +37,7 @@ from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import ModelUnavailable, TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
+from gateway.video_service import VideoService
 
 log = logging.getLogger("gateway")
 
@@ -121,6 +122,7 @@ class DepthService:
         self.memory = WorkerMemory(
             settings.input_memory_bytes, settings.work_memory_bytes, settings.output_memory_bytes
         )
+        self.videos = VideoService(settings, triton, fetcher, self.workers, self.memory, self.storage)
 
     async def startup(self) -> None:
         """Start the image workers, load the default model and set up shared memory with Triton, so that
@@ -152,6 +154,8 @@ class DepthService:
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
         request = parsed.request
+        if parsed.video is not None:
+            return await self._video(parsed.video, request, model, dtype, bucket, job_id, report, started)
         job = JobContext(self._job_budget(request, bucket), self.fetcher.slots())
         total, finished = len(parsed.sources), 0
 
@@ -167,21 +171,44 @@ class DepthService:
             with self.triton.using(model.name):  # not unloaded while any image of the job may still need it
                 images = (counted(index, source) for index, source in enumerate(parsed.sources))
                 results = await asyncio.gather(*images)
-            response = {
-                "results": results,
-                "model": model.hf_id,
-                "license": model.license,
-                **{key: getattr(request, key) for key in ECHOED},
-                "process_res": request.process_res or model.sizes[0],
-                "dtype": dtype,
-                "device": "cuda" if model.on_gpu else "cpu",
-                "cuda_available": bool(self.triton.gpu),
-                "count": len(results),
-                "elapsed_sec": round(time.perf_counter() - started, 4),
-            }
+            response = self._response(results, request, model, dtype, started)
             return await self._deliver(response, request, bucket, job_id)
         finally:
             self.memory.outputs.release(job.output_bytes)
+
+    def _response(
+        self, results: list[dict], request: DepthRequest, model: ServedModel, dtype: str, started: float
+    ) -> dict:
+        return {
+            "results": results,
+            "model": model.hf_id,
+            "license": model.license,
+            **{key: getattr(request, key) for key in ECHOED},
+            "process_res": request.process_res or model.sizes[0],
+            "dtype": dtype,
+            "device": "cuda" if model.on_gpu else "cpu",
+            "cuda_available": bool(self.triton.gpu),
+            "count": len(results),
+            "elapsed_sec": round(time.perf_counter() - started, 4),
+        }
+
+    async def _video(
+        self,
+        source: ImageSource,
+        request: DepthRequest,
+        model: ServedModel,
+        dtype: str,
+        bucket: Bucket | None,
+        job_id: str,
+        report: Callable[[str], None] | None,
+        started: float,
+    ) -> dict:
+        """A video job's response: one result, its outputs inline or uploaded by the video path itself."""
+        with self.triton.using(model.name):
+            result = await self.videos.serve(source, request, model, bucket, job_id, report)
+        response = self._response([result], request, model, dtype, started)
+        uploaded = any(key.endswith("_url") for key in result)
+        return {**response, "temporal": request.temporal or "align", "output_mode": "url" if uploaded else "inline"}
 
     async def _accept(self, payload: Any, s3_config: object) -> tuple[ParsedRequest, ServedModel, str, Bucket | None]:
         """The parsed request, its model (loaded), dtype and bucket; RequestError or ModelUnavailable."""

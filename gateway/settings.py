@@ -89,6 +89,12 @@ class Settings:
     input_memory_bytes: int = 512 << 20
     work_memory_bytes: int = 3 << 30
     output_memory_bytes: int = 2 << 30
+    max_video_bytes: int = 200 << 20
+    max_video_seconds: float = 120.0
+    max_video_frames: int = 1800
+    max_video_pixels: int = 3840 * 2160
+    video_spool_bytes: int = 2 << 30
+    video_timeout: float = 900.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -137,4 +143,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "input_memory_bytes": ("INPUT_MEMORY_BYTES", int),
     "work_memory_bytes": ("WORK_MEMORY_BYTES", int),
     "output_memory_bytes": ("OUTPUT_MEMORY_BYTES", int),
+    "max_video_bytes": ("MAX_VIDEO_BYTES", int),
+    "max_video_seconds": ("MAX_VIDEO_SECONDS", float),
+    "max_video_frames": ("MAX_VIDEO_FRAMES", int),
+    "max_video_pixels": ("MAX_VIDEO_PIXELS", int),
+    "video_spool_bytes": ("VIDEO_SPOOL_BYTES", int),
+    "video_timeout": ("VIDEO_TIMEOUT", float),
 }

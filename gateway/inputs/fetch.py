@@ -157,65 +157,75 @@ class Fetcher:
         """A new job's download slots: at most ``per_job`` of its downloads run at once."""
         return asyncio.Semaphore(self.per_job)
 
-    async def fetch(self, url: str, slots: asyncio.Semaphore | None = None) -> bytes:
-        """The body of ``url``; waiting for one of the job's ``slots`` does not count against the deadline."""
+    async def fetch(
+        self,
+        url: str,
+        slots: asyncio.Semaphore | None = None,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
+        what: str = "image",
+    ) -> bytes:
+        """The body of ``url`` (at most ``max_bytes``, default the image limit, within ``timeout``, default
+        the image deadline); waiting for one of the job's ``slots`` does not count against the deadline.
+        Errors name ``what`` was downloaded."""
+        timeout = timeout or self.timeout
         async with slots if slots is not None else contextlib.nullcontext():
             try:
-                async with asyncio.timeout(self.timeout):
-                    return await self._follow(url)
+                async with asyncio.timeout(timeout):
+                    return await self._follow(url, max_bytes or self.max_bytes, what)
             except TimeoutError:
-                raise ImageError(f"image download timed out after {self.timeout:g} s") from None
+                raise ImageError(f"{what} download timed out after {timeout:g} s") from None
             except aiohttp.ClientError:
-                raise ImageError("could not download the image") from None
+                raise ImageError(f"could not download the {what}") from None
 
-    async def _follow(self, url: str) -> bytes:
-        target = self._checked_url(url)
+    async def _follow(self, url: str, limit: int, what: str) -> bytes:
+        target = self._checked_url(url, what)
         for _ in range(MAX_REDIRECTS + 1):
             async with self._get_session().get(target, allow_redirects=False) as response:
                 if response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location")
                     if not location:
-                        raise ImageError("image URL redirected without a location")
-                    target = self._checked_url(self._join(target, location))
+                        raise ImageError(f"{what} URL redirected without a location")
+                    target = self._checked_url(self._join(target, location, what), what)
                     continue
                 if response.status != 200:
-                    raise ImageError(f"image download failed with HTTP status {response.status}")
-                return await self._read_bounded(response)
-        raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times")
+                    raise ImageError(f"{what} download failed with HTTP status {response.status}")
+                return await self._read_bounded(response, limit, what)
+        raise ImageError(f"{what} URL redirected more than {MAX_REDIRECTS} times")
 
     @staticmethod
-    def _join(base: URL, location: str) -> str:
+    def _join(base: URL, location: str, what: str) -> str:
         try:
             return str(base.join(URL(location)))
         except (ValueError, TypeError):
-            raise ImageError("image URL redirected to an invalid URL") from None
+            raise ImageError(f"{what} URL redirected to an invalid URL") from None
 
-    def _checked_url(self, url: str) -> URL:
+    def _checked_url(self, url: str, what: str = "image") -> URL:
         try:
             url.encode("utf-8")
             parsed = URL(url)
             scheme, host, port = parsed.scheme, parsed.host, parsed.port or 0
         except (ValueError, TypeError):  # bad port, bracket, encoding: yarl and str say ValueError
-            raise ImageError("invalid image URL") from None
+            raise ImageError(f"invalid {what} URL") from None
         if scheme not in ("http", "https") or not host:
-            raise ImageError("image URL must be http or https with a host")
+            raise ImageError(f"{what} URL must be http or https with a host")
         try:
             literal = ipaddress.ip_address(host)
         except ValueError:
             return parsed
-        self.policy.check(host, literal, port)
+        self.policy.check(host, literal, port, f"{what} URL")
         return parsed
 
-    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
-        limit = self.max_bytes
+    @staticmethod
+    async def _read_bounded(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
         if response.content_length is not None and response.content_length > limit:
-            raise ImageError(f"image too large: {response.content_length} bytes, at most {limit}")
+            raise ImageError(f"{what} too large: {response.content_length} bytes, at most {limit}")
         chunks, size = [], 0
         async for chunk in response.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > limit:
-                raise ImageError(f"image too large: more than {limit} bytes")
+                raise ImageError(f"{what} too large: more than {limit} bytes")
             chunks.append(chunk)
         if not size:
-            raise ImageError("image URL returned no data")
+            raise ImageError(f"{what} URL returned no data")
         return b"".join(chunks)

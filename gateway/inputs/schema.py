@@ -40,6 +40,22 @@ class DepthRequest(BaseModel):
     image_urls: list[str] | None = Field(None, description="several image URLs")
     image_b64: str | None = Field(None, description="one image, raw base64 or a `data:image/...;base64,` URI")
     images: list[ImageSource] | None = Field(None, description='`[{"type": "url" or "b64", "data": ...}]`, mixed')
+    video_url: str | None = Field(None, description="one video by http(s) URL (instead of images)")
+    video_b64: str | None = Field(None, description="one small video, raw base64 or a data URI (instead of images)")
+    fps: float | None = Field(
+        None,
+        gt=0,
+        le=120,
+        description="video: sample at most this many frames per second (default: the source's, up to 30)",
+    )
+    start: float | None = Field(None, ge=0, le=1e6, description="video: seconds into the clip to begin at (default 0)")
+    duration: float | None = Field(None, gt=0, le=1e6, description="video: seconds to process (default: to the end)")
+    max_frames: int | None = Field(None, ge=1, le=1_000_000, description="video: most frames to sample")
+    temporal: Literal["align", "none"] | None = Field(
+        None,
+        description='video: `"align"` (default) maps every frame of a relative model onto the clip\'s running '
+        'reference (scale and shift), removing flicker; `"none"` keeps each frame as the network gave it',
+    )
     model: str | None = Field(None, description="one of the six model ids; default `$DEPTH_MODEL` (Small)")
     tasks: list[Task] = Field(
         default_factory=lambda: ["depth"], min_length=1, description="any of the seven tasks; one named twice runs once"
@@ -138,10 +154,15 @@ def check_camera(camera: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+VIDEO_TASKS = ("depth", "colorized")
+VIDEO_ONLY = ("fps", "start", "duration", "max_frames", "temporal")
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     request: DepthRequest
-    sources: list[ImageSource]
+    sources: list[ImageSource]  # the images; empty for a video job
+    video: ImageSource | None = None
 
 
 def parse_request(payload: object, max_images: int) -> ParsedRequest:
@@ -153,11 +174,33 @@ def parse_request(payload: object, max_images: int) -> ParsedRequest:
     except ValidationError as error:
         raise RequestError(_describe(error)) from None
     sources = request.sources()
+    videos = [ImageSource(type="url", data=request.video_url)] if request.video_url is not None else []
+    videos += [ImageSource(type="b64", data=request.video_b64)] if request.video_b64 is not None else []
+    if videos:
+        return ParsedRequest(request, [], _check_video(request, sources, videos))
+    given = [name for name in VIDEO_ONLY if getattr(request, name) is not None]
+    if given:
+        raise RequestError(f"{', '.join(given)} apply to videos only (video_url or video_b64)")
     if not sources:
-        raise RequestError("no image given: set image_url, image_urls, image_b64 or images")
+        raise RequestError("no image given: set image_url, image_urls, image_b64 or images (or video_url, video_b64)")
     if len(sources) > max_images:
         raise RequestError(f"too many images: {len(sources)} given, at most {max_images} per request")
     return ParsedRequest(request, sources)
+
+
+def _check_video(request: DepthRequest, images: list[ImageSource], videos: list[ImageSource]) -> ImageSource:
+    """The job's one video, or RequestError: a video job has no images and only the video tasks."""
+    if images:
+        raise RequestError("a job takes either one video (video_url or video_b64) or images, not both")
+    if len(videos) > 1:
+        raise RequestError("one video per job: set video_url or video_b64, not both")
+    other = [task for task in request.tasks if task not in VIDEO_TASKS]
+    if other:
+        raise RequestError(
+            f"tasks {', '.join(other)} do not apply to a video; a video supports "
+            f"{' and '.join(VIDEO_TASKS)} (and include_raw for the float16 depth of every frame)"
+        )
+    return videos[0]
 
 
 def _describe(error: ValidationError) -> str:

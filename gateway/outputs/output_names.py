@@ -16,6 +16,8 @@ OUTPUTS = {  # inline key -> (suffix, key naming its MIME type)
     "point_cloud_b64": ("point_cloud", "point_cloud_mime"),
     "points_b64": ("points", "points_mime"),
     "mesh_b64": ("mesh", "mesh_mime"),
+    "depth_video_b64": ("depth", "depth_video_mime"),
+    "colorized_video_b64": ("colorized", "colorized_video_mime"),
 }
 EXTENSIONS = {
     "image/png": "png",
@@ -23,6 +25,8 @@ EXTENSIONS = {
     "image/jpeg": "jpg",
     "application/x-ply": "ply",
     "model/gltf-binary": "glb",
+    "video/x-matroska": "mkv",
+    "video/mp4": "mp4",
     None: "npz",
 }
 NPZ_MIME = "application/octet-stream"

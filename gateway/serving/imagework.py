@@ -38,6 +38,7 @@ from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
+from gateway.outputs.video import ClipEncoding, encode_clip
 from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SharedPhoto, Slot
@@ -174,6 +175,10 @@ class ImageWorkers:
         holdings: Holdings,
     ) -> dict:
         return await self._run(functools.partial(render_outputs, decoded, depth, request, model, slot), holdings)
+
+    async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> dict[str, str]:
+        """A video's output files, written from its spool by one worker process."""
+        return await self._run(functools.partial(encode_clip, job), holdings)
 
     async def _run(
         self, call: functools.partial, holdings: Holdings, on_result: Callable[[Any], None] | None = None

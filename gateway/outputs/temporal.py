@@ -1,0 +1,110 @@
+"""A clip's depth made steady: per-frame scale/shift alignment and one value range for the whole clip. Pure.
+
+Depth-Anything's relative output is affine-invariant inverse depth: each frame has its own unknown scale
+and shift, so consecutive frames of a still scene flicker. ``Aligner`` maps every frame onto the clip's
+running reference by a least-squares scale and shift in that inverse-depth space, fitted on a sparse grid
+of pixels, twice more on the pixels whose residual is below the 80th percentile (a trimmed fit: moving
+objects and the sky do not drag it). The reference is a moving average of the frames already aligned,
+so each fit chains to the clip's first frame without the drift of fitting frame to frame. Metric
+models' scale is meaningful: their frames are never re-scaled. ``temporal: "none"`` keeps every frame as
+the network gave it.
+
+``ClipRange`` gathers the clip's exact minimum and maximum (the 16-bit video's mapping, so it round-trips)
+and a sparse sample of every frame, whose 1st and 99th percentiles set the colorized video's range: one
+range for the clip, never per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GRID_STEP = 4  # fit on every 4th pixel of every 4th row
+KEEP = 0.8  # trimmed fit: the 80 % of pixels with the smallest residuals
+REFITS = 2
+REFERENCE_WEIGHT = 0.9  # of the running reference against the newly aligned frame
+RANGE_SAMPLES = 4096  # per frame, for the colorized range's percentiles
+COLOR_PERCENTILES = (1.0, 99.0)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    scale: float
+    shift: float
+
+
+IDENTITY = Alignment(1.0, 0.0)
+
+
+def fit_affine(source: np.ndarray, target: np.ndarray, keep: float = KEEP, refits: int = REFITS) -> Alignment | None:
+    """Scale and shift mapping ``source`` onto ``target`` (trimmed least squares); None when ``source`` is
+    flat (no scale can be told) or the fit is not a positive finite scale."""
+    x = source.ravel().astype(np.float64)
+    y = target.ravel().astype(np.float64)
+    chosen = np.ones(x.shape, bool)
+    fit = None
+    for round_ in range(refits + 1):
+        xs, ys = x[chosen], y[chosen]
+        spread = xs.var()
+        if not np.isfinite(spread) or spread <= 1e-12 * max(float(np.abs(xs).max(initial=0.0)) ** 2, 1e-30):
+            return fit
+        scale = float(((xs - xs.mean()) * (ys - ys.mean())).mean() / spread)
+        shift = float(ys.mean() - scale * xs.mean())
+        if not (np.isfinite(scale) and np.isfinite(shift)) or scale <= 0:
+            return fit
+        fit = Alignment(scale, shift)
+        if round_ < refits:
+            residual = np.abs(scale * x + shift - y)
+            chosen = residual <= np.quantile(residual, keep)
+    return fit
+
+
+class Aligner:
+    """Applies the clip's temporal mode to each frame in order; ``align`` returns the frame and its map."""
+
+    def __init__(self, mode: str, metric: bool) -> None:
+        self.active = mode == "align" and not metric
+        self.reference: np.ndarray | None = None
+        self.last = IDENTITY
+
+    def align(self, depth: np.ndarray) -> tuple[np.ndarray, Alignment]:
+        if not self.active:
+            return depth, IDENTITY
+        sparse = depth[::GRID_STEP, ::GRID_STEP]
+        if self.reference is None or self.reference.shape != sparse.shape:
+            self.reference = sparse.astype(np.float32)
+            return depth, IDENTITY
+        fit = fit_affine(sparse, self.reference)
+        if fit is None:  # a flat frame: keep the last scale, match the reference's mean
+            fit = Alignment(self.last.scale, float(self.reference.mean() - self.last.scale * sparse.mean()))
+        self.last = fit
+        aligned = depth * np.float32(fit.scale) + np.float32(fit.shift)
+        self.reference *= np.float32(REFERENCE_WEIGHT)
+        self.reference += np.float32(1 - REFERENCE_WEIGHT) * aligned[::GRID_STEP, ::GRID_STEP]
+        return aligned, fit
+
+
+class ClipRange:
+    """The clip's exact range and a sparse sample of its values, frame by frame."""
+
+    def __init__(self) -> None:
+        self.low = np.inf
+        self.high = -np.inf
+        self._samples: list[np.ndarray] = []
+
+    def add(self, depth: np.ndarray) -> None:
+        self.low = min(self.low, float(depth.min()))
+        self.high = max(self.high, float(depth.max()))
+        flat = depth.ravel()
+        step = max(1, flat.size // RANGE_SAMPLES)
+        self._samples.append(flat[::step].astype(np.float32))
+
+    def exact(self) -> tuple[float, float]:
+        return self.low, self.high
+
+    def robust(self) -> tuple[float, float]:
+        """The 1st and 99th percentiles of the sampled values (the exact range when they coincide)."""
+        values = np.concatenate(self._samples) if self._samples else np.zeros(1, np.float32)
+        low, high = (float(value) for value in np.percentile(values, COLOR_PERCENTILES))
+        return (low, high) if high > low else self.exact()

@@ -1,0 +1,157 @@
+"""A clip's outputs written frame by frame from its spooled depth: the lossless 16-bit depth video, the
+colorized H.264 video and the float16 stack. Pure: PyAV, NumPy, OpenCV; runs in an image-worker process.
+
+The spool holds the clip's aligned depth at the network's size, float16, frame after frame (a plain file:
+its pages are the page cache's, not this process's memory). Each frame is read back, upsampled to the
+output size and rounded to float16 once; the npz stores those values and the 16-bit video maps the clip's
+exact range of them onto 0..65535, so ``depth = depth_min + v / 65535 * (depth_max - depth_min)`` gives the
+npz back within half a 16-bit step. The colorized video maps the clip's robust range onto the colormap.
+
+Formats: depth is FFV1 ``gray16le`` in Matroska (lossless); colorized is H.264 ``yuv420p`` in MP4 with
+the index up front (browsers play it while it downloads), cropped by a pixel to even dimensions when the
+frame has odd ones; libx264 ``veryfast`` at CRF 20 was chosen by ``bench.video`` (cheaper than
+``superfast`` and a tenth of ``ultrafast``'s size on moving content). Frames keep their source timing:
+the written timestamps are the sampled frames' own, in units of the output rate.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from numpy.lib import format as npy_format
+
+from gateway.errors import ImageError
+from gateway.outputs import postprocess as pp
+
+DEPTH_VIDEO_MIME = "video/x-matroska"
+COLOR_VIDEO_MIME = "video/mp4"
+X264_PRESET = "veryfast"
+X264_CRF = "20"
+ENCODER_THREADS = "2"
+FILES = {"depth": "depth.mkv", "colorized": "colorized.mp4", "raw": "depth.npz"}
+
+
+@dataclass(frozen=True)
+class ClipEncoding:
+    """Everything the encoding pass needs; plain values, sent to a worker process."""
+
+    spool: Path
+    folder: Path  # where the output files are written
+    frames: int
+    network_shape: tuple[int, int]  # (height, width) of each spooled frame
+    size: tuple[int, int]  # (width, height) of the outputs
+    pts: tuple[int, ...]  # each frame's timestamp in units of 1 / rate
+    rate: Fraction
+    tasks: tuple[str, ...]
+    include_raw: bool
+    depth_range: tuple[float, float]  # exact, of the float16 values
+    color_range: tuple[float, float]
+    colormap: str
+    invert: bool
+    deadline: float  # wall-clock time (time.time()) after which the pass gives up
+
+
+def _stream(container: Any, codec: str, rate: Fraction, size: tuple[int, int], pix: str, options: dict) -> Any:
+    stream = container.add_stream(codec, rate=rate, options=options)
+    stream.width, stream.height = size
+    stream.pix_fmt = pix
+    stream.codec_context.time_base = 1 / rate
+    return stream
+
+
+class NpyStackWriter:
+    """``depth`` float16 ``[frames, h, w]`` in a compressed npz, written one frame at a time."""
+
+    def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
+        self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1)
+        self._entry = self._zip.open("depth.npy", "w", force_zip64=True)
+        header = {"descr": npy_format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False}
+        npy_format.write_array_header_2_0(self._entry, {**header, "shape": (frames, height, width)})
+
+    def add(self, frame: np.ndarray) -> None:
+        self._entry.write(np.ascontiguousarray(frame, np.float16).tobytes())
+
+    def close(self) -> None:
+        self._entry.close()
+        self._zip.close()
+
+
+def to_uint16(depth: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``depth`` in [low, high] -> 0..65535, rounded (0 everywhere for a flat clip)."""
+    if high <= low:
+        return np.zeros(depth.shape, np.uint16)
+    scaled = (depth.astype(np.float32) - np.float32(low)) * np.float32(65535.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 65535).astype(np.uint16)
+
+
+def to_unit(depth: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(depth.shape, np.float32)
+    return np.clip((depth.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low)), 0.0, 1.0)
+
+
+def encode_clip(job: ClipEncoding) -> dict[str, str]:
+    """The output files (task -> path) of a spooled clip; ImageError past the deadline."""
+    width, height = job.size
+    even = (width // 2 * 2, height // 2 * 2)
+    files: dict[str, str] = {}
+    containers: list = []
+    depth_stream = color_stream = None
+    raw = None
+    try:
+        if "depth" in job.tasks:
+            files["depth"] = str(job.folder / FILES["depth"])
+            depth_out = av.open(files["depth"], "w", format="matroska")
+            containers.append(depth_out)
+            options = {"level": "3", "slices": "4", "threads": ENCODER_THREADS}
+            depth_stream = (depth_out, _stream(depth_out, "ffv1", job.rate, job.size, "gray16le", options))
+        if "colorized" in job.tasks:
+            if min(even) < 2:
+                raise ImageError("the video is too small for a colorized H.264 output (2x2 pixels at least)")
+            files["colorized"] = str(job.folder / FILES["colorized"])
+            color_out = av.open(files["colorized"], "w", format="mp4", options={"movflags": "+faststart"})
+            containers.append(color_out)
+            options = {"preset": X264_PRESET, "crf": X264_CRF, "threads": ENCODER_THREADS}
+            color_stream = (color_out, _stream(color_out, "libx264", job.rate, even, "yuv420p", options))
+        if job.include_raw:
+            files["raw"] = str(job.folder / FILES["raw"])
+            raw = NpyStackWriter(Path(files["raw"]), job.frames, height, width)
+        frame_bytes = job.network_shape[0] * job.network_shape[1] * 2
+        with open(job.spool, "rb") as spool:
+            for index in range(job.frames):
+                if time.time() > job.deadline:
+                    raise ImageError("the video's outputs could not be written before the job's deadline")
+                network = np.frombuffer(spool.read(frame_bytes), np.float16).reshape(job.network_shape)
+                depth = pp.upsample(network.astype(np.float32), width, height).astype(np.float16)
+                if raw is not None:
+                    raw.add(depth)
+                if depth_stream is not None:
+                    _write(*depth_stream, to_uint16(depth, *job.depth_range), "gray16le", job.pts[index])
+                if color_stream is not None:
+                    unit = to_unit(depth[: even[1], : even[0]], *job.color_range)
+                    rgb = pp.colorize(1.0 - unit if job.invert else unit, job.colormap)
+                    _write(*color_stream, rgb, "rgb24", job.pts[index])
+        for container, stream in (s for s in (depth_stream, color_stream) if s is not None):
+            for packet in stream.encode():
+                container.mux(packet)
+    finally:
+        if raw is not None:
+            raw.close()
+        for container in containers:
+            container.close()
+    return files
+
+
+def _write(container, stream, image: np.ndarray, pix: str, pts: int) -> None:
+    frame = av.VideoFrame.from_ndarray(image, format=pix)
+    frame.pts = pts
+    frame.time_base = stream.codec_context.time_base
+    for packet in stream.encode(frame):
+        container.mux(packet)

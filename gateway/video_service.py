@@ -1,0 +1,394 @@
+"""A video job: fetch, decode and sample, infer frame by frame, align, spool, encode, deliver.
+
+Streaming, so that a job's memory does not grow with the clip: one thread of the job decodes a frame at a
+time (``inputs.video``), FFmpeg resizing it straight to the size after ``max_size``, and prepares its
+network input; at most ``WINDOW`` frames are at Triton at once, each its own request, so the dynamic
+batcher packs them with other jobs' work. Depth comes back in order, is aligned (``outputs.temporal``)
+and appended to a spool file at the network's size in float16. A second pass in an image-worker process
+reads the spool and writes the output files (``outputs.video``) with the clip's one range; they are sent
+inline while they fit the response, else uploaded (``output_mode``). Disk: the spool is at most
+``VIDEO_SPOOL_BYTES`` (the clip is cut to fit, and says so) plus the outputs.
+
+A video that cannot be served gets its result's ``error``, as an image does; the whole job is bounded by
+``VIDEO_TIMEOUT``. The spool folder is removed once no process can still write it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pybase64
+
+from gateway.errors import ImageError, safe_text
+from gateway.inputs.decode import decode_base64
+from gateway.inputs.fetch import Fetcher
+from gateway.inputs.resize import limited_size, nearest_bucket, to_bucket
+from gateway.inputs.schema import DepthRequest, ImageSource
+from gateway.inputs.video import Clip, Sampling, VideoLimits, output_rate
+from gateway.outputs.output_names import file_name, url_key
+from gateway.outputs.temporal import Aligner, Alignment, ClipRange
+from gateway.outputs.video import COLOR_VIDEO_MIME, DEPTH_VIDEO_MIME, ClipEncoding
+from gateway.served_model import ServedModel
+from gateway.serving.imagework import ImageWorkers
+from gateway.serving.memory import WorkerMemory
+from gateway.serving.ownership import Holdings
+from gateway.serving.triton import TritonModels
+from gateway.settings import Settings
+from gateway.storage import Bucket, Storage
+
+log = logging.getLogger("gateway")
+
+WINDOW = 8  # frames at Triton at once (bench.video: 8 keeps a batch-8 model busy without holding more)
+PROGRESS_EVERY = 3.0  # seconds between progress updates
+DEPTH_VIDEO_DECODE = "depth = depth_min + v / 65535 * (depth_max - depth_min), v the 16-bit pixel"
+OUTPUT_KEYS = {  # file from outputs.video -> (inline key, MIME key, MIME)
+    "depth": ("depth_video_b64", "depth_video_mime", DEPTH_VIDEO_MIME),
+    "colorized": ("colorized_video_b64", "colorized_video_mime", COLOR_VIDEO_MIME),
+    "raw": ("depth_npz_b64", None, None),
+}
+
+
+class VideoService:
+    """Serves the video jobs of one worker, on the image path's Triton, processes and storage."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        triton: TritonModels,
+        fetcher: Fetcher,
+        workers: ImageWorkers,
+        memory: WorkerMemory,
+        storage: Storage,
+    ) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.fetcher = fetcher
+        self.workers = workers
+        self.memory = memory
+        self.storage = storage
+        self.limits = VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_video_pixels)
+
+    async def serve(
+        self,
+        source: ImageSource,
+        request: DepthRequest,
+        model: ServedModel,
+        bucket: Bucket | None,
+        job_id: str,
+        report: Callable[[str], None] | None,
+    ) -> dict:
+        """The video's result (its outputs inline or uploaded) or ``{"index": 0, "input", "error"}``."""
+        started = time.perf_counter()
+        job = VideoJob(source, request, model, bucket, job_id, report)
+        job.holdings.on_give_back(functools.partial(shutil.rmtree, job.folder, ignore_errors=True))
+        try:
+            async with asyncio.timeout(self.settings.video_timeout):
+                result = await self._serve(job)
+        except TimeoutError:
+            result = {"error": f"the video took longer than {self.settings.video_timeout:g} s (VIDEO_TIMEOUT)"}
+        except ImageError as error:
+            result = {"error": str(error)}
+        except Exception:
+            log.exception("video job %s failed unexpectedly", job_id)
+            result = {"error": "internal error while processing this video"}
+        finally:
+            job.thread.shutdown(wait=False, cancel_futures=True)
+            job.holdings.close()
+        if "error" in result:
+            return {"index": 0, "input": job.described, "error": result["error"]}
+        return {"index": 0, "input": job.described, **result, "elapsed_sec": round(time.perf_counter() - started, 4)}
+
+    async def _serve(self, job: VideoJob) -> dict:
+        loop = asyncio.get_running_loop()
+        request, model = job.request, job.model
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        async with self.memory.inputs.reserved(self._input_bytes(job.source)) as encoded:
+            data = await self._fetch(job)
+            encoded.resize(len(data))
+            timings["fetch"] = round(time.perf_counter() - clock, 4)
+            sampling = Sampling(request.start or 0.0, request.duration, request.fps, request.max_frames)
+            clip = await loop.run_in_executor(job.thread, Clip, data, self.limits, sampling)
+            try:
+                async with self.memory.work.reserved(self._work_bytes(clip, request, model)):
+                    frames = await self._infer_clip(clip, job)
+            finally:
+                await loop.run_in_executor(job.thread, clip.close)
+        timings["decode_infer"] = round(time.perf_counter() - clock - timings["fetch"], 4)
+        encoding = self._encoding(frames, clip, job)
+        files = await self.workers.encode_clip(encoding, job.holdings)
+        timings["encode"] = round(time.perf_counter() - clock - sum(timings.values()), 4)
+        outputs = await self._deliver(files, job)
+        timings["deliver"] = round(time.perf_counter() - clock - sum(timings.values()), 4)
+        width, height = frames.size
+        low, high = encoding.depth_range
+        return {
+            "kind": "video",
+            "model": model.hf_id,
+            "metric": model.metric,
+            "width": width,
+            "height": height,
+            "network_size": [frames.network_shape[1], frames.network_shape[0]],
+            "frames": frames.count,
+            "fps": round(clip.fps, 6),
+            "timestamps": [round(t, 6) for t in frames.times],
+            "source": {
+                "codec": clip.codec,
+                "width": clip.source_size[0],
+                "height": clip.source_size[1],
+                "fps": clip.source_fps,
+                "duration": clip.duration,
+                "rotation": clip.rotation,
+            },
+            "temporal": frames.temporal,
+            "alignment": {
+                "scale": [round(a.scale, 7) for a in frames.alignments],
+                "shift": [round(a.shift, 7) for a in frames.alignments],
+            },
+            "depth_min": low,
+            "depth_max": high,
+            "depth_units": "m" if model.metric else "relative",
+            "depth_direction": "distance" if model.metric else "inverse",
+            "depth_video_decode": DEPTH_VIDEO_DECODE,
+            "colorized_range": list(encoding.color_range),
+            **({"cut": clip.cut} if clip.cut else {}),
+            **({"stopped": clip.stopped} if clip.stopped else {}),
+            **outputs,
+            "timings": timings,
+        }
+
+    def _input_bytes(self, source: ImageSource) -> int:
+        if source.type == "url":
+            return self.settings.max_video_bytes
+        return min(len(source.data), self.settings.max_b64_chars) * 3 // 4 + 3
+
+    async def _fetch(self, job: VideoJob) -> bytes:
+        if job.source.type == "url":
+            limit, timeout = self.settings.max_video_bytes, self._download_timeout()
+            return await self.fetcher.fetch(job.source.data, max_bytes=limit, timeout=timeout, what="video")
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(job.thread, decode_base64, job.source.data, self.settings.max_b64_chars)
+        job.described["bytes"] = len(data)
+        return data
+
+    @staticmethod
+    def _work_bytes(clip: Clip, request: DepthRequest, model: ServedModel) -> int:
+        """Memory the decode-infer pass holds: the window's network inputs and depths, and a few decoded
+        frames (the decoder's threads, the frame being resized)."""
+        width, height = clip.source_size
+        return WINDOW * model.largest_pixels(request.process_res) * (3 + 4 + 4) + (2 + 2 * 4) * width * height * 3
+
+    def _download_timeout(self) -> float:
+        """Videos are larger than photos: the image deadline, scaled to the video size limit (at most 5 min)."""
+        scale = max(1.0, self.settings.max_video_bytes / max(self.settings.max_download_bytes, 1))
+        return min(self.settings.download_timeout * scale, 300.0)
+
+    async def _infer_clip(self, clip: Clip, job: VideoJob) -> SpooledFrames:
+        """Every sampled frame inferred, aligned and appended to the spool, in order."""
+        loop = asyncio.get_running_loop()
+        request, model, report, thread = job.request, job.model, job.report, job.thread
+        family = model.family(request.process_res)
+        sizes: dict[str, Any] = {}
+
+        def size_for(display: tuple[int, int]) -> tuple[int, int]:
+            if "size" not in sizes:
+                sizes["size"] = limited_size(*display, request.max_size)
+                sizes["bucket"] = nearest_bucket(*sizes["size"], family)
+            return sizes["size"]
+
+        frames = clip.frames(size_for)
+
+        def next_input() -> tuple[float, np.ndarray] | None:
+            frame = next(frames, None)
+            if frame is None:
+                return None
+            return frame.time, to_bucket(frame.image, sizes["bucket"], model.resample)
+
+        spooled = SpooledFrames(job.folder / "depth.f16", Aligner(request.temporal or "align", model.metric))
+        pending: deque[asyncio.Task] = deque()
+        last_report = time.monotonic()
+        expected = clip.expected_frames()
+        try:
+            while True:
+                item = await loop.run_in_executor(thread, next_input)
+                if item is None:
+                    break
+                if not spooled.times:
+                    self._check_spool(sizes["bucket"], clip)
+                spooled.times.append(item[0])
+                pending.append(asyncio.create_task(self.triton.infer(model, item[1])))
+                while len(pending) >= WINDOW or (pending and pending[0].done()):
+                    await spooled.add(await pending.popleft())
+                if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY:
+                    last_report = time.monotonic()
+                    report(f"frames {spooled.count}/{max(expected, len(spooled.times))}")
+            while pending:
+                await spooled.add(await pending.popleft())
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            spooled.close()
+        spooled.size = sizes["size"]
+        spooled.network_shape = sizes["bucket"]
+        return spooled
+
+    def _check_spool(self, bucket: tuple[int, int], clip: Clip) -> None:
+        """Cut the clip to the frames whose spool fits ``VIDEO_SPOOL_BYTES`` (known once the size is)."""
+        frame_bytes = bucket[0] * bucket[1] * 2
+        fitting = max(1, self.settings.video_spool_bytes // frame_bytes)
+        clip.limit_frames(fitting, "VIDEO_SPOOL_BYTES at this network size")
+
+    def _encoding(self, frames: SpooledFrames, clip: Clip, job: VideoJob) -> ClipEncoding:
+        request = job.request
+        low, high = frames.range.exact()
+        # normalize: the clip's robust range; else a fixed scale, as for images (metric 0..max_depth, relative 0..1)
+        color = frames.range.robust() if request.normalize else (0.0, float(job.model.max_depth or 1.0))
+        rate = output_rate(clip.fps)
+        pts, last = [], -1
+        for moment in frames.times:
+            last = max(round((moment - frames.times[0]) * rate), last + 1)
+            pts.append(last)
+        return ClipEncoding(
+            spool=frames.path,
+            folder=job.folder,
+            frames=frames.count,
+            network_shape=frames.network_shape,
+            size=frames.size,
+            pts=tuple(pts),
+            rate=rate,
+            tasks=tuple(request.tasks),
+            include_raw=request.include_raw,
+            depth_range=(low, high),
+            color_range=color,
+            colormap=request.colormap,
+            invert=request.invert,
+            deadline=time.time() + self.settings.video_timeout,
+        )
+
+    async def _deliver(self, files: dict[str, str], job: VideoJob) -> dict:
+        """The outputs inline while they fit the response, else uploaded (or a clear error)."""
+        request, bucket = job.request, job.bucket
+        sizes = {task: Path(path).stat().st_size for task, path in files.items()}
+        inline_bytes = sum(math.ceil(size / 3) * 4 for size in sizes.values())
+        fits = inline_bytes + 200_000 <= self.settings.max_response_bytes  # room for the result's other fields
+        if request.output_mode == "url" or (request.output_mode == "auto" and not fits and bucket is not None):
+            assert bucket is not None  # checked when the job was accepted
+            return await self._upload(files, sizes, bucket, job.job_id)
+        if not fits:
+            raise ImageError(
+                f"the video's outputs are {inline_bytes / 1e6:.1f} MB as base64, over the "
+                f"{self.settings.max_response_bytes / 1e6:.0f} MB limit of an inline result; use output_mode "
+                "url or auto with a bucket (BUCKET_ENDPOINT_URL or the job's s3Config), or ask for fewer frames"
+            )
+        loop = asyncio.get_running_loop()
+        out: dict = {}
+        for task, path in files.items():
+            key, mime_key, mime = OUTPUT_KEYS[task]
+            out[key] = await loop.run_in_executor(None, _base64_of, path)
+            if mime_key:
+                out[mime_key] = mime
+        return out
+
+    async def _upload(self, files: dict[str, str], sizes: dict[str, int], bucket: Bucket, job_id: str) -> dict:
+        total = sum(sizes.values())
+        if total > self.settings.output_memory_bytes:
+            raise ImageError(f"the video's outputs are {total / 1e6:.0f} MB, over OUTPUT_MEMORY_BYTES")
+        described: dict = {}
+        for task in files:
+            key, mime_key, mime = OUTPUT_KEYS[task]
+            if mime_key:
+                described[mime_key] = mime
+        objects, keys = [], []
+        async with self.memory.outputs.reserved(total):
+            for task, path in files.items():
+                key, mime_key, mime = OUTPUT_KEYS[task]
+                object_key = self.storage.object_key(job_id, file_name("0", key, described))
+                objects.append((object_key, Path(path).read_bytes(), mime or "application/octet-stream"))
+                keys.append(key)
+            outcomes = await self.storage.upload(bucket, objects)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome if isinstance(outcome, ImageError) else ImageError("the upload to storage failed")
+        return {**described, **{url_key(key): url for key, url in zip(keys, outcomes, strict=True)}}
+
+
+def _base64_of(path: str) -> str:
+    return pybase64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+class VideoJob:
+    """One video job's request and what it holds: its spool folder (removed once no process writes it) and
+    the thread its PyAV objects live in."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        request: DepthRequest,
+        model: ServedModel,
+        bucket: Bucket | None,
+        job_id: str,
+        report: Callable[[str], None] | None,
+    ) -> None:
+        self.source, self.request, self.model, self.bucket = source, request, model, bucket
+        self.job_id, self.report = job_id, report
+        self.described: dict = (
+            {"kind": "video_url", "url": safe_text(source.data)}
+            if source.type == "url"
+            else {"kind": "video_b64", "bytes": 0}
+        )
+        self.holdings = Holdings()
+        self.folder = Path(tempfile.mkdtemp(prefix="video-"))
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="video")
+
+
+class SpooledFrames:
+    """The clip's aligned depth frames, appended to a float16 file, with their times and alignments."""
+
+    def __init__(self, path: Path, aligner: Aligner) -> None:
+        self.path = path
+        self.aligner = aligner
+        self.file = path.open("wb")
+        self.times: list[float] = []  # of the frames sampled (some may still be at Triton)
+        self.alignments: list[Alignment] = []
+        self.range = ClipRange()
+        self.count = 0
+        self.size: tuple[int, int] = (0, 0)
+        self.network_shape: tuple[int, int] = (0, 0)
+
+    @property
+    def temporal(self) -> str:
+        return "align" if self.aligner.active else "none"
+
+    async def add(self, depth: np.ndarray) -> None:
+        if not np.isfinite(depth).all():
+            raise ImageError(f"the model returned NaN or infinite depth for frame {self.count}")
+        alignment = await asyncio.get_running_loop().run_in_executor(None, self._store, depth)
+        self.alignments.append(alignment)
+        self.count += 1
+
+    def _store(self, depth: np.ndarray) -> Alignment:
+        aligned, alignment = self.aligner.align(depth.astype(np.float32, copy=False))
+        half = aligned.astype(np.float16)
+        if not np.isfinite(half).all():
+            raise ImageError(f"frame {self.count}'s aligned depth is outside float16's range")
+        self.range.add(half)
+        half.tofile(self.file)
+        return alignment
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
