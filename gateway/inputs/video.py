@@ -28,6 +28,7 @@ import numpy as np
 from gateway.errors import ImageError
 
 DEFAULT_FPS_CAP = 30.0
+PROBED_STREAMS = 16
 DECODE_THREADS = 2  # frame threads hold that many frames each: bounded, and a 1080p decode keeps up
 
 
@@ -67,7 +68,8 @@ class Clip:
 
     def __init__(self, data: bytes, limits: VideoLimits, sampling: Sampling) -> None:
         try:
-            self._container = av.open(io.BytesIO(data), metadata_errors="ignore")
+            probing = [{"max_pixels": str(limits.max_pixels)}] * PROBED_STREAMS  # av.open may decode to probe
+            self._container = av.open(io.BytesIO(data), metadata_errors="ignore", stream_options=probing)
         except av.error.FFmpegError:
             raise VideoError("not a video this worker can read (the container was not recognised)") from None
         except (ValueError, OSError):
@@ -88,7 +90,9 @@ class Clip:
             raise VideoError("the video's codec is not supported")
         width, height = context.width, context.height
         if width <= 0 or height <= 0:
-            raise VideoError("the video's header gives no frame size")
+            raise VideoError(  # FFmpeg's probe found none, or refused frames over the limit
+                f"the video gives no usable frame size (none, or frames over {limits.max_pixels} pixels)"
+            )
         if width * height > limits.max_pixels:
             raise VideoError(
                 f"video frames of {width}x{height} are too large: at most {limits.max_pixels} pixels per frame"
@@ -177,7 +181,7 @@ class Clip:
             if taken >= self.max_frames:
                 self.cut.append(f"the clip is cut to {self.max_frames} frames ({self._frames_reason})")
                 break
-            self.rotation = round(frame.rotation or 0) // 90 * 90
+            self.rotation = round(frame.rotation or 0) // 90 * 90 % 360  # counterclockwise, 0 to 270
             width, height = size_for(self.display_size())
             turned = (height, width) if self.rotation % 180 else (width, height)
             image = frame.to_ndarray(format="rgb24", width=turned[0], height=turned[1], interpolation="AREA")

@@ -3,8 +3,9 @@
 Depth-Anything's relative output is affine-invariant inverse depth: each frame has its own unknown scale
 and shift, so consecutive frames of a still scene flicker. ``Aligner`` maps every frame onto the clip's
 running reference by a least-squares scale and shift in that inverse-depth space, fitted on a sparse grid
-of pixels, twice more on the pixels whose residual is below the 80th percentile (a trimmed fit: moving
-objects and the sky do not drag it). The reference is a moving average of the frames already aligned,
+of pixels: started from medians (robust to any minority of outliers), then refitted three times on the 60 %
+of pixels that fit best (a trimmed fit: moving objects and the sky, up to about 40 % of the frame, do not
+drag it). The reference is a moving average of the frames already aligned,
 so each fit chains to the clip's first frame without the drift of fitting frame to frame. Metric
 models' scale is meaningful: their frames are never re-scaled. ``temporal: "none"`` keeps every frame as
 the network gave it.
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 GRID_STEP = 4  # fit on every 4th pixel of every 4th row
-KEEP = 0.8  # trimmed fit: the 80 % of pixels with the smallest residuals
-REFITS = 2
+KEEP = 0.6  # trimmed fit: the 60 % of pixels with the smallest residuals
+REFITS = 3
 REFERENCE_WEIGHT = 0.9  # of the running reference against the newly aligned frame
 RANGE_SAMPLES = 4096  # per frame, for the colorized range's percentiles
 COLOR_PERCENTILES = (1.0, 99.0)
@@ -37,26 +38,33 @@ class Alignment:
 IDENTITY = Alignment(1.0, 0.0)
 
 
+def _least_squares(x: np.ndarray, y: np.ndarray) -> Alignment | None:
+    spread = x.var()
+    if not np.isfinite(spread) or spread <= 1e-12 * max(float(np.abs(x).max(initial=0.0)) ** 2, 1e-30):
+        return None
+    scale = float(((x - x.mean()) * (y - y.mean())).mean() / spread)
+    shift = float(y.mean() - scale * x.mean())
+    return Alignment(scale, shift) if np.isfinite(scale) and np.isfinite(shift) and scale > 0 else None
+
+
 def fit_affine(source: np.ndarray, target: np.ndarray, keep: float = KEEP, refits: int = REFITS) -> Alignment | None:
-    """Scale and shift mapping ``source`` onto ``target`` (trimmed least squares); None when ``source`` is
-    flat (no scale can be told) or the fit is not a positive finite scale."""
+    """Scale and shift mapping ``source`` onto ``target``: started from the medians and median absolute
+    deviations (robust to any minority of outliers), then least squares on the ``keep`` fraction of
+    pixels that fit best, ``refits`` times; None when ``source`` is flat or no positive scale fits."""
     x = source.ravel().astype(np.float64)
     y = target.ravel().astype(np.float64)
-    chosen = np.ones(x.shape, bool)
-    fit = None
-    for round_ in range(refits + 1):
-        xs, ys = x[chosen], y[chosen]
-        spread = xs.var()
-        if not np.isfinite(spread) or spread <= 1e-12 * max(float(np.abs(xs).max(initial=0.0)) ** 2, 1e-30):
-            return fit
-        scale = float(((xs - xs.mean()) * (ys - ys.mean())).mean() / spread)
-        shift = float(ys.mean() - scale * xs.mean())
-        if not (np.isfinite(scale) and np.isfinite(shift)) or scale <= 0:
-            return fit
-        fit = Alignment(scale, shift)
-        if round_ < refits:
-            residual = np.abs(scale * x + shift - y)
-            chosen = residual <= np.quantile(residual, keep)
+    x_mid, y_mid = np.median(x), np.median(y)
+    x_dev = np.median(np.abs(x - x_mid))
+    if not x_dev > 0:
+        return _least_squares(x, y)
+    scale = np.median(np.abs(y - y_mid)) / x_dev
+    fit = Alignment(float(scale), float(y_mid - scale * x_mid)) if scale > 0 else _least_squares(x, y)
+    for _ in range(refits):
+        if fit is None:
+            return None
+        residual = np.abs(fit.scale * x + fit.shift - y)
+        chosen = residual <= np.quantile(residual, keep)
+        fit = _least_squares(x[chosen], y[chosen]) or fit
     return fit
 
 
