@@ -219,7 +219,7 @@ class VideoService:
 
         spooled = SpooledFrames(job.folder / "depth.f16", Aligner(request.temporal or "align", model.metric))
         pending: deque[asyncio.Task] = deque()
-        last_report = time.monotonic()
+        last_report = -math.inf  # the first frame is reported: the client learns the clip's length early
         expected = clip.expected_frames()
         try:
             while True:
@@ -233,7 +233,7 @@ class VideoService:
                 while len(pending) >= WINDOW or (pending and pending[0].done()):
                     await spooled.add(await pending.popleft())
                 if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY:
-                    last_report = time.monotonic()
+                    last_report = -math.inf  # the first frame is reported: the client learns the clip's length early
                     report(f"frames {spooled.count}/{max(expected, len(spooled.times))}")
             while pending:
                 await spooled.add(await pending.popleft())

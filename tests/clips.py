@@ -88,3 +88,16 @@ def read_frames(data: bytes) -> tuple[list[np.ndarray], av.video.stream.VideoStr
             times.append(float(frame.time))
         info = stream
     return frames, info, times
+
+
+def corrupt_packet(data: bytes, index: int) -> bytes:
+    """``data`` with the payload of its ``index``-th video packet overwritten by noise (its framing kept)."""
+    with av.open(io.BytesIO(data)) as container:
+        packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.size]
+    position, size = packets[index]
+    assert size > 64, "too small a packet to corrupt"
+    broken = bytearray(data)
+    broken[position + 20 : position + size - 5] = (
+        np.random.default_rng(1).integers(0, 256, size - 25, np.uint8).tobytes()
+    )
+    return bytes(broken)

@@ -9,10 +9,12 @@ to one affine map for the whole clip; with ``"none"`` it flickers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -22,8 +24,13 @@ import pytest
 from catalogue.models import get_spec
 from export.triton_config import build_config, render
 from gateway.devjobs import JobApi
+from gateway.inputs.fetch import AddressPolicy, Fetcher
+from gateway.service import DepthService
+from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton
+from gateway.settings import Settings
 from tests import clips
+from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
 from tests.test_storage import ADMIN, Weed
 
@@ -187,3 +194,121 @@ def test_the_outputs_round_trip_and_play_with_their_frame_count_size_and_rate(vi
     assert len(colour_frames) == 15
     assert colour_frames[0].shape == (60, 96, 3)
     assert float(colour_stream.average_rate) == pytest.approx(10)
+
+
+# --------------------------------------------------------------------------- cancellation, in process
+
+
+def test_a_video_job_cancelled_while_decoding_or_encoding_gives_everything_back(triton, tmp_path: Path) -> None:
+    """The real ``DepthService`` and image workers on the session's Triton: a video job cancelled mid-clip
+    and one cancelled while a worker process writes its outputs. The spool folder stays while the process
+    may write it and is removed after; the memory budgets come back whole; the next job is served."""
+    settings = Settings(default_model=SMALL, triton_url=triton.grpc_url, shared_memory="off", cpu_workers=1)
+    triton_models = TritonModels(settings.triton_url, 2, settings.triton_timeout, settings.triton_retries)
+    fetcher = Fetcher(AddressPolicy(["127.0.0.1"]), 8 << 20, 10.0)
+    service = DepthService(settings, triton_models, fetcher)
+    video = b64(clips.encode(clips.frames_of(640, 480, 30, pan=4), fps=10))
+    job = {"video_b64": video, "tasks": ["depth", "colorized"], "max_size": 640}
+    folders: list[Path] = []
+    encode_clip = service.workers.encode_clip
+
+    async def encoding(encoding, holdings):
+        folders.append(encoding.folder)
+        return await encode_clip(encoding, holdings)
+
+    service.workers.encode_clip = encoding  # type: ignore[method-assign]
+    full = (service.memory.inputs.free, service.memory.work.free, service.memory.outputs.free)
+
+    async def cancelled(when: Callable[[], bool]) -> None:
+        task = asyncio.create_task(service.handle(job))
+        while not when():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def scenario() -> None:
+        await service.startup()
+        try:
+            await cancelled(lambda: bool(list(tempfile_root.glob("video-*/depth.f16"))))  # mid-clip
+            await cancelled(lambda: bool(folders) and (folders[0] / "depth.mkv").exists())  # a process writes
+            folder = folders[0]
+            assert folder.exists()  # the process still writes it: kept
+            for _ in range(400):
+                if not folder.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not folder.exists()
+            assert list(tempfile_root.iterdir()) == []
+            assert (service.memory.inputs.free, service.memory.work.free, service.memory.outputs.free) == full
+            (result,) = (await service.handle({**job, "max_frames": 3}))["results"]
+            assert result["frames"] == 3
+        finally:
+            await fetcher.close()
+            await triton_models.close()
+
+    tempfile_root = tmp_path / "tmp"
+    tempfile_root.mkdir()
+    original = tempfile.tempdir
+    tempfile.tempdir = str(tempfile_root)
+    try:
+        asyncio.run(scenario())
+    finally:
+        tempfile.tempdir = original
+        service.workers._pool.shutdown(cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- bad input, limits, delivery
+
+
+def test_bad_videos_get_clear_errors_and_the_worker_serves_on(video_worker, image_server: ImageServer) -> None:
+    api, _ = video_worker
+    good = clips.encode(clips.frames_of(320, 240, 20, pan=3), fps=10, container="matroska")
+    bad = {
+        "garbage": ({"video_b64": b64(b"\x00not a video" * 50)}, "not a video this worker can read"),
+        "audio": ({"video_b64": b64(clips.audio_only())}, "the file has no video stream"),
+        "late start": ({"video_b64": b64(good), "start": 9}, "start 9 s is at or past the end of the video"),
+        "private url": ({"video_url": "http://10.1.2.3/a.mp4"}, "video URL points to a private, loopback or reserved"),
+        "missing url": ({"video_url": image_server.url("/files/none.mp4")}, "video download failed with HTTP status"),
+    }
+    ids = {name: api.submit(job) for name, (job, _) in bad.items()}
+    corrupt = api.submit({"video_b64": b64(clips.corrupt_packet(good, 8)), "tasks": ["depth"]})
+    answers = api.wait_for([*ids.values(), corrupt], timeout=120)
+    for name, (_, message) in bad.items():
+        (result,) = answers[ids[name]]["output"]["results"]
+        assert message in result["error"], (name, result)
+    (partial,) = answers[corrupt]["output"]["results"]
+    assert 0 < partial["frames"] < 20
+    assert partial["stopped"].startswith(f"decoding stopped after {partial['frames']} frames")
+    url = image_server.add("clip.mkv", good, "video/x-matroska")
+    (result,) = run(api, {"video_url": url, "tasks": ["colorized"]})["results"]
+    assert (result["frames"], result["input"]) == (20, {"kind": "video_url", "url": url})
+
+
+def test_a_clip_over_max_video_seconds_is_cut_rotation_is_honoured_and_progress_is_reported(video_worker) -> None:
+    api, _ = video_worker
+    rotated = clips.encode(clips.frames_of(64, 48, 40, pan=1), fps=10, rotation=90)  # 4 s, over the 3 s limit
+    job_id = api.submit({"video_b64": b64(rotated), "tasks": ["depth"], "include_raw": True})
+    output = api.wait_for([job_id], timeout=120)[job_id]["output"]
+    (result,) = output["results"]
+    assert result["cut"] == [f"the clip is cut to {LIMIT_SECONDS} s (MAX_VIDEO_SECONDS)"]
+    assert result["frames"] == LIMIT_SECONDS * 10
+    assert (result["width"], result["height"], result["source"]["rotation"]) == (48, 64, 90)
+    stack = npz_stack(fetched(result, "depth_npz"))
+    upright = np.rot90(clips.read_frames(rotated)[0][0], 1)[..., 0].astype(np.float64)
+    assert np.corrcoef(stack[0].ravel(), upright.ravel())[0, 1] > 0.9  # depth follows the displayed frame
+    assert any(str(update).startswith("frames ") for update in api.progress[job_id])
+
+
+def test_metric_models_are_not_rescaled_and_an_inline_result_too_large_says_to_use_a_bucket(video_worker) -> None:
+    api, _ = video_worker
+    video = b64(clips.encode(clips.frames_of(64, 48, 6), fps=10))
+    (result,) = run(api, {"video_b64": video, "model": METRIC})["results"]
+    assert result["depth_units"] == "m"
+    assert result["alignment"]["scale"] == [1.0] * 6
+    big = b64(clips.encode(clips.frames_of(640, 480, 30, pan=8), fps=10))
+    (result,) = run(api, {"video_b64": big, "max_size": 640, "include_raw": True, "output_mode": "inline"})["results"]
+    assert "over the 10 MB limit of an inline result; use output_mode url or auto with a bucket" in result["error"]
+    output = run(api, {"video_b64": big, "max_size": 640, "include_raw": True, "output_mode": "auto"})
+    assert output["output_mode"] == "url"
+    assert npz_stack(fetched(output["results"][0], "depth_npz")).shape == (30, 480, 640)
