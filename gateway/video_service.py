@@ -52,6 +52,7 @@ from gateway.storage import Bucket, Storage
 log = logging.getLogger("gateway")
 
 WINDOW = 8  # frames at Triton at once (bench.video: 8 keeps a batch-8 model busy without holding more)
+ENCODER_BYTES = 256 << 20  # an encoding process's buffers (x264's lookahead, FFV1's slices); see README
 PROGRESS_EVERY = 3.0  # seconds between progress updates
 DEPTH_VIDEO_DECODE = "depth = depth_min + v / 65535 * (depth_max - depth_min), v the 16-bit pixel"
 OUTPUT_KEYS = {  # file from outputs.video -> (inline key, MIME key, MIME)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import itertools
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 
 import av
@@ -22,21 +24,36 @@ def frames_of(width: int, height: int, count: int, pan: int = 4) -> list[np.ndar
     return [np.ascontiguousarray(picture[:, k * pan : k * pan + width]) for k in range(count)]
 
 
+def panning(width: int, height: int, count: int, pan: int = 4) -> Iterator[np.ndarray]:
+    """``frames_of``, one frame at a time (long clips)."""
+    picture = scene(width, height)
+    span = picture.shape[1] - width
+    for k in range(count):
+        offset = (k * pan) % (2 * span)
+        offset = offset if offset <= span else 2 * span - offset  # back and forth
+        yield np.ascontiguousarray(picture[:, offset : offset + width])
+
+
 def encode(
-    frames: list[np.ndarray],
+    frames: Iterable[np.ndarray],
     fps: float = 10,
     container: str = "mp4",
     codec: str = "libx264",
     rotation: int = 0,
     times: list[float] | None = None,
     audio: bool = False,
+    x264: dict[str, str] | None = None,
 ) -> bytes:
     """The frames as a video file; ``times`` (seconds) gives a variable frame rate."""
     buffer = io.BytesIO()
-    height, width = frames[0].shape[:2]
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
     rate = Fraction(fps).limit_denominator(1000)
+    count = 0
     with av.open(buffer, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, options={"crf": "12"} if codec == "libx264" else {})
+        options = (x264 or {"crf": "12"}) if codec == "libx264" else {}
+        stream = out.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         if times is not None:
@@ -44,7 +61,8 @@ def encode(
         if rotation:
             stream.set_display_rotation(rotation)
         sound = out.add_stream("aac", rate=16000) if audio else None
-        for index, image in enumerate(frames):
+        for index, image in enumerate(itertools.chain([first], frames)):
+            count += 1
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             if times is not None:
                 frame.pts = round(times[index] * 1000)
@@ -54,7 +72,7 @@ def encode(
         for packet in stream.encode():
             out.mux(packet)
         if sound is not None:
-            _add_silence(out, sound, len(frames) / fps)
+            _add_silence(out, sound, count / fps)
     return buffer.getvalue()
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import subprocess
 import tempfile
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,9 +32,11 @@ from gateway.service import DepthService
 from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton
 from gateway.settings import Settings
+from gateway.video_service import ENCODER_BYTES, WINDOW
 from tests import clips
 from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
+from tests.test_memory import ALLOCATOR_KEEPS, MB, memory_of
 from tests.test_storage import ADMIN, Weed
 
 SMALL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -55,7 +60,7 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("depth", a * scene + b)]))
         return responses
 """
-LIMIT_SECONDS = 3
+MAX_FRAMES = 400
 
 
 def add_model(repository: Path, model_id: str) -> None:
@@ -75,7 +80,7 @@ def bucket(seaweed: Weed) -> Weed:
 
 
 @pytest.fixture(scope="module")
-def video_worker(tmp_path_factory: pytest.TempPathFactory, bucket: Weed) -> Iterator[tuple[JobApi, Path]]:
+def video_worker(tmp_path_factory: pytest.TempPathFactory, bucket: Weed) -> Iterator[tuple[JobApi, subprocess.Popen]]:
     root = tmp_path_factory.mktemp("video")
     repository = root / "repository"
     add_model(repository, SMALL)
@@ -89,13 +94,13 @@ def video_worker(tmp_path_factory: pytest.TempPathFactory, bucket: Weed) -> Iter
         "BUCKET_NAME": "videos",
         "BUCKET_ACCESS_KEY_ID": ADMIN[0],
         "BUCKET_SECRET_ACCESS_KEY": ADMIN[1],
-        "MAX_VIDEO_SECONDS": str(LIMIT_SECONDS),
+        "MAX_VIDEO_FRAMES": str(MAX_FRAMES),
         "CPU_WORKERS": "2",
     }
     log_path = root / "worker.log"
     process = start_worker(api, triton, log_path, concurrency=4, extra=extra)
     try:
-        yield api, log_path
+        yield api, process
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -285,14 +290,14 @@ def test_bad_videos_get_clear_errors_and_the_worker_serves_on(video_worker, imag
     assert (result["frames"], result["input"]) == (20, {"kind": "video_url", "url": url})
 
 
-def test_a_clip_over_max_video_seconds_is_cut_rotation_is_honoured_and_progress_is_reported(video_worker) -> None:
+def test_a_cut_clip_says_so_rotation_is_honoured_and_progress_is_reported(video_worker) -> None:
     api, _ = video_worker
-    rotated = clips.encode(clips.frames_of(64, 48, 40, pan=1), fps=10, rotation=90)  # 4 s, over the 3 s limit
-    job_id = api.submit({"video_b64": b64(rotated), "tasks": ["depth"], "include_raw": True})
+    rotated = clips.encode(clips.frames_of(64, 48, 40, pan=1), fps=10, rotation=90)
+    job_id = api.submit({"video_b64": b64(rotated), "tasks": ["depth"], "include_raw": True, "max_frames": 30})
     output = api.wait_for([job_id], timeout=120)[job_id]["output"]
     (result,) = output["results"]
-    assert result["cut"] == [f"the clip is cut to {LIMIT_SECONDS} s (MAX_VIDEO_SECONDS)"]
-    assert result["frames"] == LIMIT_SECONDS * 10
+    assert result["cut"] == ["the clip is cut to 30 frames (max_frames)"]
+    assert result["frames"] == 30
     assert (result["width"], result["height"], result["source"]["rotation"]) == (48, 64, 90)
     stack = npz_stack(fetched(result, "depth_npz"))
     upright = np.rot90(clips.read_frames(rotated)[0][0], 1)[..., 0].astype(np.float64)
@@ -312,3 +317,33 @@ def test_metric_models_are_not_rescaled_and_an_inline_result_too_large_says_to_u
     output = run(api, {"video_b64": big, "max_size": 640, "include_raw": True, "output_mode": "auto"})
     assert output["output_mode"] == "url"
     assert npz_stack(fetched(output["results"][0], "depth_npz")).shape == (30, 480, 640)
+
+
+def test_a_60_s_1080p_clip_streams_within_the_stated_memory_bound(video_worker) -> None:
+    """README's bound for one video job: the clip's bytes, the decode window (the work reservation) and the
+    encoding process's buffers (``ENCODER_BYTES``), plus what glibc keeps (as ``test_memory``)."""
+    api, process = video_worker
+    clip = clips.encode(clips.panning(1920, 1080, 600, pan=6), fps=10, x264={"crf": "32", "preset": "ultrafast"})
+    job = {"video_b64": b64(clip), "tasks": ["depth", "colorized"], "fps": 5, "output_mode": "url"}
+    started = memory_of(process.pid)
+    peak, stop = [started], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], memory_of(process.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        (result,) = run(api, job, timeout=300)["results"]
+    finally:
+        stop.set()
+        sampler.join()
+    assert (result["frames"], result["source"]["width"], result["source"]["height"]) == (300, 1920, 1080)
+    network_pixels = result["network_size"][0] * result["network_size"][1]
+    work = WINDOW * network_pixels * (3 + 4 + 4) + (2 + 2 * 4) * 1920 * 1080 * 3
+    bound = len(clip) * 2 + work + ENCODER_BYTES + 2 * ALLOCATOR_KEEPS  # base64 and bytes; gateway + encoder
+    grown = peak[0] - started
+    print(f"60 s 1080p clip: grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB")
+    assert grown < bound, f"grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB"
