@@ -95,6 +95,7 @@ class Settings:
     max_video_pixels: int = 3840 * 2160
     video_spool_bytes: int = 2 << 30
     video_timeout: float = 900.0
+    video_window: int = 8
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -149,4 +150,5 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_video_pixels": ("MAX_VIDEO_PIXELS", int),
     "video_spool_bytes": ("VIDEO_SPOOL_BYTES", int),
     "video_timeout": ("VIDEO_TIMEOUT", float),
+    "video_window": ("VIDEO_WINDOW", int),
 }

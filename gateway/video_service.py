@@ -2,7 +2,7 @@
 
 Streaming, so that a job's memory does not grow with the clip: one thread of the job decodes a frame at a
 time (``inputs.video``), FFmpeg resizing it straight to the size after ``max_size``, and prepares its
-network input; at most ``WINDOW`` frames are at Triton at once, each its own request, so the dynamic
+network input; at most ``VIDEO_WINDOW`` frames are at Triton at once, each its own request, so the dynamic
 batcher packs them with other jobs' work. Depth comes back in order, is aligned (``outputs.temporal``)
 and appended to a spool file at the network's size in float16. A second pass in an image-worker process
 reads the spool and writes the output files (``outputs.video``) with the clip's one range; they are sent
@@ -51,7 +51,6 @@ from gateway.storage import Bucket, Storage
 
 log = logging.getLogger("gateway")
 
-WINDOW = 8  # frames at Triton at once (bench.video: 8 keeps a batch-8 model busy without holding more)
 ENCODER_BYTES = 256 << 20  # an encoding process's buffers (x264's lookahead, FFV1's slices); see README
 PROGRESS_EVERY = 3.0  # seconds between progress updates
 DEPTH_VIDEO_DECODE = "depth = depth_min + v / 65535 * (depth_max - depth_min), v the 16-bit pixel"
@@ -185,12 +184,12 @@ class VideoService:
         job.described["bytes"] = len(data)
         return data
 
-    @staticmethod
-    def _work_bytes(clip: Clip, request: DepthRequest, model: ServedModel) -> int:
+    def _work_bytes(self, clip: Clip, request: DepthRequest, model: ServedModel) -> int:
         """Memory the decode-infer pass holds: the window's network inputs and depths, and a few decoded
         frames (the decoder's threads, the frame being resized)."""
         width, height = clip.source_size
-        return WINDOW * model.largest_pixels(request.process_res) * (3 + 4 + 4) + (2 + 2 * 4) * width * height * 3
+        window = self.settings.video_window * model.largest_pixels(request.process_res) * (3 + 4 + 4)
+        return window + (2 + 2 * 4) * width * height * 3
 
     def _download_timeout(self) -> float:
         """Videos are larger than photos: the image deadline, scaled to the video size limit (at most 5 min)."""
@@ -231,7 +230,7 @@ class VideoService:
                     self._check_spool(sizes["bucket"], clip)
                 spooled.times.append(item[0])
                 pending.append(asyncio.create_task(self.triton.infer(model, item[1])))
-                while len(pending) >= WINDOW or (pending and pending[0].done()):
+                while len(pending) >= self.settings.video_window or (pending and pending[0].done()):
                     await spooled.add(await pending.popleft())
                 if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY:
                     last_report = -math.inf  # the first frame is reported: the client learns the clip's length early

@@ -11,11 +11,11 @@ import av
 import numpy as np
 import pytest
 
+from bench import clips
 from gateway.inputs.schema import RequestError, parse_request
 from gateway.inputs.video import Clip, Sampling, VideoError, VideoLimits
 from gateway.outputs.temporal import Aligner, ClipRange, fit_affine
 from gateway.outputs.video import NpyStackWriter, to_uint16
-from tests import clips
 
 LIMITS = VideoLimits(max_seconds=120, max_frames=1800, max_pixels=50_000_000)
 

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench import clips
 from catalogue.models import get_spec
 from export.triton_config import build_config, render
 from gateway.devjobs import JobApi
@@ -32,8 +33,7 @@ from gateway.service import DepthService
 from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton
 from gateway.settings import Settings
-from gateway.video_service import ENCODER_BYTES, WINDOW
-from tests import clips
+from gateway.video_service import ENCODER_BYTES
 from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
 from tests.test_memory import ALLOCATOR_KEEPS, MB, memory_of
@@ -342,7 +342,7 @@ def test_a_60_s_1080p_clip_streams_within_the_stated_memory_bound(video_worker) 
         sampler.join()
     assert (result["frames"], result["source"]["width"], result["source"]["height"]) == (300, 1920, 1080)
     network_pixels = result["network_size"][0] * result["network_size"][1]
-    work = WINDOW * network_pixels * (3 + 4 + 4) + (2 + 2 * 4) * 1920 * 1080 * 3
+    work = Settings().video_window * network_pixels * (3 + 4 + 4) + (2 + 2 * 4) * 1920 * 1080 * 3
     bound = len(clip) * 2 + work + ENCODER_BYTES + 2 * ALLOCATOR_KEEPS  # base64 and bytes; gateway + encoder
     grown = peak[0] - started
     print(f"60 s 1080p clip: grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB")

@@ -1,4 +1,5 @@
-"""Synthetic video clips made with PyAV: a textured scene that moves (or stands still), and broken ones."""
+"""Synthetic video clips made with PyAV, for tests and benchmarks: a textured scene that moves (or stands
+still), and broken ones."""
 
 from __future__ import annotations
 
