@@ -88,7 +88,7 @@ def triton(serving_repository: Path) -> Iterator[EmbeddedTriton]:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 server (SeaweedFS) on loopback that no test stops; each module makes its own bucket."""
-    from tests.test_storage import Weed
+    from bench.seaweed import Weed
 
     server = Weed(tmp_path_factory.mktemp("seaweed")).start()
     yield server

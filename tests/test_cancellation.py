@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.seaweed import ADMIN, Weed
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving.shared_memory import SHM_DIR
@@ -35,7 +36,6 @@ from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_npz
 from tests.servers import ImageServer
 from tests.test_robustness import b64
-from tests.test_storage import ADMIN, Weed
 
 QUEUE_DELAY = 0.3  # seconds every inference waits, as behind a busy Triton queue
 HOLD_BACK = 2.0  # TRITON_TIMEOUT here: how long a slot whose inference got no answer stays out of use

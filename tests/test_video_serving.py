@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from bench import clips
+from bench.seaweed import ADMIN, Weed
 from catalogue.models import get_spec
 from export.triton_config import build_config, render
 from gateway.devjobs import JobApi
@@ -37,7 +38,6 @@ from gateway.video_service import ENCODER_BYTES
 from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
 from tests.test_memory import ALLOCATOR_KEEPS, MB, memory_of
-from tests.test_storage import ADMIN, Weed
 
 SMALL = "depth-anything/Depth-Anything-V2-Small-hf"
 METRIC = "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf"
