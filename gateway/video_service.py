@@ -1,13 +1,13 @@
 """A video job: fetch, decode and sample, infer frame by frame, align, spool, encode, deliver.
 
 Streaming, so that a job's memory does not grow with the clip: one thread of the job decodes a frame at a
-time (``inputs.video``), FFmpeg resizing it straight to the size after ``max_size``, and prepares its
-network input; at most ``VIDEO_WINDOW`` frames are at Triton at once, each its own request, so the dynamic
-batcher packs them with other jobs' work. Depth comes back in order, is aligned (``outputs.temporal``)
-and appended to a spool file at the network's size in float16. A second pass in an image-worker process
-reads the spool and writes the output files (``outputs.video``) with the clip's one range; they are sent
-inline while they fit the response, else uploaded (``output_mode``). Disk: the spool is at most
-``VIDEO_SPOOL_BYTES`` (the clip is cut to fit, and says so) plus the outputs.
+time (``inputs.video``), FFmpeg resizing it straight to the network's bucket (one resize, in C). At most
+``VIDEO_WINDOW`` frames are at Triton at once, each its own request, so that the dynamic batcher packs
+them with other jobs' work. Depth comes back in order, is aligned (``outputs.temporal``) and appended to
+a spool file at the network's size in float16. A second pass in an image-worker process reads the spool
+and writes the output files (``outputs.video``) with the clip's one range; they are sent inline while
+they fit the response, else uploaded (``output_mode``). Disk: the spool is at most ``VIDEO_SPOOL_BYTES``
+(the clip is cut to fit, and says so) plus the outputs.
 
 A video that cannot be served gets its result's ``error``, as an image does; the whole job is bounded by
 ``VIDEO_TIMEOUT``. The spool folder is removed once no process can still write it.
@@ -35,7 +35,7 @@ import pybase64
 from gateway.errors import ImageError, safe_text
 from gateway.inputs.decode import decode_base64
 from gateway.inputs.fetch import Fetcher
-from gateway.inputs.resize import limited_size, nearest_bucket, to_bucket
+from gateway.inputs.resize import limited_size, nearest_bucket
 from gateway.inputs.schema import DepthRequest, ImageSource
 from gateway.inputs.video import Clip, Sampling, VideoLimits, output_rate
 from gateway.outputs.output_names import file_name, url_key
@@ -45,6 +45,7 @@ from gateway.served_model import ServedModel
 from gateway.serving.imagework import ImageWorkers
 from gateway.serving.memory import WorkerMemory
 from gateway.serving.ownership import Holdings
+from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import TritonModels
 from gateway.settings import Settings
 from gateway.storage import Bucket, Storage
@@ -52,7 +53,8 @@ from gateway.storage import Bucket, Storage
 log = logging.getLogger("gateway")
 
 ENCODER_BYTES = 256 << 20  # an encoding process's buffers (x264's lookahead, FFV1's slices); see README
-PROGRESS_EVERY = 3.0  # seconds between progress updates
+PROGRESS_EVERY = 3.0
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # seconds between progress updates
 DEPTH_VIDEO_DECODE = "depth = depth_min + v / 65535 * (depth_max - depth_min), v the 16-bit pixel"
 OUTPUT_KEYS = {  # file from outputs.video -> (inline key, MIME key, MIME)
     "depth": ("depth_video_b64", "depth_video_mime", DEPTH_VIDEO_MIME),
@@ -106,6 +108,7 @@ class VideoService:
             result = {"error": "internal error while processing this video"}
         finally:
             job.thread.shutdown(wait=False, cancel_futures=True)
+            job.store.shutdown(wait=False, cancel_futures=True)
             job.holdings.close()
         if "error" in result:
             return {"index": 0, "input": job.described, "error": result["error"]}
@@ -197,54 +200,86 @@ class VideoService:
         return min(self.settings.download_timeout * scale, 300.0)
 
     async def _infer_clip(self, clip: Clip, job: VideoJob) -> SpooledFrames:
-        """Every sampled frame inferred, aligned and appended to the spool, in order."""
-        loop = asyncio.get_running_loop()
-        request, model, report, thread = job.request, job.model, job.report, job.thread
+        """Every sampled frame inferred, aligned and appended to the spool, in order.
+
+        With Triton's shared memory, each frame in flight holds a slot: the decoding thread writes the
+        network input into it and Triton the depth, and it is given back only when no thread of the job
+        and no inference can still touch it (``Holdings``, as for images)."""
+        request, model = job.request, job.model
         family = model.family(request.process_res)
         sizes: dict[str, Any] = {}
 
         def size_for(display: tuple[int, int]) -> tuple[int, int]:
+            """The network's bucket: FFmpeg resizes each frame straight to it (the outputs' size, after
+            ``max_size``, is only ever needed for the depth)."""
             if "size" not in sizes:
                 sizes["size"] = limited_size(*display, request.max_size)
                 sizes["bucket"] = nearest_bucket(*sizes["size"], family)
-            return sizes["size"]
+            height, width = sizes["bucket"]
+            return width, height
 
-        frames = clip.frames(size_for)
+        frames = clip.frames(size_for, model.resample)
+        shared = self.triton.shared
+        if shared is not None and not shared.fits(model.largest_pixels(request.process_res)):
+            shared = None
 
-        def next_input() -> tuple[float, np.ndarray] | None:
+        def next_input(slot: Slot | None) -> tuple[float, np.ndarray | None] | None:
             frame = next(frames, None)
             if frame is None:
                 return None
-            return frame.time, to_bucket(frame.image, sizes["bucket"], model.resample)
+            if slot is None:
+                return frame.time, frame.image
+            slot.write_input(frame.image)
+            return frame.time, None
 
         spooled = SpooledFrames(job.folder / "depth.f16", Aligner(request.temporal or "align", model.metric))
-        pending: deque[asyncio.Task] = deque()
-        last_report = -math.inf  # the first frame is reported: the client learns the clip's length early
-        expected = clip.expected_frames()
+        pending: deque[InFlight] = deque()
+        progress = Progress(job.report, clip.expected_frames())
+        flight = InFlight()
         try:
             while True:
-                item = await loop.run_in_executor(thread, next_input)
+                flight = InFlight()  # closed in ``finally`` until it is pending, then by ``spooled.add``
+                if shared is not None:
+                    flight.slot = await shared.acquire()
+                    flight.holdings.on_give_back(functools.partial(shared.release, flight.slot))
+                decoding = job.thread.submit(next_input, flight.slot)
+                flight.holdings.track(decoding)
+                item = await asyncio.wrap_future(decoding)
                 if item is None:
+                    flight.holdings.close()
                     break
                 if not spooled.times:
                     self._check_spool(sizes["bucket"], clip)
                 spooled.times.append(item[0])
-                pending.append(asyncio.create_task(self.triton.infer(model, item[1])))
-                while len(pending) >= self.settings.video_window or (pending and pending[0].done()):
-                    await spooled.add(await pending.popleft())
-                if report is not None and time.monotonic() - last_report >= PROGRESS_EVERY:
-                    last_report = -math.inf  # the first frame is reported: the client learns the clip's length early
-                    report(f"frames {spooled.count}/{max(expected, len(spooled.times))}")
+                flight.inference = asyncio.create_task(self._infer_frame(model, item[1], flight.slot, sizes["bucket"]))
+                pending.append(flight)
+                flight = InFlight()  # nothing held
+                while len(pending) >= self.settings.video_window or (pending and pending[0].inference.done()):
+                    await spooled.add(pending.popleft(), sizes["bucket"], job.store)
+                progress.frames(spooled.count, len(spooled.times))
             while pending:
-                await spooled.add(await pending.popleft())
+                await spooled.add(pending.popleft(), sizes["bucket"], job.store)
         finally:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            flight.holdings.close()
+            for waiting in pending:
+                waiting.inference.cancel()
+            await asyncio.gather(*(waiting.inference for waiting in pending), return_exceptions=True)
+            for waiting in pending:
+                waiting.holdings.close()
             spooled.close()
         spooled.size = sizes["size"]
         spooled.network_shape = sizes["bucket"]
         return spooled
+
+    async def _infer_frame(
+        self, model: ServedModel, image: np.ndarray | None, slot: Slot | None, bucket: tuple[int, int]
+    ) -> np.ndarray | None:
+        """The frame's depth, or None when Triton wrote it into ``slot``."""
+        if slot is None:
+            assert image is not None
+            return await self.triton.infer(model, image)
+        await self.triton.infer_in_slot(model, slot, *bucket)
+        return None
 
     def _check_spool(self, bucket: tuple[int, int], clip: Clip) -> None:
         """Cut the clip to the frames whose spool fits ``VIDEO_SPOOL_BYTES`` (known once the size is)."""
@@ -352,7 +387,31 @@ class VideoJob:
         )
         self.holdings = Holdings()
         self.folder = Path(tempfile.mkdtemp(prefix="video-"))
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="video")
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="video")  # decoding
+        self.store = ThreadPoolExecutor(1, thread_name_prefix="video-store")  # aligning and spooling, in order
+
+
+class InFlight:
+    """One frame between its decode and its spool: its inference, and the slot it may hold."""
+
+    def __init__(self) -> None:
+        self.slot: Slot | None = None
+        self.holdings = Holdings()
+        self.inference: asyncio.Task = None  # type: ignore[assignment]  # set once the frame is decoded
+
+
+class Progress:
+    """``report("frames 240/900")`` at the first frame, then every ``PROGRESS_EVERY`` seconds."""
+
+    def __init__(self, report: Callable[[str], None] | None, expected: int) -> None:
+        self.report = report
+        self.expected = expected
+        self.last = -math.inf
+
+    def frames(self, done: int, sampled: int) -> None:
+        if self.report is not None and time.monotonic() - self.last >= PROGRESS_EVERY:
+            self.last = time.monotonic()
+            self.report(f"frames {done}/{max(self.expected, sampled)}")
 
 
 class SpooledFrames:
@@ -373,20 +432,31 @@ class SpooledFrames:
     def temporal(self) -> str:
         return "align" if self.aligner.active else "none"
 
-    async def add(self, depth: np.ndarray) -> None:
-        if not np.isfinite(depth).all():
-            raise ImageError(f"the model returned NaN or infinite depth for frame {self.count}")
-        alignment = await asyncio.get_running_loop().run_in_executor(None, self._store, depth)
+    async def add(self, flight: InFlight, bucket: tuple[int, int], store: ThreadPoolExecutor) -> None:
+        """The next frame's depth, once inferred, aligned and written by the job's ``store`` thread (the
+        frame's slot, when it has one, is read there and given back after)."""
+        try:
+            depth = await flight.inference
+            if depth is None:
+                assert flight.slot is not None
+                depth = flight.slot.read_output(*bucket)  # a view: read before the slot is given back
+            storing = store.submit(self._store, depth)
+            flight.holdings.track(storing)
+            alignment = await asyncio.wrap_future(storing)
+        finally:
+            flight.holdings.close()
         self.alignments.append(alignment)
         self.count += 1
 
     def _store(self, depth: np.ndarray) -> Alignment:
-        aligned, alignment = self.aligner.align(depth.astype(np.float32, copy=False))
-        half = aligned.astype(np.float16)
-        if not np.isfinite(half).all():
+        depth = np.asarray(depth, np.float32)
+        if not np.isfinite(np.add.reduce(depth, axis=None, dtype=np.float64)):  # NaN and inf survive a sum
+            raise ImageError(f"the model returned NaN or infinite depth for frame {self.count}")
+        aligned, alignment = self.aligner.align(depth)
+        self.range.add(aligned)
+        if not max(abs(self.range.low), abs(self.range.high)) <= FLOAT16_MAX:
             raise ImageError(f"frame {self.count}'s aligned depth is outside float16's range")
-        self.range.add(half)
-        half.tofile(self.file)
+        aligned.astype(np.float16).tofile(self.file)
         return alignment
 
     def close(self) -> None:

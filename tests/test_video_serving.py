@@ -204,11 +204,17 @@ def test_the_outputs_round_trip_and_play_with_their_frame_count_size_and_rate(vi
 # --------------------------------------------------------------------------- cancellation, in process
 
 
-def test_a_video_job_cancelled_while_decoding_or_encoding_gives_everything_back(triton, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared_memory", ["off", "auto"])
+def test_a_video_job_cancelled_while_decoding_or_encoding_gives_everything_back(
+    triton, tmp_path: Path, shared_memory: str
+) -> None:
     """The real ``DepthService`` and image workers on the session's Triton: a video job cancelled mid-clip
     and one cancelled while a worker process writes its outputs. The spool folder stays while the process
-    may write it and is removed after; the memory budgets come back whole; the next job is served."""
-    settings = Settings(default_model=SMALL, triton_url=triton.grpc_url, shared_memory="off", cpu_workers=1)
+    may write it and is removed after; the memory budgets and every shared-memory slot come back whole
+    (after the hold-back of an inference cancelled unanswered); the next job is served."""
+    settings = Settings(
+        default_model=SMALL, triton_url=triton.grpc_url, shared_memory=shared_memory, cpu_workers=1, triton_timeout=2
+    )
     triton_models = TritonModels(settings.triton_url, 2, settings.triton_timeout, settings.triton_retries)
     fetcher = Fetcher(AddressPolicy(["127.0.0.1"]), 8 << 20, 10.0)
     service = DepthService(settings, triton_models, fetcher)
@@ -246,9 +252,16 @@ def test_a_video_job_cancelled_while_decoding_or_encoding_gives_everything_back(
             assert not folder.exists()
             assert list(tempfile_root.iterdir()) == []
             assert (service.memory.inputs.free, service.memory.work.free, service.memory.outputs.free) == full
+            shared = triton_models.shared
+            if shared_memory == "auto":
+                assert shared is not None
+                await asyncio.sleep(settings.triton_timeout + 0.2)  # a held-back slot's hold-back
+                assert shared._free.qsize() == len(shared.slots)
             (result,) = (await service.handle({**job, "max_frames": 3}))["results"]
             assert result["frames"] == 3
         finally:
+            if triton_models.shared is not None:
+                triton_models.shared.close(triton.grpc_url)
             await fetcher.close()
             await triton_models.close()
 

@@ -151,8 +151,11 @@ class Clip:
         width, height = self.source_size
         return (height, width) if self.rotation % 180 else (width, height)
 
-    def frames(self, size_for: Callable[[tuple[int, int]], tuple[int, int]]) -> Iterator[Frame]:
-        """The sampled frames, each resized to ``size_for((width, height) displayed)`` by FFmpeg."""
+    def frames(
+        self, size_for: Callable[[tuple[int, int]], tuple[int, int]], enlarge: str = "bicubic"
+    ) -> Iterator[Frame]:
+        """The sampled frames, each resized by FFmpeg to ``size_for((width, height) displayed)``: by pixel
+        area when shrinking, else by ``enlarge`` ("bicubic" or "bilinear")."""
         step = 1.0 / self.fps
         tolerance = 0.01 * step
         next_time = self.start
@@ -184,7 +187,9 @@ class Clip:
             self.rotation = round(frame.rotation or 0) // 90 * 90 % 360  # counterclockwise, 0 to 270
             width, height = size_for(self.display_size())
             turned = (height, width) if self.rotation % 180 else (width, height)
-            image = frame.to_ndarray(format="rgb24", width=turned[0], height=turned[1], interpolation="AREA")
+            shrinking = turned[0] * turned[1] < frame.width * frame.height
+            method = "AREA" if shrinking else enlarge.upper()
+            image = frame.to_ndarray(format="rgb24", width=turned[0], height=turned[1], interpolation=method)
             yield Frame(taken, float(frame.time), rotate(image, self.rotation) if self.rotation else image)
             taken += 1
             while next_time <= frame.time + tolerance:
