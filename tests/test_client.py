@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import clips
 from gateway.client import cli
 from gateway.client.inputs import expand, unique, url_name
 from gateway.client.jobs import backoff
@@ -326,3 +327,37 @@ def test_a_good_result_beside_bad_ones_is_still_written(tmp_path: Path) -> None:
         "a": "not an image", "b": "the endpoint returned no result for this image"
     }  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.json", "c_depth.png", "run.json"]
+
+
+def test_videos_beside_photos_get_their_own_jobs_files_and_resume(gateway_url: str, tmp_path: Path) -> None:
+    """A folder with photos and videos, tasks that apply to only some of them: each video is its own job
+    with the video tasks (and options) of the request, written as .mkv/.npz with a sidecar; a video file
+    too large to send inline fails with a clear message; a second run skips every input."""
+    data = tmp_path / "in"
+    make_dataset(data, good=2)
+    (data / "clips").mkdir()
+    (data / "clips" / "walk.mp4").write_bytes(clips.encode(clips.frames_of(64, 48, 6), fps=10))
+    noise = np.random.default_rng(0).integers(0, 256, (8 << 20,), np.uint8).tobytes()
+    (data / "clips" / "huge.mkv").write_bytes(noise)  # too large to send inline
+    out = tmp_path / "out"
+    args = [str(data), "--out", str(out), "--endpoint", gateway_url, "--json", "--tasks", "depth", "normals",
+            "--include-raw", "--set", "fps=5"]  # fmt: skip
+    result = client(*args)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["done"] == 3
+    (failure,) = summary["failed"]
+    assert failure["input"].endswith("huge.mkv")
+    assert "too large to send inline" in failure["error"]
+    sidecar = json.loads((out / "clips/walk.json").read_text())
+    assert sidecar["request"]["tasks"] == ["depth"]  # normals does not apply to a video
+    assert sidecar["files"] == ["clips/walk_depth_raw.npz", "clips/walk_depth.mkv"]
+    assert (sidecar["result"]["frames"], sidecar["result"]["fps"]) == (3, 5)
+    frames, stream, _ = clips.read_frames((out / "clips/walk_depth.mkv").read_bytes())
+    assert (len(frames), frames[0].dtype, stream.codec_context.name) == (3, np.uint16, "ffv1")
+    assert np.load(out / "clips/walk_depth_raw.npz")["depth"].shape == (3, 48, 64)
+    photo = json.loads((out / "set0/day0/img000.json").read_text())
+    assert "fps" not in photo["request"]  # video options stay out of image jobs
+    assert (out / "set0/day0/img000_normals.png").exists()
+    again = json.loads(client(*args).stdout)
+    assert (again["done"], again["skipped"]) == (0, 3)

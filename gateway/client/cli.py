@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import itertools
 import json
 import os
 import sys
@@ -24,16 +23,23 @@ from gateway.client.inputs import Item, expand, unique
 from gateway.client.jobs import Endpoint, JobFailed
 from gateway.client.outputs import remove_temporaries, request_digest, resume_state, write_atomically, write_result
 from gateway.client.results import BadReply, check_reply
-from gateway.inputs.schema import RequestError, parse_request
+from gateway.inputs.schema import VIDEO_ONLY, VIDEO_TASKS, RequestError, parse_request
 
 DEPLOYED = "https://api.runpod.ai/v2/{endpoint_id}"
-DESCRIPTION = """Depth for a whole dataset: every INPUT becomes one image, sent to a depth endpoint (a deployed
-Runpod endpoint with --endpoint-id and RUNPOD_API_KEY, or a local one with --endpoint); its outputs
-and a sidecar JSON are written under --out, mirroring the inputs."""
+MAX_VIDEO_FILE_BYTES = 7 << 20  # base64 grows it by 4/3: Runpod's /run takes 10 MB
+DESCRIPTION = """Depth for a whole dataset: every INPUT becomes one image or video, sent to a depth endpoint (a
+deployed Runpod endpoint with --endpoint-id and RUNPOD_API_KEY, or a local one with --endpoint); its
+outputs and a sidecar JSON are written under --out, mirroring the inputs."""
 EPILOG = """inputs:
-  a file; a folder (every image below it); a glob (quote it: 'photos/**/*.jpg'); @list.txt (one path or
-  URL a line); an http(s) URL. Image URLs on private networks are refused by the worker unless its
-  URL_ALLOWLIST lets them through.
+  a file; a folder (every image and video below it); a glob (quote it: 'photos/**/*.jpg'); @list.txt (one
+  path or URL a line); an http(s) URL. Image and video URLs on private networks are refused by the worker
+  unless its URL_ALLOWLIST lets them through.
+
+videos:
+  .mp4 .m4v .mov .mkv .webm .avi files and URLs: one job each, with the tasks of --tasks that apply to a
+  video (depth: a 16-bit FFV1 .mkv; colorized: an H.264 .mp4; --include-raw: the float16 .npz of every
+  frame); --set fps=5, --set temporal=none, ... pass the video options. A video file is sent inline, so
+  at most 7 MB (Runpod's request limit); larger videos must be given by URL.
 
 file names:
   an input named trip/img1 (its path relative to the folder or glob, its stem for a file, url/<host>/<path>
@@ -115,11 +121,25 @@ def request_template(args: argparse.Namespace) -> dict:
             template[name] = json.loads(value)
         except json.JSONDecodeError:
             template[name] = value  # a bare word: a string
+    videos = video_template(template)
     try:
-        parse_request({**template, "image_b64": "AA=="}, max_images=10**6)
+        parse_request({**image_template(template), "image_b64": "AA=="}, max_images=10**6)
+        if videos is not None:
+            parse_request({**videos, "video_b64": "AA=="}, max_images=1)
     except RequestError as error:
         raise ValueError(f"request options: {error}") from None
     return template
+
+
+def image_template(template: dict) -> dict:
+    """The options an image job carries (the video-only ones left out)."""
+    return {key: value for key, value in template.items() if key not in VIDEO_ONLY}
+
+
+def video_template(template: dict) -> dict | None:
+    """The options a video job carries: only the tasks that apply to a video (None: none does)."""
+    tasks = [task for task in template["tasks"] if task in VIDEO_TASKS]
+    return {**template, "tasks": tasks} if tasks else None
 
 
 def endpoint(args: argparse.Namespace) -> Endpoint:
@@ -149,21 +169,32 @@ def allows_http(args: argparse.Namespace) -> bool:
 class Run:
     def __init__(self, args: argparse.Namespace, template: dict, client: Endpoint, progress: tqdm) -> None:
         self.args = args
-        self.template = template
-        self.digest = request_digest(template)
+        self.template = image_template(template)
+        self.video_template = video_template(template)
+        self.digests = {False: request_digest(self.template), True: request_digest(self.video_template or {})}
         self.client = client
         self.progress = progress
         self.allow_http = allows_http(args)
         self.summary = Summary()
 
     def pending(self, items: list[Item]) -> Iterator[list[Item]]:
-        """Jobs of ``--images-per-job`` images that this request has not produced yet."""
-        todo = (item for item in items if not self._skip(item))
-        while chunk := list(itertools.islice(todo, self.args.images_per_job)):
+        """Jobs of ``--images-per-job`` images, or of one video, that this request has not produced yet."""
+        chunk: list[Item] = []
+        for item in items:
+            if self._skip(item):
+                continue
+            if item.is_video:
+                yield [item]
+                continue
+            chunk.append(item)
+            if len(chunk) == self.args.images_per_job:
+                yield chunk
+                chunk = []
+        if chunk:
             yield chunk
 
     def _skip(self, item: Item) -> bool:
-        state = resume_state(self.args.out, item.name, self.digest)
+        state = resume_state(self.args.out, item.name, self.digests[item.is_video])
         if state in self.summary.redone:
             self.summary.redone[state] += 1
         if state == "done":
@@ -176,6 +207,9 @@ class Run:
             await self.one_job(job)
 
     async def one_job(self, items: list[Item]) -> None:
+        if items[0].is_video:
+            await self.one_video(items[0])
+            return
         images, sent = [], []
         for item in items:
             try:
@@ -185,7 +219,30 @@ class Run:
                 self.fail(item, f"could not read the file: {error.strerror or error}")
         if not sent:
             return
-        payload = {**self.template, "images": images}
+        await self.send({**self.template, "images": images}, sent, self.template)
+
+    async def one_video(self, item: Item) -> None:
+        if self.video_template is None:
+            self.fail(item, f"none of --tasks applies to a video ({', '.join(VIDEO_TASKS)} do)")
+            return
+        if item.is_url:
+            source = {"video_url": item.source}
+        else:
+            try:
+                size = os.path.getsize(item.source)
+                if size > MAX_VIDEO_FILE_BYTES:
+                    self.fail(item, f"a video file of {size / 1e6:.1f} MB is too large to send inline "
+                                    f"(at most {MAX_VIDEO_FILE_BYTES / 1e6:.1f} MB): give it by URL")  # fmt: skip
+                    return
+                data = await asyncio.to_thread(Path(item.source).read_bytes)
+            except OSError as error:
+                self.fail(item, f"could not read the file: {error.strerror or error}")
+                return
+            source = {"video_b64": base64.b64encode(data).decode()}
+        await self.send({**self.video_template, **source}, [item], self.video_template)
+
+    async def send(self, payload: dict, sent: list[Item], request: dict) -> None:
+        """One job; each input's outputs and sidecar written, or its failure recorded."""
         try:
             reply = await (self.client.runsync(payload) if self.args.sync else self.client.run(payload))
             if reply.get("status") != "COMPLETED":
@@ -202,7 +259,7 @@ class Run:
                 continue
             try:
                 await asyncio.to_thread(
-                    write_result, self.args.out, item.name, item.source, self.template, answer, self.allow_http
+                    write_result, self.args.out, item.name, item.source, request, answer, self.allow_http
                 )
             except (OSError, ValueError) as error:  # an output URL that could not be fetched, refused, too big
                 self.fail(item, f"could not fetch an output: {error}")
@@ -220,7 +277,7 @@ async def run(args: argparse.Namespace, template: dict) -> Summary:
     items = unique(expand(args.inputs))  # every name known first: collisions are resolved before any work
     quiet = args.json or not sys.stderr.isatty()
     started = time.time()
-    with tqdm(total=len(items), unit="image", disable=quiet, dynamic_ncols=True) as progress:
+    with tqdm(total=len(items), unit="input", disable=quiet, dynamic_ncols=True) as progress:
         async with endpoint(args) as client:
             job_run = Run(args, template, client, progress)
             jobs = job_run.pending(items)

@@ -1,7 +1,7 @@
-"""Input arguments -> images, lazily, each with the relative output name its files get. Pure.
+"""Input arguments -> images and videos, lazily, each with the relative output name its files get. Pure.
 
 - a file: itself, named by its stem;
-- a folder: every image below it (by extension, sorted), named by its path relative to the folder;
+- a folder: every image and video below it (by extension, sorted), named by its path relative to the folder;
 - a glob (``*``, ``?``, ``[``; ``**`` recursive): its matches, named relative to the part before the
   first wildcard;
 - ``@list.txt``: one path or URL a line (``#`` comments and blank lines skipped); relative paths are
@@ -27,6 +27,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"}
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -38,6 +40,12 @@ class Item:
     @property
     def is_url(self) -> bool:
         return is_url(self.source)
+
+    @property
+    def is_video(self) -> bool:
+        """By the extension of the file, or of the URL's path."""
+        path = urlsplit(self.source).path if self.is_url else self.source
+        return PurePosixPath(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def is_url(text: str) -> bool:
@@ -63,7 +71,7 @@ def from_folder(root: Path) -> Iterator[Item]:
         subfolders.sort()
         for file in sorted(files):
             path = Path(folder) / file
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.suffix.lower() in MEDIA_EXTENSIONS:
                 yield Item(str(path), safe_name(PurePosixPath(path.relative_to(root).with_suffix("").as_posix())))
 
 
@@ -72,7 +80,7 @@ def from_glob(pattern: str) -> Iterator[Item]:
     base = Path(prefix) if prefix.endswith("/") else Path(prefix).parent
     for match in sorted(glob.iglob(pattern, recursive=True)):
         path = Path(match)
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.is_file() and path.suffix.lower() in MEDIA_EXTENSIONS:
             relative = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
             yield Item(match, safe_name(PurePosixPath(relative.with_suffix("").as_posix())))
 
