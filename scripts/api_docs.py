@@ -1,5 +1,5 @@
-"""Render docs/api.md (models and request fields) and docs/request.schema.json from the model table and
-the request schema the gateway validates with.
+"""Render docs/api.md (models, request fields, videos) and docs/request.schema.json from the model table,
+the request schema the gateway validates with and the settings' defaults.
 
 python scripts/api_docs.py           # write the files
 python scripts/api_docs.py --check   # exit 1 if they differ from the schema (the tests run this)
@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 
 from catalogue.models import MODELS
-from gateway.inputs.schema import DepthRequest
+from gateway.inputs.schema import VIDEO_ONLY, VIDEO_TASKS, DepthRequest
+from gateway.inputs.video import DEFAULT_FPS_CAP
+from gateway.outputs.video import COLOR_VIDEO_MIME, DEPTH_VIDEO_MIME, X264_CRF, X264_PRESET
+from gateway.settings import Settings
+from gateway.video_service import DEPTH_VIDEO_DECODE
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
@@ -36,6 +40,74 @@ model's `license` (as its model card gives it: check it before commercial use).
 | field | type | default | constraints | meaning |
 |---|---|---|---|---|
 """
+
+
+VIDEOS = """
+## Videos
+
+A job with `video_url` or `video_b64` (one video, no image fields) runs the video path on the same
+models. Tasks: {tasks} (others are a request error that names them); `include_raw` adds the float16 depth
+of every frame. Options: {options}; `max_size`, `process_res`, `colormap`, `invert`, `normalize` and
+`output_mode` as for images. Frames are sampled at `fps` (default: the source's rate, at most {fps_cap:g}),
+the first frame at or after each point of that grid (never interpolated, never repeated), from `start`
+for `duration` seconds; rotation metadata is honoured.
+
+Temporal consistency (`temporal`, default `align`): each frame of a relative model is mapped onto the
+clip's running reference by a robust scale and shift in inverse-depth space (median start, then a fit
+on the 60 % of pixels that fit best, so moving objects do not drag it); metric models are never
+re-scaled; `none` keeps every frame as the network gave it. Either way the clip has one value range,
+never one per frame.
+
+One result (`index` 0) with:
+
+| key | meaning |
+|---|---|
+| `kind` | `"video"` |
+| `width`, `height` | the output frames' size (after `max_size`, display orientation) |
+| `network_size` | the bucket the network ran at |
+| `frames`, `fps`, `timestamps` | frames served, the sampling rate, each frame's source timestamp (s) |
+| `source` | `codec`, `width`, `height`, `fps`, `duration`, `rotation` as the file says |
+| `temporal`, `alignment` | what was done, and the per-frame `scale` and `shift` lists applied |
+| `depth_min`, `depth_max`, `depth_units`, `depth_direction` | the clip's exact range, as for images |
+| `depth_video_decode` | `{decode}` |
+| `colorized_range` | the values mapped to the colormap's ends (1st and 99th percentiles of the clip) |
+| `depth_video_b64` or `_url`, `depth_video_mime` | 16-bit FFV1 `gray16le` in Matroska (`{depth_mime}`), lossless |
+| `colorized_video_b64` or `_url`, `colorized_video_mime` | H.264 in MP4 (`{color_mime}`), see below |
+| `depth_npz_b64` or `_url` | `depth`: float16 `[frames, height, width]`, the values the 16-bit video encodes |
+| `cut` | present when a limit shortened the clip: which (`max_frames`, `MAX_VIDEO_SECONDS`, ...) |
+| `stopped` | present when the stream is corrupt part way: the frames before it are served |
+| `timings` | seconds for fetch, decode and inference, encoding, delivery |
+
+The colorized video is H.264 `yuv420p` (libx264 `{preset}`, CRF {crf}), cropped by a pixel to even
+dimensions when needed, with the index at the front of the file: browsers play it. Audio is not copied.
+Outputs go inline while they fit `MAX_RESPONSE_BYTES`, else (`url`, `auto`) to the bucket; inline
+output that does not fit is the video's error, which says to use a bucket. Limits (worker settings):
+`MAX_VIDEO_BYTES` {max_bytes} (download), `MAX_VIDEO_SECONDS` {max_seconds:g} and `MAX_VIDEO_FRAMES`
+{max_frames} (longer clips are cut and say so), `MAX_VIDEO_PIXELS` {max_pixels} per frame (checked from
+the header before decoding, and by FFmpeg on every frame), `VIDEO_SPOOL_BYTES` {spool} (disk for the
+aligned frames; the clip is cut to fit), `VIDEO_TIMEOUT` {timeout:g} s for the whole job. Progress:
+`frames 240/900` through runpod's `progress_update` every few seconds.
+"""
+
+
+def video_section() -> str:
+    settings = Settings()
+    return VIDEOS.format(
+        tasks=", ".join(f"`{task}`" for task in VIDEO_TASKS),
+        options=", ".join(f"`{name}`" for name in VIDEO_ONLY),
+        fps_cap=DEFAULT_FPS_CAP,
+        decode=DEPTH_VIDEO_DECODE,
+        depth_mime=DEPTH_VIDEO_MIME,
+        color_mime=COLOR_VIDEO_MIME,
+        preset=X264_PRESET,
+        crf=X264_CRF,
+        max_bytes=f"{settings.max_video_bytes >> 20} MiB",
+        max_seconds=settings.max_video_seconds,
+        max_frames=settings.max_video_frames,
+        max_pixels=f"{settings.max_video_pixels:,}",
+        spool=f"{settings.video_spool_bytes >> 30} GiB",
+        timeout=settings.video_timeout,
+    )
 
 
 def model_rows() -> str:
@@ -68,9 +140,12 @@ def render() -> tuple[str, str]:
     for name, prop in schema["properties"].items():
         field = DepthRequest.model_fields[name]
         default = "-" if field.default is None else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
-        limits = [f"{k} {prop[k]}" for k in ("minimum", "maximum", "minItems") if k in prop]
+        bounds = {key: value for option in prop.get("anyOf", [prop]) for key, value in option.items()}
+        names = ("minimum", "exclusiveMinimum", "maximum", "minItems")
+        limits = [f"{k} {bounds[k]}" for k in names if k in bounds]
         rows.append(f"| `{name}` | {type_name(prop)} | {default} | {', '.join(limits)} | {field.description} |")
-    return HEADER.format(models=model_rows()) + "\n".join(rows) + "\n", json.dumps(schema, indent=2) + "\n"
+    table = HEADER.format(models=model_rows()) + "\n".join(rows) + "\n" + video_section()
+    return table, json.dumps(schema, indent=2) + "\n"
 
 
 def main() -> int:
