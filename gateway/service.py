@@ -88,6 +88,8 @@ def approximate_json_size(value: Any) -> int:
     """
     if isinstance(value, str):
         return len(value) + 2
+    if isinstance(value, bytes):  # an output that will be uploaded: its bytes are what is held
+        return len(value)
     if isinstance(value, dict):
         return 2 + sum(len(str(key)) + 4 + approximate_json_size(item) for key, item in value.items())
     if isinstance(value, list | tuple):
@@ -281,7 +283,9 @@ class DepthService:
             for key in OUTPUTS:
                 if key in result:
                     object_key = self.storage.object_key(job_id, file_name(str(result["index"]), key, result))
-                    data = await self._cpu(pybase64.b64decode, result[key])
+                    data = result[key]  # bytes in url mode; base64 text when auto found it too large
+                    if isinstance(data, str):
+                        data = await self._cpu(pybase64.b64decode, data)
                     objects.append((object_key, data, content_type(key, result)))
                     owners.append((result, key))
         outcomes = await self.storage.upload(bucket, objects) if objects else []
@@ -325,13 +329,14 @@ class DepthService:
         depth = await self._infer(model, decoded, slot)
         clock.lap("infer")
         to_render = dataclasses.replace(decoded, network_input=None)  # the pipe need not carry it again
+        uploaded = request.output_mode == "url"  # a request error without a bucket: never inline then
         try:
-            return await self.workers.render(to_render, depth, request, model, slot, holdings)
+            return await self.workers.render(to_render, depth, request, model, slot, holdings, uploaded)
         except NonFiniteDepth:
             pass
         depth = await self._finite_depth(model, decoded, slot)
         try:
-            outputs = await self.workers.render(to_render, depth, request, model, slot, holdings)
+            outputs = await self.workers.render(to_render, depth, request, model, slot, holdings, uploaded)
         except NonFiniteDepth:
             raise ImageError(f"{NON_FINITE}, in float32 too") from None
         return {**outputs, "fallback_dtype": "float32"}

@@ -274,6 +274,10 @@ class Storage:
                 read_timeout=self.timeout,
                 retries={"max_attempts": 2, "mode": "standard"},
                 max_pool_connections=UPLOAD_THREADS,
+                # No CRC32 of every body (botocore's default since 1.36): 0.44 ms less CPU per MB uploaded
+                # (3.13 -> 2.69 ms per 1 MB put and presign, SeaweedFS on loopback); TLS carries integrity.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             ),
         )
         if bucket.pinned is not None:

@@ -1,4 +1,4 @@
-"""Arrays -> encoded image bytes, and bytes -> base64 text. Pure.
+"""Arrays -> encoded image bytes, and bytes -> base64 text (or kept as bytes for uploads). Pure.
 
 PNG goes through the fast encoder in ``gateway.outputs.png``; JPEG and WebP through OpenCV's codecs. An image
 wider or taller than WebP (16383 px) or JPEG (65500 px) allows is written as PNG instead.
@@ -7,6 +7,7 @@ wider or taller than WebP (16383 px) or JPEG (65500 px) allows is written as PNG
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -50,3 +51,11 @@ def encode_npz(depth: np.ndarray) -> bytes:
 
 def b64(data: bytes | bytearray) -> str:
     return pybase64.b64encode(data).decode("ascii")  # SIMD base64: twice the stdlib's speed
+
+
+def keep(data: bytes) -> bytes:
+    """Outputs that are uploaded stay bytes: no base64 on the way out and back."""
+    return data
+
+
+Pack = Callable[[bytes], str | bytes]

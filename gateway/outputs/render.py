@@ -18,7 +18,7 @@ from gateway.inputs.resize import limited_size, nearest_bucket, shrink_to, to_bu
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
-from gateway.outputs.encode import MIME, b64, encode_image, encode_npz, writable_format
+from gateway.outputs.encode import MIME, Pack, b64, encode_image, encode_npz, writable_format
 from gateway.outputs.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
 from gateway.served_model import ServedModel
 
@@ -83,10 +83,12 @@ def render(
     request: DepthRequest,
     model: ServedModel,
     focal_35mm: float | None = None,
+    pack: Pack = b64,
 ) -> dict:
     """Stats and every requested task's keys, all at the original ``size`` (width, height).
 
-    ``photo`` (RGB at ``size``) is needed only when ``needs_photo(request.tasks)``.
+    ``photo`` (RGB at ``size``) is needed only when ``needs_photo(request.tasks)``. Each output's bytes
+    go through ``pack``: base64 text for a response, or the bytes themselves (``keep``) for an upload.
     """
     width, height = size
     depth = pp.upsample(network_depth, width, height)
@@ -104,40 +106,45 @@ def render(
         out["intrinsics"] = camera.as_dict()
     for task in request.tasks:
         if task == "depth":
-            out["depth_png_b64"] = b64(encode_image(pp.depth_uint16(depth), "png"))
+            out["depth_png_b64"] = pack(encode_image(pp.depth_uint16(depth), "png"))
             out["depth_png_mime"] = MIME["png"]
             if request.include_raw:
-                out["depth_npz_b64"] = b64(encode_npz(depth))
+                out["depth_npz_b64"] = pack(encode_npz(depth))
         elif task == "colorized":
             shown = 1.0 - unit if request.invert else unit
-            out["colorized_b64"] = b64(encode_image(pp.colorize(shown, request.colormap), fmt, request.quality))
+            out["colorized_b64"] = pack(encode_image(pp.colorize(shown, request.colormap), fmt, request.quality))
             out["colorized_mime"] = mime
             out["colormap"] = request.colormap
         elif task == "normals":
             assert camera is not None
             zs = geometry.planar_depth(depth, model.metric, request.near, request.far)
             normals = pp.normals_rgb(geometry.surface_normals(zs, camera))
-            out["normals_b64"] = b64(encode_image(normals, fmt, request.quality))
+            out["normals_b64"] = pack(encode_image(normals, fmt, request.quality))
             out["normals_mime"] = mime
         elif task == "disparity":
-            out["disparity_b64"] = b64(encode_image(pp.disparity(depth, model.metric), fmt, request.quality))
+            out["disparity_b64"] = pack(encode_image(pp.disparity(depth, model.metric), fmt, request.quality))
             out["disparity_mime"] = mime
         elif task == "point_cloud":
             distance = pp.distance_from_camera(depth, model.metric)
             assert photo is not None, "point_cloud needs the photo"
             preview = pp.point_cloud(photo, distance, request.point_cloud_grid)
-            out["point_cloud_b64"] = b64(encode_image(preview, "png"))
+            out["point_cloud_b64"] = pack(encode_image(preview, "png"))
             out["point_cloud_mime"] = MIME["png"]
             out["point_cloud_grid"] = request.point_cloud_grid
     if any(task in request.tasks for task in THREE_D):
         assert photo is not None, "3D outputs need the photo"
         assert camera is not None
-        out.update(render_3d(depth, photo, request, model, camera))
+        out.update(render_3d(depth, photo, request, model, camera, pack))
     return out
 
 
 def render_3d(
-    depth: np.ndarray, photo: np.ndarray, request: DepthRequest, model: ServedModel, camera: geometry.Intrinsics
+    depth: np.ndarray,
+    photo: np.ndarray,
+    request: DepthRequest,
+    model: ServedModel,
+    camera: geometry.Intrinsics,
+    pack: Pack = b64,
 ) -> dict:
     """The ``points`` (PLY) and ``mesh`` (GLB) outputs, with the units they used."""
     height, width = depth.shape
@@ -159,7 +166,7 @@ def render_3d(
             xyz, rgb = points.xyz.reshape(-1, 3), points.rgb.reshape(-1, 3)
         else:
             xyz, rgb = points.xyz[keep], points.rgb[keep]
-        out["points_b64"] = b64(encode_ply(xyz, rgb, comments))
+        out["points_b64"] = pack(encode_ply(xyz, rgb, comments))
         out["points_mime"] = PLY_MIME
         out["points_count"] = int(keep.sum())
     if "mesh" in request.tasks:
@@ -168,7 +175,7 @@ def render_3d(
         positions = opencv_to_gltf(surface.xyz.reshape(-1, 3))
         extras = {"units": units, "intrinsics": camera.as_dict()}
         glb, vertices = encode_glb(positions, surface.rgb.reshape(-1, 3), faces, extras)
-        out["mesh_b64"] = b64(glb)
+        out["mesh_b64"] = pack(glb)
         out["mesh_mime"] = GLB_MIME
         out["mesh_vertices"] = vertices
         out["mesh_triangles"] = len(faces)

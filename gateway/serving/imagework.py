@@ -37,6 +37,7 @@ import numpy as np
 from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.schema import DepthRequest
+from gateway.outputs.encode import b64, keep
 from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
 from gateway.outputs.video import ClipEncoding, encode_clip
 from gateway.served_model import ServedModel
@@ -85,9 +86,15 @@ def decode_and_prepare(
 
 
 def render_outputs(
-    decoded: Decoded, depth: np.ndarray | None, request: DepthRequest, model: ServedModel, slot: Slot | None
+    decoded: Decoded,
+    depth: np.ndarray | None,
+    request: DepthRequest,
+    model: ServedModel,
+    slot: Slot | None,
+    uploaded: bool = False,
 ) -> dict:
-    """The response keys; the depth is ``depth``, or read from ``slot`` when None."""
+    """The response keys; the depth is ``depth``, or read from ``slot`` when None. Outputs are base64 text,
+    or their bytes when they will be ``uploaded`` (no base64 out of this process and back again)."""
     if depth is None:
         assert slot is not None
         width, height = decoded.network_size
@@ -96,7 +103,7 @@ def render_outputs(
         raise NonFiniteDepth
 
     def render_with(photo: np.ndarray | None) -> dict:
-        return render(decoded.size, photo, depth, request, model, decoded.focal_35mm)
+        return render(decoded.size, photo, depth, request, model, decoded.focal_35mm, keep if uploaded else b64)
 
     if isinstance(decoded.photo, SharedPhoto):
         return decoded.photo.read(render_with)
@@ -173,8 +180,10 @@ class ImageWorkers:
         model: ServedModel,
         slot: Slot | None,
         holdings: Holdings,
+        uploaded: bool = False,
     ) -> dict:
-        return await self._run(functools.partial(render_outputs, decoded, depth, request, model, slot), holdings)
+        call = functools.partial(render_outputs, decoded, depth, request, model, slot, uploaded)
+        return await self._run(call, holdings)
 
     async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> dict[str, str]:
         """A video's output files, written from its spool by one worker process."""
