@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from bench import clips
-from gateway.client import cli
+from gateway.client import DepthClient, cli
 from gateway.client.inputs import expand, unique, url_name
 from gateway.client.jobs import backoff
 from gateway.client.outputs import remove_temporaries, request_digest, resume_state, write_result
@@ -361,3 +361,20 @@ def test_videos_beside_photos_get_their_own_jobs_files_and_resume(gateway_url: s
     assert (out / "set0/day0/img000_normals.png").exists()
     again = json.loads(client(*args).stdout)
     assert (again["done"], again["skipped"]) == (0, 3)
+
+
+def test_the_library_runs_resumes_and_refuses_bad_options_like_the_command(gateway_url: str, tmp_path: Path) -> None:
+    make_dataset(tmp_path / "in", good=3)
+    client_api = DepthClient(gateway_url, concurrency=2)
+    with pytest.raises(ValueError, match="request options: invalid value 'sepia' for colormap"):
+        client_api.run([tmp_path / "in"], tmp_path / "out", colormap="sepia")
+    assert not (tmp_path / "out").exists()  # refused before anything was sent or written
+    summary = client_api.run([tmp_path / "in"], tmp_path / "out", tasks=["depth", "colorized"], process_res=518)
+    assert (summary.done, summary.skipped, summary.failed) == (3, 0, [])
+    sidecar = json.loads((tmp_path / "out/set1/day1/img001.json").read_text())
+    assert sidecar["request"]["process_res"] == 518
+    assert cv2.imread(str(tmp_path / "out/set1/day1/img001_colorized.png")).shape == (32, 48, 3)
+    again = client_api.run([tmp_path / "in"], tmp_path / "out", tasks=["depth", "colorized"], process_res=518)
+    assert (again.done, again.skipped) == (0, 3)
+    with pytest.raises(ValueError, match="needs its api_key"):
+        DepthClient(endpoint_id="abc")

@@ -105,22 +105,32 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def request_template(args: argparse.Namespace) -> dict:
-    """The request options every job carries, checked against the API's schema (raises ValueError)."""
-    template: dict = {"tasks": args.tasks, "output_format": args.format}
-    if args.model:
-        template["model"] = args.model
-    if args.colormap:
-        template["colormap"] = args.colormap
-    if args.include_raw:
-        template["include_raw"] = True
+    """The request options every job carries, from the command line (raises ValueError)."""
+    fields: dict = {}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes NAME=JSON, got {item!r}")
         try:
-            template[name] = json.loads(value)
+            fields[name] = json.loads(value)
         except json.JSONDecodeError:
-            template[name] = value  # a bare word: a string
+            fields[name] = value  # a bare word: a string
+    return build_template(args.tasks, args.model, args.colormap, args.format, args.include_raw, fields)
+
+
+def build_template(
+    tasks: list[str], model: str | None, colormap: str | None, output_format: str, include_raw: bool, fields: dict
+) -> dict:
+    """The request options, checked against the API's schema for images and, where a task applies to
+    them, for videos (ValueError naming the first problem)."""
+    template: dict = {"tasks": list(tasks), "output_format": output_format}
+    if model:
+        template["model"] = model
+    if colormap:
+        template["colormap"] = colormap
+    if include_raw:
+        template["include_raw"] = True
+    template.update(fields)
     videos = video_template(template)
     try:
         parse_request({**image_template(template), "image_b64": "AA=="}, max_images=10**6)
@@ -146,7 +156,7 @@ def endpoint(args: argparse.Namespace) -> Endpoint:
     headers = {"Content-Type": "application/json"}
     base = args.endpoint
     if args.endpoint_id:
-        key = os.environ.get("RUNPOD_API_KEY")
+        key = getattr(args, "api_key", None) or os.environ.get("RUNPOD_API_KEY")
         if not key:
             raise ValueError("--endpoint-id needs RUNPOD_API_KEY in the environment")
         headers["Authorization"] = f"Bearer {key}"
