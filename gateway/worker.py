@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import runpod
 
@@ -66,11 +67,20 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
     url = settings.triton_url
     blocked_ports = list(settings.triton_ports)  # never reachable through an image URL
     server = None
+    started = time.monotonic()
     if url is None:
+        log.info("starting tritonserver over %s (up to %g s)", settings.model_repository, settings.triton_start_timeout)
         server = EmbeddedTriton(settings.model_repository, settings.triton_start_timeout).start()
         atexit.register(server.stop)
         url = server.grpc_url
         blocked_ports += server.ports
+        log.info(
+            "tritonserver ready in %.1f s on loopback: gRPC %s, HTTP %s (examples/triton_client.py --url %s)",
+            time.monotonic() - started,
+            server.grpc_url,
+            server.http_url,
+            server.grpc_url,
+        )
     else:
         port = url.rsplit(":", 1)[-1]
         blocked_ports += [int(port)] if port.isdigit() else []
@@ -85,7 +95,9 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
     production = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))  # runpod's job loop, not the local API
     progress = runpod.serverless.progress_update if production else None
     service = DepthService(settings, triton, fetcher, progress)
+    log.info("loading %s and starting %d image workers", settings.default_model, settings.cpu_workers)
     asyncio.run(service.startup())
+    log.info("ready in %.1f s", time.monotonic() - started)
     return service, server
 
 

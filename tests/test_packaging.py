@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,13 @@ def test_quickstart_as_the_readme_runs_it(tmp_path: Path) -> None:
     assert re.search(r"\d+\.\d\d s  export", result.stdout)
     assert "no GPU: exporting and serving FP32" in result.stdout  # CPU-only machine
     assert sorted(p.name for p in (tmp_path / "model_repository").iterdir()) == ["depth_anything_v2_small_fp32"]
+    log = (tmp_path / "gateway.log").read_text()  # where people wait, the log says what happens
+    assert "starting tritonserver over" in log
+    ready = re.search(r"tritonserver ready in [\d.]+ s on loopback: gRPC (127\.0\.0\.1:\d+), HTTP", log)
+    assert ready, log[-2000:]
+    assert f"examples/triton_client.py --url {ready.group(1)}" in log
+    assert re.search(r"loading depth-anything/Depth-Anything-V2-Small-hf and starting \d+ image workers", log)
+    assert re.search(r"gateway INFO ready in [\d.]+ s", log)
 
     checkpoint = tmp_path / "checkpoints" / "random"  # what a second run would find: no second export
     assert quickstart_module().already_exported(tmp_path / "model_repository", RELATIVE_ID, "fp32", checkpoint)
@@ -135,8 +143,10 @@ def test_runpod_test_inputs_run_on_the_local_stack(gateway_url: str) -> None:
         assert decode_image(first["depth_png_b64"]).shape == (64, 96)
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_direct_triton_client_example(protocol: str, triton, tmp_path: Path, photos: dict) -> None:
+@pytest.mark.parametrize(("protocol", "model"), [("grpc", "depth_anything_v2_small"), ("http", None)])
+def test_direct_triton_client_example(protocol: str, model: str | None, triton, tmp_path: Path, photos: dict) -> None:
+    """As README's "Calling Triton directly" says, against the local (embedded) Triton; without --model
+    the example picks a model the repository has."""
     import cv2
 
     photo = tmp_path / "photo.jpg"
@@ -144,8 +154,12 @@ def test_direct_triton_client_example(protocol: str, triton, tmp_path: Path, pho
     url = triton.grpc_url if protocol == "grpc" else triton.http_url.removeprefix("http://")
     out = tmp_path / "depth.npy"
     command = [sys.executable, "examples/triton_client.py", str(photo), "--url", url, "--protocol", protocol, "--load"]
+    command += ["--model", model] if model else []
     result = subprocess.run([*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    served = {m["name"] for m in json.loads(urllib.request.urlopen(f"{triton.http_url}/v2/repository/index",
+                                                                   data=b"{}").read())}  # fmt: skip
+    assert result.stdout.split(" via ")[0] in served
     depth = np.load(out)
     assert depth.shape == (518, 686)
     assert depth.dtype == np.float32
