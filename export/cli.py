@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> None:
             write_config(spec, target, options)
             print(f"{spec.served_name(options.precision)}: wrote {target / 'config.pbtxt'}")
             continue
-        report = export_model(spec, args.repository, options, args.checkpoint)
+        name = spec.served_name(options.precision)
+
+        def say(step: str, name: str = name) -> None:
+            print(f"{name}: {step}", flush=True)
+
+        report = export_model(spec, args.repository, options, args.checkpoint, say)
         errors = ", ".join(f"{shape['shape']} {shape['relative_l2']:.2e}" for shape in report["parity"]["shapes"])
         print(
             f"{report['triton_name']}: {options.precision} {options.backend}, "

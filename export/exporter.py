@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,10 +117,18 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, checkpoint: Path | None = None) -> dict:
-    """Export ``spec`` into ``repository``; returns the export report (also written as JSON)."""
+def export_model(
+    spec: ModelSpec,
+    repository: Path,
+    options: ExportOptions,
+    checkpoint: Path | None = None,
+    say: Callable[[str], None] = lambda _step: None,
+) -> dict:
+    """Export ``spec`` into ``repository``; returns the export report (also written as JSON). ``say``
+    hears each step as it starts (the command line prints them: an export takes a minute or more)."""
     started = time.perf_counter()
     ensure_writable(repository)
+    say(f"loading {checkpoint or spec.hf_id}")
     reference = ServingGraph(load_checkpoint(spec, checkpoint), spec)
     served = copy.deepcopy(reference.model)
     fused = not options.tensorrt  # TensorRT parses only standard ONNX ops, and fuses attention itself
@@ -133,12 +142,16 @@ def export_model(spec: ModelSpec, repository: Path, options: ExportOptions, chec
     try:
         onnx_path = staging / "1" / "model.onnx"
         onnx_path.parent.mkdir()
+        say(f"exporting ONNX ({options.precision})")
         export_onnx(ServingGraph(served, spec), spec, onnx_path)
         layers = len(fusion.encoder(served, spec)[0])
+        if fused:
+            say(f"fusing the attention of {layers} layers")
         attention = fusion.fuse(onnx_path, served, spec, options.precision) if fused else 0
         if fused and attention != layers:
             raise ExportError(f"{spec.hf_id}: attention fusion matched {attention} of {layers} layers")
         _check_initializer_types(onnx_path, options.precision)
+        say("checking parity with the PyTorch model at every bucket family")
         parity = check_parity(str(onnx_path), reference, spec)
         threshold = THRESHOLDS[options.precision]
         report = {

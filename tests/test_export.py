@@ -213,6 +213,10 @@ def test_failed_parity_leaves_the_previous_model_in_place(
 ) -> None:
     argv = [DPT_ID, "--checkpoint", str(checkpoints[DPT_ID]), "--repository", str(tmp_path)]
     assert export_main(argv) == 0
+    steps = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]  # where people wait
+    layers = json.loads((checkpoints[DPT_ID] / "config.json").read_text())["num_hidden_layers"]
+    assert steps[:4] == [f"loading {checkpoints[DPT_ID]}", "exporting ONNX (fp16)", f"fusing the attention of {layers} "
+                         "layers", "checking parity with the PyTorch model at every bucket family"]  # fmt: skip
     model_dir = tmp_path / "dpt_large"
     before = {p.relative_to(tmp_path): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
 
