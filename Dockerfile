@@ -33,6 +33,9 @@ COPY gateway ./gateway
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --break-system-packages ".[gateway]"  # versions pinned in pyproject.toml
 COPY --from=export --chown=triton-server:triton-server /models /app/model_repository
+# TensorRT's engine and timing caches: the configs name /opt/depth/tensorrt-cache; the worker points it
+# at TENSORRT_CACHE_DIR (/runpod-volume/tensorrt-cache when a network volume is attached) at start.
+RUN mkdir -p /opt/depth/tensorrt-cache && chown -R triton-server:triton-server /opt/depth
 # hadolint ignore=DL3066
 USER triton-server
 CMD ["python3", "-m", "gateway"]

@@ -8,6 +8,7 @@ size, licence) from Triton's model-config endpoint instead of a second hard-code
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Literal
 
 from google.protobuf import text_format
@@ -27,29 +28,79 @@ METADATA_KEYS = (
     "bucket_families",
     "resample",
     "license",
+    "batch_caps",
 )
 MAX_QUEUE_DELAY_US = 2000
 QUEUED_BATCHES = 8  # Triton's queue holds this many full batches, then rejects (the gateway retries with backoff)
 QUEUE_TIMEOUT_US = 60_000_000  # a request that waited this long is rejected; requests may ask for less
 TENSORRT_WORKSPACE_BYTES = 4 << 30
-TENSORRT_CACHE = "/cache/tensorrt"  # mount a volume here so that engines survive restarts
+TENSORRT_CACHE = "/opt/depth/tensorrt-cache"  # fixed in the image; the worker points it at TENSORRT_CACHE_DIR
 
 
-def tensorrt_profiles(spec: ModelSpec) -> dict[str, str]:
-    """One explicit TensorRT profile spanning every bucket of every network size, batch 1 to the maximum,
-    tuned for a full batch of the default family's 4:3 bucket: no engine is rebuilt for a new shape."""
-    heights = [height for height, _width in spec.all_buckets]
-    widths = [width for _height, width in spec.all_buckets]
-    opt_height, opt_width = spec.buckets[1] if len(spec.buckets) > 1 else spec.buckets[0]
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: the box of shapes an engine accepts, and the shape it is tuned at."""
 
-    def shape(batch: int, height: int, width: int) -> str:
-        return f"image:{batch}x{height}x{width}x3"
+    min: tuple[int, int, int]  # (batch, height, width)
+    opt: tuple[int, int, int]
+    max: tuple[int, int, int]
 
+
+def activation_budget(spec: ModelSpec) -> int:
+    """Pixels one batch may hold: a full batch of the default network size's largest bucket, the shapes the
+    model's batch size was chosen for (activations grow with batch x pixels)."""
+    return spec.max_batch_size * max(height * width for height, width in spec.buckets)
+
+
+def four_by_three(buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket closest to 4:3 landscape (the commonest photo shape)."""
+    return min(buckets, key=lambda bucket: abs(bucket[1] / bucket[0] - 4 / 3))
+
+
+def batch_caps(spec: ModelSpec) -> dict[int, int]:
+    """Per network size, the largest batch whose largest bucket stays within ``activation_budget``: the full
+    batch at the default size, fewer at the larger ones. The gateway keeps no more requests of a size in
+    flight (so Triton never forms a larger batch), and each TensorRT profile ends there."""
+    budget = activation_budget(spec)
     return {
-        "trt_profile_min_shapes": shape(1, min(heights), min(widths)),
-        "trt_profile_opt_shapes": shape(spec.max_batch_size, opt_height, opt_width),
-        "trt_profile_max_shapes": shape(spec.max_batch_size, max(heights), max(widths)),
+        size: max(1, min(spec.max_batch_size, budget // max(height * width for height, width in buckets)))
+        for size, buckets in spec.families
     }
+
+
+def tensorrt_profiles(spec: ModelSpec) -> list[Profile]:
+    """One profile per network size and orientation (landscape and square; portrait), spanning exactly the
+    buckets served there, batch 1 to that size's ``batch_caps``, tuned at a full batch of its 4:3 (or 3:4)
+    bucket. No engine is rebuilt for a served shape, and none is built for a shape never served (one
+    profile over every size reached 1848x1848 at batch 32: several GB for one activation of the head)."""
+    caps = batch_caps(spec)
+    profiles = []
+    for size, buckets in spec.families:
+        landscape = tuple(bucket for bucket in buckets if bucket[1] >= bucket[0])
+        portrait = tuple((width, height) for height, width in buckets if width < height)  # as landscape
+        for group, turned in ((landscape, False), (portrait, True)):
+            if not group:
+                continue
+            tuned = four_by_three(group)
+
+            def shape(batch: int, height: int, width: int, turned: bool = turned) -> tuple[int, int, int]:
+                return (batch, width, height) if turned else (batch, height, width)
+
+            heights = [height for height, _width in group]
+            widths = [width for _height, width in group]
+            cap = caps[size]
+            low, high = shape(1, min(heights), min(widths)), shape(cap, max(heights), max(widths))
+            profiles.append(Profile(low, shape(cap, *tuned), high))
+    return profiles
+
+
+def profile_parameters(profiles: list[Profile]) -> dict[str, str]:
+    """ONNX Runtime's TensorRT options: the input named once per profile makes several profiles."""
+
+    def shapes(pick: str) -> str:
+        return ",".join("image:{}x{}x{}x3".format(*getattr(profile, pick)) for profile in profiles)
+
+    return {f"trt_profile_{pick}_shapes": shapes(pick) for pick in ("min", "opt", "max")}
 
 
 def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -110,6 +161,7 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
         "bucket_families": json.dumps({str(size): [list(b) for b in buckets] for size, buckets in spec.families}),
         "resample": spec.resample,
         "license": spec.license,
+        "batch_caps": json.dumps({str(size): cap for size, cap in batch_caps(spec).items()}),
     }
     for key, value in metadata.items():
         config.parameters[key].string_value = value
@@ -123,7 +175,7 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
                 "trt_engine_cache_path": f"{TENSORRT_CACHE}/{name}",
                 "trt_timing_cache_enable": "1",
                 "trt_timing_cache_path": f"{TENSORRT_CACHE}/{name}",
-                **tensorrt_profiles(spec),
+                **profile_parameters(tensorrt_profiles(spec)),
             }
         )
         config.optimization.execution_accelerators.gpu_execution_accelerator.append(accelerator)

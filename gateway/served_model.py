@@ -22,6 +22,7 @@ class ServedModel:
     resample: str
     on_gpu: bool
     license: str
+    batch_caps: tuple[tuple[int, int], ...] = ()  # (network short side, most requests of it in flight)
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
@@ -41,6 +42,21 @@ class ServedModel:
         """Pixels of the largest bucket of network size ``size`` (None: the default)."""
         return max(height * width for height, width in self.family(size))
 
+    def size_of(self, height: int, width: int) -> int:
+        """The network short side whose family holds the bucket (height, width)."""
+        for size, buckets in self.families:
+            if (height, width) in buckets:
+                return size
+        return min(height, width)
+
+    def batch_cap(self, size: int) -> int | None:
+        """The most requests of network size ``size`` to keep in flight, when that is less than the full
+        batch of the default size (None: no cap; Triton's own batch size bounds it, and requests may queue
+        there, so that the next batch is ready when one ends)."""
+        caps = dict(self.batch_caps)
+        cap = caps.get(size)
+        return cap if cap is not None and cap < caps.get(self.sizes[0], cap + 1) else None
+
     @classmethod
     def from_config(cls, config: Any) -> ServedModel:
         """From a ``ModelConfig`` message (tritonclient's ``model_config_pb2``) the exporter wrote."""
@@ -53,6 +69,7 @@ class ServedModel:
                 (int(size), tuple(tuple(bucket) for bucket in family))
                 for size, family in json.loads(params["bucket_families"]).items()
             )
+        caps = json.loads(params.get("batch_caps") or "{}")  # absent from configs written before the caps
         return cls(
             name=config.name,
             hf_id=params["hf_id"],
@@ -63,4 +80,5 @@ class ServedModel:
             resample=params.get("resample", "bicubic"),
             on_gpu=any(group.kind == gpu_kind for group in config.instance_group),
             license=params.get("license", "unknown"),
+            batch_caps=tuple((int(size), int(cap)) for size, cap in caps.items()),
         )

@@ -43,6 +43,16 @@ def usable_cpus(root: Path = CGROUP) -> int:
     return max(1, cpus)
 
 
+RUNPOD_VOLUME = Path("/runpod-volume")
+TENSORRT_LINK = Path("/opt/depth/tensorrt-cache")  # the exported configs' fixed path (export.triton_config)
+
+
+def default_tensorrt_cache(volume: Path = RUNPOD_VOLUME) -> Path:
+    """TensorRT engines outlive the container on Runpod's network volume when one is attached; else they
+    stay inside the container (rebuilt after every cold start)."""
+    return volume / "tensorrt-cache" if volume.is_dir() else TENSORRT_LINK.parent / "tensorrt-cache-local"
+
+
 def _items(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -96,6 +106,7 @@ class Settings:
     video_spool_bytes: int = 2 << 30
     video_timeout: float = 900.0
     video_window: int = 8
+    tensorrt_cache_dir: Path = field(default_factory=lambda: default_tensorrt_cache())
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -151,4 +162,5 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "video_spool_bytes": ("VIDEO_SPOOL_BYTES", int),
     "video_timeout": ("VIDEO_TIMEOUT", float),
     "video_window": ("VIDEO_WINDOW", int),
+    "tensorrt_cache_dir": ("TENSORRT_CACHE_DIR", Path),
 }

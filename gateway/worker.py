@@ -28,8 +28,8 @@ from gateway.serving.health import TritonHealth
 from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import ModelUnavailable, TritonModels
-from gateway.serving.triton_process import EmbeddedTriton, TritonStartError
-from gateway.settings import Settings
+from gateway.serving.triton_process import EmbeddedTriton, TritonStartError, point_tensorrt_cache
+from gateway.settings import TENSORRT_LINK, Settings
 from gateway.storage import StorageConfigError
 
 log = logging.getLogger("gateway")
@@ -69,6 +69,8 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
     server = None
     started = time.monotonic()
     if url is None:
+        if TENSORRT_LINK.parent.is_dir():  # in the image (the Dockerfile makes it); not on a development machine
+            log.info(point_tensorrt_cache(TENSORRT_LINK, settings.tensorrt_cache_dir))
         log.info("starting tritonserver over %s (up to %g s)", settings.model_repository, settings.triton_start_timeout)
         server = EmbeddedTriton(settings.model_repository, settings.triton_start_timeout).start()
         atexit.register(server.stop)

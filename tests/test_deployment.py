@@ -4,7 +4,9 @@ image's Python 3.12, and the TensorRT keys of the exported configs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from catalogue.models import get_spec
-from export.triton_config import build_config, parse, render
-from tests.conftest import ROOT
+from catalogue.models import MODELS, get_spec
+from export.triton_config import (
+    TENSORRT_CACHE,
+    batch_caps,
+    build_config,
+    parse,
+    profile_parameters,
+    render,
+    tensorrt_profiles,
+)
+from gateway.served_model import ServedModel
+from gateway.serving.triton import TritonModels
+from gateway.serving.triton_process import point_tensorrt_cache
+from gateway.settings import TENSORRT_LINK, default_tensorrt_cache
+from tests.conftest import RELATIVE_ID, ROOT
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.01-py3"
 # Release notes of 25.01: CUDA 12.8.0.038, "requires NVIDIA Driver release 560 or later", compute capability 7.5+.
@@ -135,3 +149,79 @@ def test_the_hub_offers_exactly_the_models_the_default_build_bakes_in() -> None:
     assert model["default"] in baked_models()
     assert baked_models() == ["depth-anything/Depth-Anything-V2-Small-hf"]  # and the README says how to bake more
     assert "--build-arg MODELS=all" in (ROOT / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- TensorRT profiles and cache
+
+
+@pytest.mark.parametrize("model_id", list(MODELS))
+def test_tensorrt_profiles_cover_exactly_the_served_buckets_within_the_activation_budget(model_id: str) -> None:
+    """Derived from the model table, not copied: every served bucket fits exactly one profile of its
+    network size and orientation, at every batch up to that size's cap; a cap is the largest batch whose
+    largest bucket stays within a full batch of the default size's largest bucket; no profile reaches a
+    shape larger than its size serves."""
+    spec = MODELS[model_id]
+    budget = spec.max_batch_size * max(h * w for h, w in spec.buckets)
+    caps = batch_caps(spec)
+    assert caps[spec.default_res] == spec.max_batch_size  # the default size keeps its full batch
+    for size, buckets in spec.families:
+        largest = max(h * w for h, w in buckets)
+        assert caps[size] * largest <= budget or caps[size] == 1
+        assert (caps[size] + 1) * largest > budget or caps[size] == spec.max_batch_size
+    profiles = tensorrt_profiles(spec)
+    for size, buckets in spec.families:
+        for height, width in buckets:
+            holding = [p for p in profiles if p.min[1] <= height <= p.max[1] and p.min[2] <= width <= p.max[2]]
+            assert len(holding) == 1, (size, height, width)
+            assert holding[0].min[0] == 1
+            assert holding[0].max[0] == holding[0].opt[0] == caps[size]
+    for profile in profiles:
+        family = next(buckets for _size, buckets in spec.families if (profile.opt[1], profile.opt[2]) in buckets)
+        assert profile.max[1] <= max(h for h, _w in family)
+        assert profile.max[2] <= max(w for _h, w in family)
+    parameters = profile_parameters(profiles)
+    assert parameters["trt_profile_max_shapes"].count("image:") == len(profiles)  # one input name per profile
+
+
+def test_the_gateway_keeps_no_more_requests_of_a_size_in_flight_than_its_cap() -> None:
+    config = parse(render(build_config(get_spec(RELATIVE_ID), "fp16", "onnxruntime")))
+    model = ServedModel.from_config(config)
+    caps = batch_caps(get_spec(RELATIVE_ID))
+    assert model.batch_cap(518) is None  # the full batch: Triton's batch size bounds it, requests may queue
+    triton = TritonModels("127.0.0.1:1", 2, 1.0, 0)
+
+    async def run() -> None:
+        for size, buckets in get_spec(RELATIVE_ID).families[1:]:
+            height, width = buckets[-1]
+            assert model.size_of(height, width) == size
+            limiter = triton._within_batch_cap(model, height, width)
+            assert limiter is triton._within_batch_cap(model, *buckets[0])  # one limit per network size
+            held = []
+            for _ in range(caps[size]):
+                await limiter.acquire()
+                held.append(1)
+            assert limiter.locked()  # one more waits until one of these is answered
+
+    asyncio.run(run())
+
+
+def test_the_tensorrt_cache_follows_the_setting_and_a_network_volume(tmp_path: Path) -> None:
+    assert Path(TENSORRT_CACHE) == TENSORRT_LINK  # the configs' path is the one the worker points
+    volume = tmp_path / "runpod-volume"
+    assert default_tensorrt_cache(volume) == TENSORRT_LINK.parent / "tensorrt-cache-local"
+    volume.mkdir()
+    assert default_tensorrt_cache(volume) == volume / "tensorrt-cache"
+    link = tmp_path / "opt" / "tensorrt-cache"
+    link.mkdir(parents=True)  # the image's empty placeholder
+    message = point_tensorrt_cache(link, volume / "tensorrt-cache")
+    assert message == f"TensorRT engines are cached in {volume / 'tensorrt-cache'} (through {link})"
+    (link / "engine.plan").write_bytes(b"engine")
+    assert (volume / "tensorrt-cache" / "engine.plan").read_bytes() == b"engine"
+    assert point_tensorrt_cache(link, volume / "tensorrt-cache").startswith("TensorRT engines are cached in")
+    unwritable = tmp_path / "ro"
+    unwritable.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert "engines are rebuilt on each start" in point_tensorrt_cache(link, unwritable / "cache")
+    for dockerfile in ("Dockerfile", "Dockerfile.triton"):
+        text = (ROOT / dockerfile).read_text()
+        assert "mkdir -p /opt/depth/tensorrt-cache && chown -R triton-server:triton-server /opt/depth" in text

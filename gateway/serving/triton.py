@@ -105,6 +105,7 @@ class TritonModels:
         self._client: grpcaio.InferenceServerClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._in_flight: dict[tuple[str, int], asyncio.Semaphore] = {}  # (model, network size) -> its batch cap
         self.shared: SharedTensors | None = None
 
     @property
@@ -114,6 +115,7 @@ class TritonModels:
             self._client = grpcaio.InferenceServerClient(self.url)
             self._client_loop = loop
             self._lock = asyncio.Lock()
+            self._in_flight = {}
         return self._client
 
     async def close(self) -> None:
@@ -241,8 +243,23 @@ class TritonModels:
         self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None
     ) -> grpcaio.InferResult:
         deadline = time.monotonic() + self.timeout
+        _batch, height, width, _channels = tensor.shape()
         with self.using(model.name):
-            return await self._infer_with_retries(model, tensor, output, slot, deadline)
+            async with self._within_batch_cap(model, height, width):
+                return await self._infer_with_retries(model, tensor, output, slot, deadline)
+
+    def _within_batch_cap(self, model: ServedModel, height: int, width: int) -> contextlib.AbstractAsyncContextManager:
+        """At most the model's batch cap of requests of this network size at Triton, so that its dynamic
+        batcher never forms a batch larger than the size's activation budget (``batch_caps`` in the
+        config); no limit for a size without a cap."""
+        size = model.size_of(height, width)
+        cap = model.batch_cap(size)
+        if cap is None:
+            return contextlib.nullcontext()
+        key = (model.name, size)
+        if key not in self._in_flight:
+            self._in_flight[key] = asyncio.Semaphore(cap)
+        return self._in_flight[key]
 
     async def _infer_with_retries(
         self, model: ServedModel, tensor: InferInput, output: InferRequestedOutput, slot: Slot | None, deadline: float

@@ -280,3 +280,20 @@ class EmbeddedTriton:
         assert self.process is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signum)
+
+
+def point_tensorrt_cache(link: Path, target: Path) -> str:
+    """Make ``link`` (the exported configs' cache path) lead to ``target`` (``TENSORRT_CACHE_DIR``),
+    creating it; returns what was done, for the log. Never raises: without a cache, engines are rebuilt."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        if link.resolve() == target.resolve():
+            return f"TensorRT engines are cached in {target}"
+        if link.is_symlink():
+            link.unlink()
+        elif link.is_dir():
+            link.rmdir()  # the image's empty placeholder; a folder with engines in it is kept (OSError)
+        link.symlink_to(target, target_is_directory=True)
+    except OSError as error:
+        return f"TensorRT engine cache not set up ({error.strerror or error}): engines are rebuilt on each start"
+    return f"TensorRT engines are cached in {target} (through {link})"
