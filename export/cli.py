@@ -13,6 +13,7 @@ import transformers
 
 from catalogue.models import MODELS, UnknownModelError, get_spec
 from export.exporter import ExportError, ExportOptions, export_model, write_config
+from export.triton_config import GPU_GB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     parser.add_argument("--backend", choices=["onnxruntime", "python"], default="onnxruntime")
     parser.add_argument("--tensorrt", action="store_true", help="add the TensorRT accelerator (onnxruntime backend)")
+    sized = "GPU memory the configs' ONNX Runtime limits are sized for (default: the hub's smallest)"
+    parser.add_argument("--gpu-memory-gb", type=float, default=GPU_GB, help=sized)
     parser.add_argument("--config-only", action="store_true", help="write only config.pbtxt (and model.py), no weights")
     return parser.parse_args(argv)
 
@@ -44,7 +47,9 @@ def run(args: argparse.Namespace) -> None:
         raise ExportError("--checkpoint takes exactly one MODEL")
     if args.tensorrt and args.backend != "onnxruntime":
         raise ExportError("--tensorrt applies to the onnxruntime backend only")
-    options = ExportOptions(precision=args.precision, backend=args.backend, tensorrt=args.tensorrt)
+    if args.gpu_memory_gb <= 0:
+        raise ExportError("--gpu-memory-gb must be positive")
+    options = ExportOptions(args.precision, args.backend, args.tensorrt, args.gpu_memory_gb)
     for model_id in model_ids:
         spec = get_spec(model_id)
         target = args.repository / spec.served_name(options.precision)

@@ -31,7 +31,7 @@ from export import fusion
 from export.graph import ServingGraph, expected_model_class
 from export.onnx_export import OPSET, export_onnx
 from export.parity import THRESHOLDS, check_parity
-from export.triton_config import Backend, build_config, render
+from export.triton_config import GPU_GB, Backend, build_config, render
 
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 
@@ -45,6 +45,7 @@ class ExportOptions:
     precision: Precision = "fp16"
     backend: Backend = "onnxruntime"
     tensorrt: bool = False
+    gpu_memory_gb: float = GPU_GB
 
 
 def load_checkpoint(spec: ModelSpec, checkpoint: Path | None) -> PreTrainedModel:
@@ -104,7 +105,7 @@ def ensure_writable(repository: Path) -> None:
 
 def write_config(spec: ModelSpec, model_dir: Path, options: ExportOptions) -> None:
     """Write ``config.pbtxt`` (and ``1/model.py`` for the Python backend) into ``model_dir``."""
-    config = build_config(spec, options.precision, options.backend, options.tensorrt)
+    config = build_config(spec, options.precision, options.backend, options.tensorrt, options.gpu_memory_gb)
     _atomic_write(model_dir / "config.pbtxt", render(config))
     if options.backend == "python":
         _atomic_write(model_dir / "1" / "model.py", PYTHON_MODEL_TEMPLATE.read_text())

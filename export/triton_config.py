@@ -34,6 +34,9 @@ MAX_QUEUE_DELAY_US = 2000
 QUEUED_BATCHES = 8  # Triton's queue holds this many full batches, then rejects (the gateway retries with backoff)
 QUEUE_TIMEOUT_US = 60_000_000  # a request that waited this long is rejected; requests may ask for less
 TENSORRT_WORKSPACE_BYTES = 4 << 30
+GPU_GB = 24.0  # the smallest GPU the hub offers (--gpu-memory-gb for others)
+GPU_SHARE = 0.85  # of the GPU's memory for the models' arenas: the rest for CUDA contexts and Triton
+LOADED_MODELS = 2  # the gateway's MAX_LOADED_MODELS default
 TENSORRT_CACHE = "/opt/depth/tensorrt-cache"  # fixed in the image; the worker points it at TENSORRT_CACHE_DIR
 
 
@@ -124,8 +127,26 @@ def queue_policy(max_batch_size: int) -> mc.ModelQueuePolicy:
     )
 
 
-def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensorrt: bool = False) -> mc.ModelConfig:
-    """The full ModelConfig message for one exported model."""
+def cuda_parameters(gpu_memory_gb: float) -> dict[str, str]:
+    """ONNX Runtime's CUDA options (the onnxruntime backend reads them from the model's ``parameters``).
+
+    - ``cudnn_conv_algo_search`` 1 (heuristic): the default (exhaustive) times every convolution algorithm
+      on the first call of each new (batch, shape), and the dynamic batcher makes up to 32 batch sizes
+      per bucket, so the first minutes of traffic would pay hundreds of searches;
+    - ``arena_extend_strategy`` 1 (same as requested): the default grows the arena by powers of two, so a
+      model can hold almost twice what it uses;
+    - ``gpu_mem_limit``: each model's arena at most its share of the GPU, ``GPU_SHARE`` of its memory over
+      ``LOADED_MODELS`` (``MAX_LOADED_MODELS``' default), so that two loaded models cannot starve each other.
+    """
+    limit = int(gpu_memory_gb * GPU_SHARE * (1 << 30) / LOADED_MODELS)
+    return {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "1", "gpu_mem_limit": str(limit)}
+
+
+def build_config(
+    spec: ModelSpec, precision: Precision, backend: Backend, tensorrt: bool = False, gpu_memory_gb: float = GPU_GB
+) -> mc.ModelConfig:
+    """The full ModelConfig message for one exported model (ONNX Runtime's CUDA options sized for a GPU of
+    ``gpu_memory_gb``)."""
     if tensorrt and backend != "onnxruntime":
         raise ValueError("--tensorrt applies to the onnxruntime backend only")
     name = spec.served_name(precision)
@@ -163,6 +184,19 @@ def build_config(spec: ModelSpec, precision: Precision, backend: Backend, tensor
         "license": spec.license,
         "batch_caps": json.dumps({str(size): cap for size, cap in batch_caps(spec).items()}),
     }
+    if backend == "onnxruntime":
+        metadata |= cuda_parameters(gpu_memory_gb)
+        config.dynamic_batching.preferred_batch_size.append(spec.max_batch_size)
+        height, width = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
+        config.model_warmup.append(
+            mc.ModelWarmup(
+                name=f"full_batch_{height}x{width}",
+                batch_size=spec.max_batch_size,
+                inputs={
+                    "image": mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
+                },
+            )
+        )
     for key, value in metadata.items():
         config.parameters[key].string_value = value
     if tensorrt:

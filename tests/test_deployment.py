@@ -17,6 +17,7 @@ import pytest
 
 from catalogue.models import MODELS, get_spec
 from export.triton_config import (
+    LOADED_MODELS,
     TENSORRT_CACHE,
     batch_caps,
     build_config,
@@ -225,3 +226,21 @@ def test_the_tensorrt_cache_follows_the_setting_and_a_network_volume(tmp_path: P
     for dockerfile in ("Dockerfile", "Dockerfile.triton"):
         text = (ROOT / dockerfile).read_text()
         assert "mkdir -p /opt/depth/tensorrt-cache && chown -R triton-server:triton-server /opt/depth" in text
+
+
+def test_onnxruntime_configs_carry_cuda_options_sized_for_the_gpu_and_warm_up_a_full_batch() -> None:
+    spec = get_spec(RELATIVE_ID)
+    for gpu_gb in (24.0, 80.0):
+        config = build_config(spec, "fp16", "onnxruntime", gpu_memory_gb=gpu_gb)
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        assert params["cudnn_conv_algo_search"] == "1"  # heuristic, not a timed search per new shape
+        assert params["arena_extend_strategy"] == "1"  # no power-of-two overshoot
+        limit = int(params["gpu_mem_limit"])
+        assert limit * LOADED_MODELS <= gpu_gb * (1 << 30)  # the loaded models together fit the GPU
+        assert limit * LOADED_MODELS >= 0.8 * gpu_gb * (1 << 30)  # and use most of it
+        assert list(config.dynamic_batching.preferred_batch_size) == [spec.max_batch_size]
+        full = [warmup for warmup in config.model_warmup if warmup.batch_size == spec.max_batch_size]
+        assert [list(w.inputs["image"].dims) for w in full] == [[518, 686, 3]]  # a full batch of 4:3
+    python = build_config(spec, "fp32", "python")  # the CPU test stack: no CUDA options, batch-1 warm-up only
+    assert "gpu_mem_limit" not in python.parameters
+    assert {warmup.batch_size for warmup in python.model_warmup} == {1}
