@@ -36,7 +36,7 @@ from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import ModelUnavailable, TritonModels
 from gateway.settings import Settings
-from gateway.storage import Bucket, Storage, StorageConfigError, check_endpoint
+from gateway.storage import Storage, StorageConfigError, StorageTarget, check_endpoint
 from gateway.video_service import VideoService
 
 log = logging.getLogger("gateway")
@@ -73,10 +73,10 @@ def depth_meaning(metric: bool) -> dict:
 
 @dataclass
 class JobContext:
-    """What the images of one job share: its budget, its download slots and the output memory it holds."""
+    """What the images of one job share: its budget, its download limit and the output memory it holds."""
 
     budget: JobBudget
-    download_slots: asyncio.Semaphore
+    downloads: asyncio.Semaphore  # the job's download limit
     output_bytes: int = 0
 
 
@@ -113,7 +113,7 @@ class DepthService:
         self.storage = Storage(settings.bucket_prefix, settings.bucket_url_expiry, settings.upload_timeout)
         self.bucket = None
         if settings.bucket_endpoint_url:
-            self.bucket = Bucket.configured(  # StorageConfigError: the worker does not start
+            self.bucket = StorageTarget.configured(  # StorageConfigError: the worker does not start
                 settings.bucket_endpoint_url,
                 settings.bucket_access_key_id or "",
                 settings.bucket_secret_access_key or "",
@@ -158,7 +158,7 @@ class DepthService:
         request = parsed.request
         if parsed.video is not None:
             return await self._video(parsed.video, request, model, dtype, bucket, job_id, report, started)
-        job = JobContext(self._job_budget(request, bucket), self.fetcher.slots())
+        job = JobContext(self._job_budget(request, bucket), self.fetcher.job_downloads())
         total, finished = len(parsed.sources), 0
 
         async def counted(index: int, source: ImageSource) -> dict:
@@ -200,7 +200,7 @@ class DepthService:
         request: DepthRequest,
         model: ServedModel,
         dtype: str,
-        bucket: Bucket | None,
+        bucket: StorageTarget | None,
         job_id: str,
         report: Callable[[str], None] | None,
         started: float,
@@ -212,7 +212,9 @@ class DepthService:
         uploaded = any(key.endswith("_url") for key in result)
         return {**response, "temporal": request.temporal or "align", "output_mode": "url" if uploaded else "inline"}
 
-    async def _accept(self, payload: Any, s3_config: object) -> tuple[ParsedRequest, ServedModel, str, Bucket | None]:
+    async def _accept(
+        self, payload: Any, s3_config: object
+    ) -> tuple[ParsedRequest, ServedModel, str, StorageTarget | None]:
         """The parsed request, its model (loaded), dtype and bucket; RequestError or ModelUnavailable."""
         parsed = parse_request(payload, self.settings.max_images)
         request = parsed.request
@@ -231,7 +233,7 @@ class DepthService:
             )
         return parsed, model, dtype, bucket
 
-    def _job_budget(self, request: DepthRequest, bucket: Bucket | None) -> JobBudget:
+    def _job_budget(self, request: DepthRequest, bucket: StorageTarget | None) -> JobBudget:
         """Inline, a job's outputs must fit its response; uploaded, the worker's output memory."""
         inline_only = request.output_mode == "inline" or bucket is None
         return JobBudget(
@@ -249,7 +251,7 @@ class DepthService:
             "the response" if inline_only else "the job's outputs (OUTPUT_MEMORY_BYTES)",
         )
 
-    async def _deliver(self, response: dict, request: DepthRequest, bucket: Bucket | None, job_id: str) -> dict:
+    async def _deliver(self, response: dict, request: DepthRequest, bucket: StorageTarget | None, job_id: str) -> dict:
         """The response inline, or with its outputs uploaded when ``output_mode`` (or its size) says so."""
         size = approximate_json_size(response)
         if bucket is not None and (request.output_mode == "url" or size > self.settings.max_response_bytes):
@@ -266,17 +268,17 @@ class DepthService:
             }
         return response
 
-    async def _bucket(self, s3_config: object) -> Bucket | None:
+    async def _bucket(self, s3_config: object) -> StorageTarget | None:
         """The job's own bucket (checked against the address policy), else the worker's, else None."""
         if s3_config is None:
             return self.bucket
         try:
-            bucket = await check_endpoint(Bucket.from_job(s3_config), self.fetcher.policy)
+            bucket = await check_endpoint(StorageTarget.from_job(s3_config), self.fetcher.policy)
         except StorageConfigError as error:
             raise RequestError(str(error)) from None
         return bucket
 
-    async def _upload(self, results: list[dict], bucket: Bucket, job_id: str) -> list[dict]:
+    async def _upload(self, results: list[dict], bucket: StorageTarget, job_id: str) -> list[dict]:
         """Every inline output uploaded and replaced by its URL; an image whose upload failed gets an error."""
         objects, owners = [], []
         for result in results:
@@ -358,7 +360,7 @@ class DepthService:
 
     async def _fetch(self, source: ImageSource, job: JobContext, described: dict) -> bytes:
         if source.type == "url":
-            return await self.fetcher.fetch(source.data, job.download_slots)
+            return await self.fetcher.fetch(source.data, job.downloads)
         data = await self._cpu(decode_base64, source.data, self.settings.max_b64_chars)
         described["bytes"] = len(data)
         return data

@@ -157,7 +157,10 @@ def region_for(endpoint: Endpoint, given: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Bucket:
+class StorageTarget:
+    """Where one job's outputs go: an S3 endpoint, its keys, the bucket's name and region, and for a job's own
+    endpoint the address every connection is pinned to. (Network "buckets" are image shapes; this is S3's.)"""
+
     endpoint: Endpoint
     access_key: str = field(repr=False)
     secret_key: str = field(repr=False)
@@ -168,14 +171,14 @@ class Bucket:
     @classmethod
     def configured(
         cls, endpoint_url: str, access_key: str, secret_key: str, name: str, region: str | None = None
-    ) -> Bucket:
+    ) -> StorageTarget:
         """The worker's bucket from its settings (StorageConfigError at start-up when they are wrong)."""
         endpoint = parse_endpoint(endpoint_url, "BUCKET_ENDPOINT_URL")
         name = check_bucket_name(name, "BUCKET_NAME")
         return cls(endpoint, access_key, secret_key, name, region_for(endpoint, region))
 
     @classmethod
-    def from_job(cls, config: object) -> Bucket:
+    def from_job(cls, config: object) -> StorageTarget:
         allowed = set(S3_CONFIG_FIELDS) | set(S3_CONFIG_OPTIONAL)
         if not isinstance(config, dict) or set(config) - allowed:
             raise StorageConfigError(f"s3Config must be an object with {', '.join(S3_CONFIG_FIELDS)} (and region)")
@@ -191,7 +194,7 @@ class Bucket:
         return cls(endpoint, access_key, secret_key, name, region_for(endpoint, region))
 
 
-async def check_endpoint(bucket: Bucket, policy: AddressPolicy) -> Bucket:
+async def check_endpoint(bucket: StorageTarget, policy: AddressPolicy) -> StorageTarget:
     """``bucket`` pinned to its endpoint's checked address, or StorageConfigError when the address policy
     closes any address the name resolves to (before any connection)."""
     endpoint = bucket.endpoint
@@ -254,7 +257,7 @@ class Storage:
         self._clients: OrderedDict[tuple, object] = OrderedDict()
         self._clients_lock = threading.Lock()  # upload threads share the cache
 
-    def _client(self, bucket: Bucket):
+    def _client(self, bucket: StorageTarget):
         secret_digest = hashlib.sha256(bucket.secret_key.encode()).hexdigest()
         key = (bucket.endpoint, bucket.region, bucket.pinned, bucket.access_key, secret_digest)
         with self._clients_lock:
@@ -292,7 +295,7 @@ class Storage:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
-    async def upload(self, bucket: Bucket, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
+    async def upload(self, bucket: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
         """Upload ``(key, data, content type)`` objects from this job's own threads; a presigned URL or the
         error, per object. Threads a stalled endpoint still holds at the deadline end with boto3's timeouts."""
         loop = asyncio.get_running_loop()
@@ -308,7 +311,7 @@ class Storage:
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _put(self, bucket: Bucket, key: str, data: bytes, content_type: str) -> str:
+    def _put(self, bucket: StorageTarget, key: str, data: bytes, content_type: str) -> str:
         client = self._client(bucket)
         try:
             client.put_object(Bucket=bucket.name, Key=key, Body=data, ContentType=content_type)
@@ -319,7 +322,7 @@ class Storage:
             raise self._diagnosed(client, error, bucket) from None
 
     @staticmethod
-    def _diagnosed(client, error: ClientError | BotoCoreError, bucket: Bucket) -> ImageError:
+    def _diagnosed(client, error: ClientError | BotoCoreError, bucket: StorageTarget) -> ImageError:
         """The upload's error; when the storage refused or failed without naming why (SeaweedFS answers
         AccessDenied or InternalError for a bucket that does not exist), a HeadBucket, asked only now,
         may name the missing bucket (with keys that may not ask it, the refusal stands)."""
@@ -337,7 +340,7 @@ class Storage:
         return _describe(error, bucket)
 
 
-def _describe(error: ClientError | BotoCoreError, bucket: Bucket) -> ImageError:
+def _describe(error: ClientError | BotoCoreError, bucket: StorageTarget) -> ImageError:
     """A short, safe sentence for a storage failure (logged with its code, never with credentials)."""
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", "unknown"))

@@ -48,7 +48,7 @@ from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import TritonModels
 from gateway.settings import Settings
-from gateway.storage import Bucket, Storage
+from gateway.storage import Storage, StorageTarget
 
 log = logging.getLogger("gateway")
 
@@ -88,7 +88,7 @@ class VideoService:
         source: ImageSource,
         request: DepthRequest,
         model: ServedModel,
-        bucket: Bucket | None,
+        bucket: StorageTarget | None,
         job_id: str,
         report: Callable[[str], None] | None,
     ) -> dict:
@@ -338,7 +338,7 @@ class VideoService:
                 out[mime_key] = mime
         return out
 
-    async def _upload(self, files: dict[str, str], sizes: dict[str, int], bucket: Bucket, job_id: str) -> dict:
+    async def _upload(self, files: dict[str, str], sizes: dict[str, int], bucket: StorageTarget, job_id: str) -> dict:
         total = sum(sizes.values())
         if total > self.settings.output_memory_bytes:
             raise ImageError(f"the video's outputs are {total / 1e6:.0f} MB, over OUTPUT_MEMORY_BYTES")
@@ -374,7 +374,7 @@ class VideoJob:
         source: ImageSource,
         request: DepthRequest,
         model: ServedModel,
-        bucket: Bucket | None,
+        bucket: StorageTarget | None,
         job_id: str,
         report: Callable[[str], None] | None,
     ) -> None:

@@ -168,12 +168,12 @@ def test_one_clients_dead_urls_do_not_delay_another_clients_download(allowed: Im
     async def run() -> tuple[bytes, float]:
         fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, timeout=3.0)
         try:
-            jobs = [fetcher.slots() for _ in range(5)]
+            jobs = [fetcher.job_downloads() for _ in range(5)]
             hang = allowed.url("/hang")
-            dead = [asyncio.create_task(fetcher.fetch(hang, slots)) for slots in jobs for _ in range(16)]
+            dead = [asyncio.create_task(fetcher.fetch(hang, downloads)) for downloads in jobs for _ in range(16)]
             await asyncio.sleep(0.3)
             started = time.monotonic()
-            body = await fetcher.fetch(allowed.url("/files/ok.jpg"), fetcher.slots())
+            body = await fetcher.fetch(allowed.url("/files/ok.jpg"), fetcher.job_downloads())
             elapsed = time.monotonic() - started
             for task in dead:
                 task.cancel()
@@ -185,24 +185,24 @@ def test_one_clients_dead_urls_do_not_delay_another_clients_download(allowed: Im
     body, elapsed = asyncio.run(run())
     assert body == b"\xff\xd8 image bytes"
     assert elapsed < 1.0
-    assert 0 < allowed.hits["/hang"] <= 5 * 4  # each job holds at most its own slots
+    assert 0 < allowed.hits["/hang"] <= 5 * 4  # each job runs at most its own limit of downloads
 
 
-def test_a_jobs_slots_wait_outside_the_deadline(allowed: ImageServer) -> None:
-    """Three URLs of one job, one slot: each gets the whole deadline however long it queued."""
+def test_waiting_for_a_jobs_download_limit_is_outside_the_deadline(allowed: ImageServer) -> None:
+    """Three URLs of one job, one download at a time: each gets the whole deadline however long it queued."""
 
     async def run() -> list:
         fetcher = Fetcher(AddressPolicy(["127.0.0.2"]), 1 << 20, timeout=0.5, per_job=1)
-        slots = fetcher.slots()
+        downloads = fetcher.job_downloads()
         try:
             urls = [allowed.url("/hang")] * 2 + [allowed.url("/files/ok.jpg")]
-            return await asyncio.gather(*(fetcher.fetch(url, slots) for url in urls), return_exceptions=True)
+            return await asyncio.gather(*(fetcher.fetch(url, downloads) for url in urls), return_exceptions=True)
         finally:
             await fetcher.close()
 
     first, second, good = asyncio.run(run())
     assert str(first) == str(second) == "image download timed out after 0.5 s"
-    assert good == b"\xff\xd8 image bytes"  # waited 1 s for its slot, then downloaded
+    assert good == b"\xff\xd8 image bytes"  # waited 1 s for its turn, then downloaded
 
 
 @pytest.mark.parametrize("location", ["http://127.0.0.2:99999/x", "http://[::1:80/x", "http://exa mple.com:-1/"])

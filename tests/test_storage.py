@@ -31,7 +31,7 @@ from gateway.devstack import LoopbackServer, QuietHandler, post, running_gateway
 from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
 from gateway.serving.triton_process import EmbeddedTriton
-from gateway.storage import MAX_CLIENTS, Bucket, Storage, StorageConfigError, check_endpoint
+from gateway.storage import MAX_CLIENTS, Storage, StorageConfigError, StorageTarget, check_endpoint
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.servers import running_image_server
@@ -276,21 +276,23 @@ def test_least_privilege_keys_upload_and_their_urls_download(storage_worker, wee
 def test_presigned_urls_carry_the_region_of_the_endpoint_or_the_request() -> None:
     storage = Storage("depth", 60, 5.0)
 
-    def scope(bucket: Bucket) -> str:
+    def scope(bucket: StorageTarget) -> str:
         url = storage._client(bucket).generate_presigned_url(
             "get_object", Params={"Bucket": bucket.name, "Key": "k"}, ExpiresIn=60
         )  # signed locally: no connection
         credential = parse_qs(urlsplit(url).query)["X-Amz-Credential"][0]
         return "/".join(credential.split("/")[2:])
 
-    aws = Bucket.configured("https://s3.eu-west-1.amazonaws.com", "AK", "SK", "photos")
+    aws = StorageTarget.configured("https://s3.eu-west-1.amazonaws.com", "AK", "SK", "photos")
     assert scope(aws) == "eu-west-1/s3/aws4_request"
-    assert scope(Bucket.from_job({**bucket_name("photos"), "endpointUrl": "https://nyc3.digitaloceanspaces.com"})) == (
-        "nyc3/s3/aws4_request"
+    assert scope(
+        StorageTarget.from_job({**bucket_name("photos"), "endpointUrl": "https://nyc3.digitaloceanspaces.com"})
+    ) == ("nyc3/s3/aws4_request")
+    assert (
+        scope(StorageTarget.from_job({**bucket_name("photos"), "region": "ap-south-2"})) == "ap-south-2/s3/aws4_request"
     )
-    assert scope(Bucket.from_job({**bucket_name("photos"), "region": "ap-south-2"})) == "ap-south-2/s3/aws4_request"
-    assert scope(Bucket.configured("http://127.0.0.1:9000", "AK", "SK", "photos")) == "us-east-1/s3/aws4_request"
-    assert scope(Bucket.configured("http://127.0.0.1:9000", "AK", "SK", "photos", "eu-north-1")).startswith(
+    assert scope(StorageTarget.configured("http://127.0.0.1:9000", "AK", "SK", "photos")) == "us-east-1/s3/aws4_request"
+    assert scope(StorageTarget.configured("http://127.0.0.1:9000", "AK", "SK", "photos", "eu-north-1")).startswith(
         "eu-north-1/"
     )
 
@@ -322,7 +324,7 @@ def test_a_name_that_rebinds_to_another_address_reaches_only_the_checked_one(
     victim = socket.create_server(("127.0.0.2", weed.s3_port))  # the same port on the rebound address
     victim.settimeout(0.1)
     try:
-        job_bucket = Bucket.from_job(
+        job_bucket = StorageTarget.from_job(
             {**s3_config(weed, bucket="other"), "endpointUrl": f"http://rebind.test:{weed.s3_port}"}
         )
 
@@ -373,8 +375,8 @@ def test_one_slow_bucket_costs_only_its_own_job(weed: Weed) -> None:
     storage = Storage("depth", 60, 8.0)
     slow_storage = DripStorage().start()
     try:
-        slow = Bucket.configured(slow_storage.base, "AK", "SK", "slow-bucket")
-        healthy = Bucket.configured(weed.url, *ADMIN, "depth-outputs")
+        slow = StorageTarget.configured(slow_storage.base, "AK", "SK", "slow-bucket")
+        healthy = StorageTarget.configured(weed.url, *ADMIN, "depth-outputs")
 
         async def run() -> tuple[float, list]:
             stuck = asyncio.create_task(storage.upload(slow, [(f"s/{n}", b"x", "image/png") for n in range(32)]))
@@ -409,7 +411,7 @@ def test_storage_stopped_mid_job_gives_clean_errors_within_the_deadline(
 
 def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None:
     storage = Storage("depth", 60, 5.0)
-    buckets = [Bucket.configured("http://127.0.0.1:9", f"AK{n}", f"SK{n}", "bkt") for n in range(100)]
+    buckets = [StorageTarget.configured("http://127.0.0.1:9", f"AK{n}", f"SK{n}", "bkt") for n in range(100)]
     clients = [storage._client(bucket) for bucket in buckets]  # 100 jobs, each with its own keys
     assert len(storage._clients) == MAX_CLIENTS
     assert storage._client(buckets[-1]) is clients[-1]  # recent: reused
@@ -420,7 +422,9 @@ def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None
 def test_the_botocore_internals_pinning_relies_on_are_there() -> None:
     """botocore is pinned (through runpod); if an upgrade moves what ``pin_connections`` replaces, this fails."""
     storage = Storage("depth", 60, 5.0)
-    pinned = storage._client(replace(Bucket.configured("http://127.0.0.1:9", "AK", "SK", "bkt"), pinned="127.0.0.1"))
+    pinned = storage._client(
+        replace(StorageTarget.configured("http://127.0.0.1:9", "AK", "SK", "bkt"), pinned="127.0.0.1")
+    )
     session = pinned._endpoint.http_session
     for scheme in ("http", "https"):
         pool_class = session._pool_classes_by_scheme[scheme]

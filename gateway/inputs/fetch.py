@@ -11,8 +11,8 @@ are followed by hand, each hop checked the same way, at most ``MAX_REDIRECTS``. 
 Content-Length and while streaming, time by one deadline for the whole download.
 
 Fairness between clients: downloads carry no cookies (no jar is shared between jobs), a job runs at most
-``per_job`` downloads at once (a ``DownloadSlots`` per job), and the deadline starts when the download
-gets its slot, so one client's dead URLs delay only that client's own images. The shared connection pool
+``per_job`` downloads at once (``Fetcher.job_downloads``), and the deadline starts when the download
+gets its turn, so one client's dead URLs delay only that client's own images. The shared connection pool
 is sized above ``per_job`` times the worker's job concurrency.
 """
 
@@ -153,23 +153,23 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    def slots(self) -> asyncio.Semaphore:
-        """A new job's download slots: at most ``per_job`` of its downloads run at once."""
+    def job_downloads(self) -> asyncio.Semaphore:
+        """A new job's download limit: at most ``per_job`` of its downloads run at once."""
         return asyncio.Semaphore(self.per_job)
 
     async def fetch(
         self,
         url: str,
-        slots: asyncio.Semaphore | None = None,
+        downloads: asyncio.Semaphore | None = None,
         max_bytes: int | None = None,
         timeout: float | None = None,
         what: str = "image",
     ) -> bytes:
         """The body of ``url`` (at most ``max_bytes``, default the image limit, within ``timeout``, default
-        the image deadline); waiting for one of the job's ``slots`` does not count against the deadline.
+        the image deadline); waiting for the job's ``downloads`` limit does not count against the deadline.
         Errors name ``what`` was downloaded."""
         timeout = timeout or self.timeout
-        async with slots if slots is not None else contextlib.nullcontext():
+        async with downloads if downloads is not None else contextlib.nullcontext():
             try:
                 async with asyncio.timeout(timeout):
                     return await self._follow(url, max_bytes or self.max_bytes, what)
