@@ -28,11 +28,12 @@ from bench.common import interleaved, write
 from catalogue.models import get_spec
 from export.random_checkpoint import image_processor
 from gateway.inputs.decode import decode_image, decode_scaled
+from gateway.inputs.network_input import network_bucket, prepare
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import b64, encode_image
-from gateway.outputs.render import network_bucket, prepare, render, render_3d
+from gateway.outputs.render import render, render_3d
 from gateway.served_model import ServedModel
 from gateway.serving.imagework import keep_freed_memory
 

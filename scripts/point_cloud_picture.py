@@ -23,8 +23,9 @@ from skimage import data
 from catalogue.models import get_spec
 from export.graph import ServingGraph
 from export.random_checkpoint import build_model
+from gateway.inputs.network_input import prepare
 from gateway.inputs.schema import DepthRequest
-from gateway.outputs.render import prepare, render
+from gateway.outputs.render import render
 from gateway.served_model import ServedModel
 
 matplotlib.use("Agg")

@@ -1,62 +1,23 @@
-"""One image's CPU work around inference: network input before, every requested output after. Pure.
+"""One image's CPU work after inference: every requested output. Pure.
 
-``prepare`` applies ``max_size`` and snaps to the model's nearest bucket. ``render`` upsamples the
-network's depth to the original size and produces the response keys of each requested task; it reads
-the photo itself only for the point cloud, points and mesh (``needs_photo``), so the photo need not
-travel otherwise. A camera that does not fit the image (``geometry.CameraError``) fails the image with an
-``ImageError`` that says which value and what range is accepted.
+``render`` upsamples the network's depth to the original size and produces the response keys of each
+requested task; it reads the photo itself only for the point cloud, points and mesh (``needs_photo``),
+so the photo need not travel otherwise. A camera that does not fit the image (``geometry.CameraError``)
+fails the image with an ``ImageError`` that says which value and what range is accepted. The network
+input is made before inference by ``gateway.inputs.network_input``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from gateway.errors import ImageError
-from gateway.inputs.resize import limited_size, nearest_bucket, shrink_to, to_bucket
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
 from gateway.outputs.encode import MIME, Pack, b64, encode_image, encode_npz, writable_format
 from gateway.outputs.formats3d import GLB_MIME, PLY_MIME, encode_glb, encode_ply, opencv_to_gltf
 from gateway.served_model import ServedModel
-
-
-@dataclass(frozen=True)
-class Prepared:
-    network_input: np.ndarray
-    inference_size: tuple[int, int]  # (width, height) after max_size
-
-    @property
-    def network_size(self) -> tuple[int, int]:
-        """(width, height) the network ran at: a bucket of the requested network size."""
-        return self.network_input.shape[1], self.network_input.shape[0]
-
-
-def network_bucket(
-    size: tuple[int, int], max_size: int, model: ServedModel, process_res: int | None = None
-) -> tuple[int, int]:
-    """(height, width) of the bucket a photo of ``size`` (width, height) runs at."""
-    return nearest_bucket(*limited_size(*size, max_size), model.family(process_res))
-
-
-def prepare(
-    image: np.ndarray,
-    max_size: int,
-    model: ServedModel,
-    process_res: int | None = None,
-    size: tuple[int, int] | None = None,
-) -> Prepared:
-    """``max_size`` applied, then the nearest bucket of network size ``process_res`` (None: the default).
-
-    ``size`` is the photo's (width, height) when ``image`` is a reduced-scale decode of it (at least the
-    bucket's size); default: ``image``'s own.
-    """
-    inference_size = limited_size(*(size or (image.shape[1], image.shape[0])), max_size)
-    bucket = nearest_bucket(*inference_size, model.family(process_res))
-    return Prepared(to_bucket(shrink_to(image, inference_size), bucket, model.resample), inference_size)
-
 
 THREE_D = ("points", "mesh")
 

@@ -36,9 +36,10 @@ import numpy as np
 
 from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
+from gateway.inputs.network_input import network_bucket, prepare
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.encode import b64, keep
-from gateway.outputs.render import needs_camera, needs_photo, network_bucket, prepare, render
+from gateway.outputs.render import needs_camera, needs_photo, render
 from gateway.outputs.video import ClipEncoding, encode_clip
 from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
