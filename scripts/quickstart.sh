@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
+echo "==> installing into .venv (a few minutes the first time: torch, onnxruntime, tritonserver)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,gateway,local]"
+echo "==> installed"
 exec .venv/bin/python scripts/quickstart.py "$@"
