@@ -27,9 +27,9 @@ from PIL import Image
 from skimage import data
 
 from bench.common import write
+from devstack.local import post, start_gateway, wait_for_api
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
-from gateway.devstack import post, start_gateway, wait_for_api
 from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests.servers import running_image_server
 

@@ -37,7 +37,7 @@ from bench import clips
 from bench.common import machine, write
 from bench.seaweed import ADMIN, Weed
 from bench.worker import calibration, children, instant_repository, photo_jpeg, process_cpu, thread_cpu
-from gateway.devjobs import JobApi
+from devstack.jobapi import JobApi
 from gateway.outputs import postprocess as pp
 from gateway.serving.triton_process import EmbeddedTriton
 

@@ -3,7 +3,7 @@
     python -m bench.worker [--runs 3] [--images 60] [--tiny-jobs 300]
 
 ``python -m gateway`` (no ``--rp_serve_api``) takes jobs from a loopback stand-in for Runpod's job API
-(``gateway.devjobs``) and sends inference to a real tritonserver whose model has the real config of
+(``devstack.jobapi``) and sends inference to a real tritonserver whose model has the real config of
 Depth-Anything-V2-Small but answers at once (a smooth map computed from the image in about a
 millisecond), so only the gateway is measured; Triton runs in its own process and is excluded.
 
@@ -47,8 +47,8 @@ from skimage import data
 from bench.common import write
 from bench.seaweed import ADMIN, Weed
 from catalogue.models import MODELS
+from devstack.jobapi import JobApi
 from export.triton_config import build_config, render
-from gateway.devjobs import JobApi
 from gateway.serving.triton_process import EmbeddedTriton
 
 MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 from skimage import data
 
-from gateway.devstack import start_gateway, wait_for_api
+from devstack.local import start_gateway, wait_for_api
 from gateway.serving.triton_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

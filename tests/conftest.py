@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from devstack.local import post, running_gateway
 from export.cli import main as export_main
 from export.random_checkpoint import save_random_checkpoint
-from gateway.devstack import post, running_gateway
 from gateway.serving.triton_process import EmbeddedTriton
 from tests.servers import ImageServer, running_image_server
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
 
-from gateway.devstack import LoopbackServer, QuietHandler
+from devstack.local import LoopbackServer, QuietHandler
 
 
 class ImageServer(LoopbackServer):

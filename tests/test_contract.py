@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from catalogue.models import MODELS
-from gateway.devstack import post
+from devstack.local import post
 from gateway.serving.triton_process import EmbeddedTriton
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID
 from tests.helpers import decode_image, decode_npz

@@ -13,7 +13,7 @@ from matplotlib import colormaps
 from PIL import Image
 from transformers import pipeline
 
-from gateway.devstack import post
+from devstack.local import post
 from gateway.outputs.postprocess import decode_normals
 from tests.conftest import DPT_ID, METRIC_ID, RELATIVE_ID, jpeg
 from tests.helpers import correlation, decode_image, decode_npz

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.devstack import post
+from devstack.local import post
 from gateway.errors import ImageError
 from gateway.inputs.budget import BASE64_GROWTH, JobBudget, estimated_output_bytes
 from tests import images

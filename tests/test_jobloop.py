@@ -1,5 +1,5 @@
 """``python -m gateway`` as deployed: runpod's production job loop against a loopback stand-in for its
-job API (``gateway.devjobs``), with the real Triton of the session behind it.
+job API (``devstack.jobapi``), with the real Triton of the session behind it.
 
 Every job must be answered exactly once, with its results intact, per-image errors in place and request
 errors as the job's ``error``; jobs run concurrently; intake refills as slots free (runpod alone slept a
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
-from gateway.devjobs import JobApi
+from devstack.jobapi import JobApi
 from gateway.serving import jobintake, jobloop
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images

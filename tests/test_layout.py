@@ -44,8 +44,11 @@ def test_the_stages_of_a_request_never_import_serving() -> None:
     assert violations(GATEWAY / "outputs", "gateway.serving") == []
 
 
-def test_the_gateway_never_imports_the_exporter() -> None:
+def test_the_gateway_never_imports_the_exporter_nor_the_local_stand_ins() -> None:
     assert violations(GATEWAY, "export") == []
+    assert violations(GATEWAY, "devstack") == []  # not in the worker's image
+    assert violations(GATEWAY, "bench") == []
+    assert violations(GATEWAY, "tests") == []
     assert violations(ROOT / "catalogue", "export") == []
     assert violations(ROOT / "catalogue", "gateway") == []
 

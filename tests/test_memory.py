@@ -24,7 +24,7 @@ from skimage import data
 
 from bench.seaweed import ADMIN, Weed
 from bench.worker import children
-from gateway.devjobs import JobApi
+from devstack.jobapi import JobApi
 from gateway.errors import ImageError
 from gateway.inputs.budget import estimated_work_bytes
 from gateway.serving.memory import MemoryBudget

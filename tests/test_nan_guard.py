@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from catalogue.models import get_spec
+from devstack.local import post, running_gateway
 from export.triton_config import build_config, render
-from gateway.devstack import post, running_gateway
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.helpers import decode_image

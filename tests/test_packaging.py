@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.devstack import post
+from devstack.local import post
 from gateway.inputs.schema import parse_request
 from gateway.settings import ENVIRONMENT, Settings
 from tests.conftest import RELATIVE_ID, ROOT

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.devstack import post, running_gateway, start_gateway
+from devstack.local import post, running_gateway, start_gateway
 from gateway.errors import ImageError
 from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton, free_port

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.devstack import post, running_gateway, start_gateway, wait_for_api
+from devstack.local import post, running_gateway, start_gateway, wait_for_api
 from gateway.inputs.schema import DepthRequest
 from gateway.serving.imagework import Decoded, render_outputs
 from gateway.serving.ownership import Holdings

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from gateway.devstack import post, start_gateway, wait_for_api
+from devstack.local import post, start_gateway, wait_for_api
 from gateway.serving.triton_process import free_port
 from tests.conftest import RELATIVE_ID, ROOT, jpeg
 

@@ -26,8 +26,8 @@ import cv2
 import pytest
 
 from bench.seaweed import ADMIN, OTHER, WRITER, Weed
-from gateway.devjobs import JobApi
-from gateway.devstack import LoopbackServer, QuietHandler, post, running_gateway
+from devstack.jobapi import JobApi
+from devstack.local import LoopbackServer, QuietHandler, post, running_gateway
 from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
 from gateway.serving.triton_process import EmbeddedTriton

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.devstack import post, start_gateway, wait_for_api
+from devstack.local import post, start_gateway, wait_for_api
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton_process import BACKEND_REGION_PREFIX, EmbeddedTriton, RateLimit, free_port, mapped_shm_files
 from tests.conftest import SMALL

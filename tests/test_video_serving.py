@@ -27,8 +27,8 @@ import pytest
 from bench import clips
 from bench.seaweed import ADMIN, Weed
 from catalogue.models import get_spec
+from devstack.jobapi import JobApi
 from export.triton_config import build_config, render
-from gateway.devjobs import JobApi
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving.triton import TritonModels
@@ -360,3 +360,44 @@ def test_a_60_s_1080p_clip_streams_within_the_stated_memory_bound(video_worker) 
     grown = peak[0] - started
     print(f"60 s 1080p clip: grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB")
     assert grown < bound, f"grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB"
+
+
+def test_a_video_over_its_deadline_is_an_error_and_holds_nothing_after(triton, tmp_path: Path) -> None:
+    """``VIDEO_TIMEOUT`` bounds the whole job: past it the result is an error that says so, the job's
+    memory comes back, and its spool folder goes once no process writes it."""
+    settings = Settings(default_model=SMALL, triton_url=triton.grpc_url, shared_memory="off", cpu_workers=1,
+                        video_timeout=1.5)  # fmt: skip
+    triton_models = TritonModels(settings.triton_url, 2, settings.triton_timeout, settings.triton_retries)
+    fetcher = Fetcher(AddressPolicy(["127.0.0.1"]), 8 << 20, 10.0)
+    service = DepthService(settings, triton_models, fetcher)
+    video = b64(clips.encode(clips.frames_of(640, 480, 80, pan=4), fps=20))
+    full = (service.memory.inputs.free, service.memory.work.free)
+    tempfile_root = tmp_path / "tmp"
+    tempfile_root.mkdir()
+
+    async def scenario() -> dict:
+        await service.startup()
+        try:
+            started = time.monotonic()
+            reply = await service.handle({"video_b64": video, "tasks": ["depth", "colorized"]})
+            assert time.monotonic() - started < settings.video_timeout + 1.0
+            for _ in range(400):
+                if not list(tempfile_root.iterdir()):
+                    break
+                await asyncio.sleep(0.05)
+            return reply
+        finally:
+            await fetcher.close()
+            await triton_models.close()
+
+    original = tempfile.tempdir
+    tempfile.tempdir = str(tempfile_root)
+    try:
+        reply = asyncio.run(scenario())
+    finally:
+        tempfile.tempdir = original
+        service.workers._pool.shutdown(cancel_futures=True)
+    (result,) = reply["results"]
+    assert result["error"] == "the video took longer than 1.5 s (VIDEO_TIMEOUT)"
+    assert list(tempfile_root.iterdir()) == []
+    assert (service.memory.inputs.free, service.memory.work.free) == full

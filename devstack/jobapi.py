@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
-from gateway.devstack import LoopbackServer, QuietHandler
+from devstack.local import LoopbackServer, QuietHandler
 
 LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
 HANG = 40.0  # seconds a hanging take or post stays open
