@@ -154,7 +154,7 @@ def export_model(
         _check_initializer_types(onnx_path, options.precision)
         say("checking parity with the PyTorch model at every bucket family")
         parity = check_parity(str(onnx_path), reference, spec)
-        threshold = THRESHOLDS[options.precision]
+        _check_parity_results(spec, options.precision, parity)
         report = {
             "model_id": spec.hf_id,
             "triton_name": name,
@@ -166,27 +166,9 @@ def export_model(
             "fused_attention": {"nodes": attention, "layers": layers},
             "parameters": sum(p.numel() for p in reference.model.parameters()),
             "onnx_bytes": onnx_path.stat().st_size,
-            "parity": {
-                "reference": "PyTorch FP32, same checkpoint, CPU",
-                "metric": "relative L2 over the batch",
-                "threshold": threshold,
-                "shapes": [asdict(result) | {"shape": result.label} for result in parity],
-            },
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
+            "parity": _parity_report(options.precision, parity),
+            "versions": VERSIONS,
         }
-        for result in parity:
-            if not result.finite:
-                raise ExportError(f"{spec.hf_id}: the exported model returned NaN or inf at {result.label}")
-            if result.relative_l2 > threshold:
-                raise ExportError(
-                    f"{spec.hf_id}: parity check failed at {result.label}: relative L2 error "
-                    f"{result.relative_l2:.2e} is above the {options.precision} threshold {threshold:.0e}"
-                )
         report["elapsed_sec"] = round(time.perf_counter() - started, 2)
         write_config(spec, staging, options)
         (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -194,6 +176,36 @@ def export_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+VERSIONS = {
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "onnx": onnx.__version__,
+    "onnxruntime": onnxruntime.__version__,
+}
+
+
+def _parity_report(precision: Precision, parity: list) -> dict:
+    return {
+        "reference": "PyTorch FP32, same checkpoint, CPU",
+        "metric": "relative L2 over the batch",
+        "threshold": THRESHOLDS[precision],
+        "shapes": [asdict(result) | {"shape": result.label} for result in parity],
+    }
+
+
+def _check_parity_results(spec: ModelSpec, precision: Precision, parity: list) -> None:
+    """ExportError unless every shape's output is finite and within the precision's threshold."""
+    threshold = THRESHOLDS[precision]
+    for result in parity:
+        if not result.finite:
+            raise ExportError(f"{spec.hf_id}: the exported model returned NaN or inf at {result.label}")
+        if result.relative_l2 > threshold:
+            raise ExportError(
+                f"{spec.hf_id}: parity check failed at {result.label}: relative L2 error "
+                f"{result.relative_l2:.2e} is above the {precision} threshold {threshold:.0e}"
+            )
 
 
 def _check_initializer_types(onnx_path: Path, precision: Precision) -> None:

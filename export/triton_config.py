@@ -161,18 +161,32 @@ def build_config(
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=MAX_QUEUE_DELAY_US, default_queue_policy=queue_policy(spec.max_batch_size)
         ),
-        model_warmup=[
-            mc.ModelWarmup(
-                name=f"bucket_{height}x{width}",
-                batch_size=1,
-                inputs={
-                    "image": mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
-                },
-            )
-            for height, width in warmup_shapes(spec)
-        ],
+        model_warmup=[warmup(f"bucket_{height}x{width}", 1, height, width) for height, width in warmup_shapes(spec)],
     )
-    metadata = {
+    parameters = metadata(spec, precision)
+    if backend == "onnxruntime":
+        parameters |= cuda_parameters(gpu_memory_gb)
+        config.dynamic_batching.preferred_batch_size.append(spec.max_batch_size)
+        height, width = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
+        config.model_warmup.append(warmup(f"full_batch_{height}x{width}", spec.max_batch_size, height, width))
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    if tensorrt:
+        config.optimization.execution_accelerators.gpu_execution_accelerator.append(
+            tensorrt_accelerator(spec, precision, name)
+        )
+    return config
+
+
+def warmup(name: str, batch: int, height: int, width: int) -> mc.ModelWarmup:
+    """A warm-up request of ``batch`` zero images of ``height`` x ``width``."""
+    image = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
+    return mc.ModelWarmup(name=name, batch_size=batch, inputs={"image": image})
+
+
+def metadata(spec: ModelSpec, precision: Precision) -> dict[str, str]:
+    """The model's facts as config ``parameters`` (``METADATA_KEYS``), for clients and the gateway."""
+    return {
         "hf_id": spec.hf_id,
         "architecture": spec.architecture,
         "kind": "metric" if spec.metric else "relative",
@@ -184,36 +198,25 @@ def build_config(
         "license": spec.license,
         "batch_caps": json.dumps({str(size): cap for size, cap in batch_caps(spec).items()}),
     }
-    if backend == "onnxruntime":
-        metadata |= cuda_parameters(gpu_memory_gb)
-        config.dynamic_batching.preferred_batch_size.append(spec.max_batch_size)
-        height, width = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
-        config.model_warmup.append(
-            mc.ModelWarmup(
-                name=f"full_batch_{height}x{width}",
-                batch_size=spec.max_batch_size,
-                inputs={
-                    "image": mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
-                },
-            )
-        )
-    for key, value in metadata.items():
-        config.parameters[key].string_value = value
-    if tensorrt:
-        accelerator = mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
-        accelerator.parameters.update(
-            {
-                "precision_mode": "FP16" if precision == "fp16" else "FP32",
-                "max_workspace_size_bytes": str(TENSORRT_WORKSPACE_BYTES),
-                "trt_engine_cache_enable": "1",
-                "trt_engine_cache_path": f"{TENSORRT_CACHE}/{name}",
-                "trt_timing_cache_enable": "1",
-                "trt_timing_cache_path": f"{TENSORRT_CACHE}/{name}",
-                **profile_parameters(tensorrt_profiles(spec)),
-            }
-        )
-        config.optimization.execution_accelerators.gpu_execution_accelerator.append(accelerator)
-    return config
+
+
+def tensorrt_accelerator(
+    spec: ModelSpec, precision: Precision, name: str
+) -> mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator:
+    """ONNX Runtime's TensorRT execution provider: precision, caches and the served profiles."""
+    accelerator = mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(name="tensorrt")
+    accelerator.parameters.update(
+        {
+            "precision_mode": "FP16" if precision == "fp16" else "FP32",
+            "max_workspace_size_bytes": str(TENSORRT_WORKSPACE_BYTES),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": f"{TENSORRT_CACHE}/{name}",
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": f"{TENSORRT_CACHE}/{name}",
+            **profile_parameters(tensorrt_profiles(spec)),
+        }
+    )
+    return accelerator
 
 
 def render(config: mc.ModelConfig) -> str:

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pybase64
@@ -206,32 +205,10 @@ class VideoService:
         network input into it and Triton the depth, and it is given back only when no thread of the job
         and no inference can still touch it (``Holdings``, as for images)."""
         request, model = job.request, job.model
-        family = model.family(request.process_res)
-        sizes: dict[str, Any] = {}
-
-        def size_for(display: tuple[int, int]) -> tuple[int, int]:
-            """The network's bucket: FFmpeg resizes each frame straight to it (the outputs' size, after
-            ``max_size``, is only ever needed for the depth)."""
-            if "size" not in sizes:
-                sizes["size"] = limited_size(*display, request.max_size)
-                sizes["bucket"] = nearest_bucket(*sizes["size"], family)
-            height, width = sizes["bucket"]
-            return width, height
-
-        frames = clip.frames(size_for, model.resample)
+        source = NetworkFrames(clip, request.max_size, model.family(request.process_res), model.resample)
         shared = self.triton.shared
         if shared is not None and not shared.fits(model.largest_pixels(request.process_res)):
             shared = None
-
-        def next_input(slot: Slot | None) -> tuple[float, np.ndarray | None] | None:
-            frame = next(frames, None)
-            if frame is None:
-                return None
-            if slot is None:
-                return frame.time, frame.image
-            slot.write_input(frame.image)
-            return frame.time, None
-
         spooled = SpooledFrames(job.folder / "depth.f16", Aligner(request.temporal or "align", model.metric))
         pending: deque[InFlight] = deque()
         progress = Progress(job.report, clip.expected_frames())
@@ -242,23 +219,22 @@ class VideoService:
                 if shared is not None:
                     flight.slot = await shared.acquire()
                     flight.holdings.on_give_back(functools.partial(shared.release, flight.slot))
-                decoding = job.thread.submit(next_input, flight.slot)
+                decoding = job.thread.submit(source.next_input, flight.slot)
                 flight.holdings.track(decoding)
                 item = await asyncio.wrap_future(decoding)
                 if item is None:
-                    flight.holdings.close()
                     break
                 if not spooled.times:
-                    self._check_spool(sizes["bucket"], clip)
+                    self._check_spool(source.bucket, clip)
                 spooled.times.append(item[0])
-                flight.inference = asyncio.create_task(self._infer_frame(model, item[1], flight.slot, sizes["bucket"]))
+                flight.inference = asyncio.create_task(self._infer_frame(model, item[1], flight.slot, source.bucket))
                 pending.append(flight)
                 flight = InFlight()  # nothing held
                 while len(pending) >= self.settings.video_window or (pending and pending[0].inference.done()):
-                    await spooled.add(pending.popleft(), sizes["bucket"], job.store)
+                    await spooled.add(pending.popleft(), source.bucket, job.store)
                 progress.frames(spooled.count, len(spooled.times))
             while pending:
-                await spooled.add(pending.popleft(), sizes["bucket"], job.store)
+                await spooled.add(pending.popleft(), source.bucket, job.store)
         finally:
             flight.holdings.close()
             for waiting in pending:
@@ -267,8 +243,7 @@ class VideoService:
             for waiting in pending:
                 waiting.holdings.close()
             spooled.close()
-        spooled.size = sizes["size"]
-        spooled.network_shape = sizes["bucket"]
+        spooled.size, spooled.network_shape = source.size, source.bucket
         return spooled
 
     async def _infer_frame(
@@ -389,6 +364,35 @@ class VideoJob:
         self.folder = Path(tempfile.mkdtemp(prefix="video-"))
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="video")  # decoding
         self.store = ThreadPoolExecutor(1, thread_name_prefix="video-store")  # aligning and spooling, in order
+
+
+class NetworkFrames:
+    """A clip's sampled frames as network inputs: FFmpeg resizes each frame straight to the network's
+    bucket, chosen from the first frame's displayed size after ``max_size`` (the outputs' size)."""
+
+    def __init__(self, clip: Clip, max_size: int, family: tuple[tuple[int, int], ...], resample: str) -> None:
+        self.max_size = max_size
+        self.family = family
+        self.size: tuple[int, int] = (0, 0)  # (width, height) of the outputs
+        self.bucket: tuple[int, int] = (0, 0)  # (height, width) the network runs at
+        self._frames = clip.frames(self._size_for, resample)
+
+    def _size_for(self, displayed: tuple[int, int]) -> tuple[int, int]:
+        if self.size == (0, 0):
+            self.size = limited_size(*displayed, self.max_size)
+            self.bucket = nearest_bucket(*self.size, self.family)
+        height, width = self.bucket
+        return width, height
+
+    def next_input(self, slot: Slot | None) -> tuple[float, np.ndarray | None] | None:
+        """The next frame's time and network input (None when it went into ``slot``); None at the end."""
+        frame = next(self._frames, None)
+        if frame is None:
+            return None
+        if slot is None:
+            return frame.time, frame.image
+        slot.write_input(frame.image)
+        return frame.time, None
 
 
 class InFlight:
