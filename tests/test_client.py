@@ -78,6 +78,9 @@ def test_inputs_expand_from_folders_globs_lists_files_and_urls(tmp_path: Path) -
     assert items[5].is_url
     assert Path(items[4].source).is_file()
     assert url_name("https://host/") == "url/host/index"
+    videos = list(expand(["https://cdn.example.com/clips/walk.MP4?sig=abc", "https://example.com/watch?v=1.mp4",
+                          str(tmp_path / "photos/set0/day0/img000.png")]))  # fmt: skip
+    assert [item.is_video for item in videos] == [True, False, False]  # by the path's extension, not the query
 
 
 DEPTH_PNG = cv2.imencode(".png", np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)[1].tobytes()
