@@ -13,6 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from catalogue.models import MODELS, get_spec
@@ -244,3 +245,45 @@ def test_onnxruntime_configs_carry_cuda_options_sized_for_the_gpu_and_warm_up_a_
     python = build_config(spec, "fp32", "python")  # the CPU test stack: no CUDA options, batch-1 warm-up only
     assert "gpu_mem_limit" not in python.parameters
     assert {warmup.batch_size for warmup in python.model_warmup} == {1}
+
+
+TRITON_ORT = "1.20.1"  # the ONNX Runtime of Triton 25.01's onnxruntime backend (server build.py's version map)
+ORT_RUN = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+image = np.load(sys.argv[2])
+depth = session.run(["depth"], {"image": image})[0]
+np.save(sys.argv[3], depth)
+print(json.dumps({"version": ort.__version__}))
+"""
+
+
+@pytest.mark.parametrize("served_name", ["depth_anything_v2_small", "dpt_large"])
+def test_the_exported_graphs_run_in_the_onnxruntime_triton_25_01_ships(
+    served_name: str, repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The exporter's opset, IR version and fused contrib ops load and run in ONNX Runtime 1.20.1 (CPU),
+    with the same depth as the ONNX Runtime the tests use."""
+    import onnxruntime
+
+    target = tmp_path_factory.getbasetemp() / f"onnxruntime-{TRITON_ORT}"
+    if not (target / "onnxruntime").is_dir():
+        install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                   f"onnxruntime=={TRITON_ORT}"]  # fmt: skip
+        subprocess.run(install, check=True, capture_output=True, timeout=300)
+    graph = repository / served_name / "1" / "model.onnx"
+    height, width = get_spec(RELATIVE_ID).buckets[1] if served_name != "dpt_large" else (384, 384)
+    image = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), dtype=np.uint8)
+    work = tmp_path_factory.mktemp("ort")
+    np.save(work / "image.npy", image)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", ORT_RUN, str(graph), str(work / "image.npy"), str(work / "depth.npy")]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert json.loads(ran.stdout.splitlines()[-1])["version"] == TRITON_ORT
+    ours = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(["depth"], {"image": image})
+    theirs = np.load(work / "depth.npy")
+    assert theirs.shape == (1, height, width)
+    assert np.allclose(theirs, ours[0], rtol=1e-2, atol=1e-2 * float(np.abs(ours[0]).max()))
