@@ -1,0 +1,121 @@
+"""What each model needs in GPU memory at its largest batch and bucket, estimated from a measured CPU run.
+
+No GPU here, so: the real-size architecture (random weights, ``export.random_checkpoint --size full``) is
+exported to its plain ONNX graph in FP32 and run by ONNX Runtime on the CPU at batch 1 and at batch 2 on
+the largest bucket of each network size, each in a fresh process; the growth of its peak RSS from the
+loaded session to the end of the run is the graph's working memory (ONNX Runtime's planned activations,
+as its memory-pattern planner lays them out). Its growth from batch 1 to batch 2 is the part that scales
+with the batch. The GPU estimate for a batch of the size's cap (``batch_caps``), in FP16 (half the bytes)::
+
+    weights (parameters x 2 B) + (fixed + cap x per image) / 2
+
+It leaves out cuDNN/cuBLAS workspaces and the CUDA context (about 0.5-1 GB per process) and the
+fused-attention kernels' savings; treat it as an order of magnitude until a GPU run replaces it
+(``python -m bench.gpu``). Results in ``bench/results/gpu_memory.json``.
+
+    python -m bench.gpu_memory [--models small base large dpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import write
+from catalogue.models import get_spec
+from export.exporter import load_checkpoint
+from export.graph import ServingGraph
+from export.onnx_export import export_onnx
+from export.random_checkpoint import save_random_checkpoint
+from export.triton_config import batch_caps
+
+MODELS = {
+    "small": "depth-anything/Depth-Anything-V2-Small-hf",
+    "base": "depth-anything/Depth-Anything-V2-Base-hf",
+    "large": "depth-anything/Depth-Anything-V2-Large-hf",
+    "dpt": "Intel/dpt-large",
+}
+RUN = """
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+batch, height, width = (int(v) for v in sys.argv[2:5])
+session.run(["depth"], {"image": np.zeros((batch, height, width, 3), np.uint8)})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"loaded_kb": loaded, "peak_kb": peak}))
+"""
+
+
+def working_memory(graph: Path, batch: int, height: int, width: int) -> int:
+    """Bytes the run added to the process's peak, over the loaded session."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, str(graph), str(batch), str(height), str(width)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(done.stdout.splitlines()[-1])
+    return (measured["peak_kb"] - measured["loaded_kb"]) * 1024
+
+
+def measure(model_id: str, root: Path) -> dict:
+    spec = get_spec(model_id)
+    checkpoint = save_random_checkpoint(model_id, root / "checkpoint", size="full")
+    model = load_checkpoint(spec, checkpoint)
+    parameters = sum(p.numel() for p in model.parameters())
+    graph = root / "model.onnx"
+    with torch.no_grad():
+        export_onnx(ServingGraph(model, spec), spec, graph)
+    del model
+    caps = batch_caps(spec)
+    rows = {}
+    for size, buckets in spec.families:
+        height, width = max(buckets, key=lambda bucket: bucket[0] * bucket[1])
+        one, two = (working_memory(graph, batch, height, width) for batch in (1, 2))
+        per_image = max(two - one, 0)
+        fixed = max(one - per_image, 0)
+        cap = caps[size]
+        rows[str(size)] = {
+            "bucket": [height, width],
+            "batch_cap": cap,
+            "cpu_fp32_batch1_bytes": one,
+            "cpu_fp32_per_image_bytes": per_image,
+            "gpu_fp16_estimate_bytes": parameters * 2 + (fixed + cap * per_image) // 2,
+        }
+    return {"parameters": parameters, "sizes": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    args = parser.parse_args()
+    results = {}
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as root:
+            results[MODELS[name]] = measure(MODELS[name], Path(root))
+        print(f"measured {name}", flush=True)
+    print("\n| model | network size | largest bucket | CPU FP32, batch 1 | per image | cap "
+          "| GPU FP16 at the cap (est.) |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for model_id, result in results.items():
+        for size, row in result["sizes"].items():
+            height, width = row["bucket"]
+            print(f"| `{model_id}` | {size} | {height}x{width} | {row['cpu_fp32_batch1_bytes'] / 2**30:.2f} GB "
+                  f"| {row['cpu_fp32_per_image_bytes'] / 2**30:.2f} GB | {row['batch_cap']} "
+                  f"| {row['gpu_fp16_estimate_bytes'] / 2**30:.1f} GB |")  # fmt: skip
+    print(f"wrote {write('gpu_memory', {'results': results, 'numpy': np.__version__})}")
+
+
+if __name__ == "__main__":
+    main()
