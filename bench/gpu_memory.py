@@ -2,8 +2,8 @@
 
 No GPU here, so: the real-size architecture (random weights, ``export.random_checkpoint --size full``) is
 exported to its plain ONNX graph in FP32 and run by ONNX Runtime on the CPU at batch 1 and at batch 2 on
-the largest bucket of each network size, each in a fresh process; the growth of its peak RSS from the
-loaded session to the end of the run is the graph's working memory (ONNX Runtime's planned activations,
+the largest bucket of each network size, each in a fresh process; the growth of its peak RSS (reset after
+loading) over the loaded session is the graph's working memory (ONNX Runtime's planned activations,
 as its memory-pattern planner lays them out). Its growth from batch 1 to batch 2 is the part that scales
 with the batch. The GPU estimate for a batch of the size's cap (``batch_caps``), in FP16 (half the bytes)::
 
@@ -43,17 +43,23 @@ MODELS = {
     "dpt": "Intel/dpt-large",
 }
 RUN = """
-import json, resource, sys
+import json, sys
+from pathlib import Path
 import numpy as np
 import onnxruntime as ort
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1])
+
 options = ort.SessionOptions()
 options.intra_op_num_threads = 2
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Path("/proc/self/clear_refs").write_text("5")  # the peak so far (loading, optimizing) no longer counts
+loaded = status("VmRSS")
 batch, height, width = (int(v) for v in sys.argv[2:5])
 session.run(["depth"], {"image": np.zeros((batch, height, width, 3), np.uint8)})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"loaded_kb": loaded, "peak_kb": peak}))
+print(json.dumps({"loaded_kb": loaded, "peak_kb": status("VmHWM")}))
 """
 
 
@@ -69,7 +75,18 @@ def working_memory(graph: Path, batch: int, height: int, width: int) -> int:
     return (measured["peak_kb"] - measured["loaded_kb"]) * 1024
 
 
-def measure(model_id: str, root: Path) -> dict:
+def attention_bytes(model, height: int, width: int) -> int:
+    """One layer's attention scores and probabilities for one image, FP32, as the plain graph holds them
+    (heads x tokens^2 twice); fused attention (ONNX Runtime's flash attention, TensorRT's MHA) never
+    materializes them."""
+    config = getattr(model.config, "backbone_config", None) or model.config
+    heads = config.num_attention_heads
+    patch = getattr(config, "patch_size", 14)
+    tokens = (height // patch) * (width // patch) + 1
+    return 2 * heads * tokens * tokens * 4
+
+
+def measure(model_id: str, root: Path, sizes: list[int] | None) -> dict:
     spec = get_spec(model_id)
     checkpoint = save_random_checkpoint(model_id, root / "checkpoint", size="full")
     model = load_checkpoint(spec, checkpoint)
@@ -77,10 +94,11 @@ def measure(model_id: str, root: Path) -> dict:
     graph = root / "model.onnx"
     with torch.no_grad():
         export_onnx(ServingGraph(model, spec), spec, graph)
-    del model
     caps = batch_caps(spec)
     rows = {}
     for size, buckets in spec.families:
+        if sizes and size not in sizes:
+            continue
         height, width = max(buckets, key=lambda bucket: bucket[0] * bucket[1])
         one, two = (working_memory(graph, batch, height, width) for batch in (1, 2))
         per_image = max(two - one, 0)
@@ -91,6 +109,7 @@ def measure(model_id: str, root: Path) -> dict:
             "batch_cap": cap,
             "cpu_fp32_batch1_bytes": one,
             "cpu_fp32_per_image_bytes": per_image,
+            "attention_matrices_bytes": attention_bytes(model, height, width),
             "gpu_fp16_estimate_bytes": parameters * 2 + (fixed + cap * per_image) // 2,
         }
     return {"parameters": parameters, "sizes": rows}
@@ -99,22 +118,25 @@ def measure(model_id: str, root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, help="only these network sizes (default: all)")
     args = parser.parse_args()
     results = {}
     for name in args.models:
         with tempfile.TemporaryDirectory() as root:
-            results[MODELS[name]] = measure(MODELS[name], Path(root))
+            results[MODELS[name]] = measure(MODELS[name], Path(root), args.sizes)
         print(f"measured {name}", flush=True)
-    print("\n| model | network size | largest bucket | CPU FP32, batch 1 | per image | cap "
-          "| GPU FP16 at the cap (est.) |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("\n| model | network size | largest bucket | CPU FP32, batch 1 | per image | of which one layer's "
+          "attention matrices | cap | GPU FP16 at the cap, plain graph (est.) |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for model_id, result in results.items():
         for size, row in result["sizes"].items():
             height, width = row["bucket"]
-            print(f"| `{model_id}` | {size} | {height}x{width} | {row['cpu_fp32_batch1_bytes'] / 2**30:.2f} GB "
-                  f"| {row['cpu_fp32_per_image_bytes'] / 2**30:.2f} GB | {row['batch_cap']} "
-                  f"| {row['gpu_fp16_estimate_bytes'] / 2**30:.1f} GB |")  # fmt: skip
-    print(f"wrote {write('gpu_memory', {'results': results, 'numpy': np.__version__})}")
+            gb = {key: value / 2**30 for key, value in row.items() if key.endswith("_bytes")}
+            print(f"| `{model_id}` | {size} | {height}x{width} | {gb['cpu_fp32_batch1_bytes']:.2f} GB "
+                  f"| {gb['cpu_fp32_per_image_bytes']:.2f} GB | {gb['attention_matrices_bytes']:.2f} GB "
+                  f"| {row['batch_cap']} | {gb['gpu_fp16_estimate_bytes']:.1f} GB |")  # fmt: skip
+    name = "gpu_memory" if args.models == list(MODELS) and not args.sizes else "gpu_memory_" + "-".join(args.models)
+    print(f"wrote {write(name, {'results': results, 'sizes': args.sizes, 'numpy': np.__version__})}")
 
 
 if __name__ == "__main__":
