@@ -32,9 +32,10 @@ from gateway.outputs.render import needs_photo
 from gateway.served_model import ServedModel
 from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
 from gateway.serving.memory import WorkerMemory
+from gateway.serving.model_names import ModelUnavailable
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import Slot
-from gateway.serving.triton import ModelUnavailable, TritonModels
+from gateway.serving.triton import TritonModels
 from gateway.settings import Settings
 from gateway.storage import Storage, StorageConfigError, StorageTarget, check_endpoint
 from gateway.video_service import VideoService

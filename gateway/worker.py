@@ -26,8 +26,9 @@ from gateway.service import DepthService
 from gateway.serving import jobloop
 from gateway.serving.health import TritonHealth
 from gateway.serving.imagework import keep_freed_memory
+from gateway.serving.model_names import ModelUnavailable
 from gateway.serving.supervisor import TritonSupervisor
-from gateway.serving.triton import ModelUnavailable, TritonModels
+from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton, TritonStartError, point_tensorrt_cache
 from gateway.settings import TENSORRT_LINK, Settings
 from gateway.storage import StorageConfigError

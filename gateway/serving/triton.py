@@ -3,8 +3,8 @@
 What is served is learned from Triton: the repository index says which model names exist, and a loaded
 model's config ``parameters`` (written by the exporter) give its HF id, kind, max depth, precision,
 buckets per network size, resample filter and licence; its resolved ``instance_group`` says whether it
-runs on a GPU. The only table used is the exporter's HF id -> Triton name mapping, so a request's text
-never becomes a model name.
+runs on a GPU. The only table used is the model table's HF id -> Triton name rule (``model_names``), so a
+request's text never becomes a model name; Triton's errors are read by ``triton_errors``.
 
 Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
 recently used one that no job is using (``using``: from the job's choice of model to its answer, not
@@ -34,60 +34,22 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from catalogue.models import MODELS, Precision
+from catalogue.models import MODELS
 from gateway.errors import ImageError, quoted
 from gateway.served_model import ServedModel
+from gateway.serving.model_names import DTYPE_PRECISION, MODEL_CHOICES, ModelUnavailable, variant_name
 from gateway.serving.shared_memory import Slot, slot_bytes, slots_that_fit
 from gateway.serving.shm_region import MIN_SLOTS, SharedTensors, is_local, is_shared_memory_error
+from gateway.serving.triton_errors import TRANSIENT, describe, model_missing
 
 log = logging.getLogger("gateway")
 
-DTYPE_PRECISION: dict[str, Precision] = {"float16": "fp16", "float32": "fp32"}  # what the exporter writes
-TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
 INDEX_TTL = 30.0  # seconds the repository index is trusted
 
 
-def common_start(words: list[str]) -> str:
-    """The characters every one of ``words`` starts with."""
-    first, last = min(words), max(words)
-    length = 0
-    while length < len(first) and first[length] == last[length]:
-        length += 1
-    return first[:length]
-
-
-def brief(ids: list[str]) -> str:
-    """``ids`` as few words: ids sharing a start and an end become ``start{a,b,c}end``."""
-    groups: dict[str, list[str]] = {}
-    for model_id in ids:
-        groups.setdefault(model_id.split("/", 1)[0], []).append(model_id)
-    words = []
-    for group in groups.values():
-        if len(group) == 1:
-            words.append(group[0])
-            continue
-        start = common_start(group)
-        end = common_start([model_id[len(start) :][::-1] for model_id in group])[::-1]
-        middles = [model_id[len(start) : len(model_id) - len(end)] for model_id in group]
-        words.append(f"{start}{{{','.join(middles)}}}{end}")
-    return " or ".join(words)
-
-
-MODEL_CHOICES = f"expected {brief(list(MODELS))}"
-
-
 class InferenceTimeout(ImageError):
     """No answer from Triton within the deadline (it may still run the request)."""
-
-
-class ModelUnavailable(ValueError):
-    """The requested model or dtype is not served; the message names what is."""
-
-
-def variant_name(hf_id: str, dtype: str) -> str:
-    """Triton name of ``hf_id`` at ``dtype``: the model table's one naming rule, as the exporter uses it."""
-    return MODELS[hf_id].served_name(DTYPE_PRECISION[dtype])
 
 
 class TritonModels:
@@ -279,13 +241,13 @@ class TritonModels:
                 if slot is not None and is_shared_memory_error(message) and attempt < self.retries:
                     await self._register_quietly()  # Triton restarted: it no longer knows the region
                     continue
-                if "NOT_FOUND" in status or _model_missing(message):
+                if "NOT_FOUND" in status or model_missing(message):
                     self.loaded.pop(model.name, None)  # Triton lost it (restart): load again, then retry
                     if attempt < self.retries:
                         await self._reload_quietly(model.name)
                         continue
                 if status not in TRANSIENT or attempt == self.retries:
-                    raise ImageError(_describe(status, message)) from None
+                    raise ImageError(describe(status, message)) from None
                 await asyncio.sleep(min(0.2 * 2**attempt, max(deadline - time.monotonic(), 0)))
         raise InferenceTimeout(f"depth inference timed out after {self.timeout:g} s")
 
@@ -325,18 +287,3 @@ class TritonModels:
             await self.ensure_loaded(name)
         except ModelUnavailable:
             await asyncio.sleep(0.2)
-
-
-def _model_missing(message: str) -> bool:
-    """Triton's words for a model it does not have loaded (e.g. after a restart in explicit mode)."""
-    message = message.lower()
-    return "unknown model" in message or "not found" in message or "not ready" in message
-
-
-def _describe(status: str, message: str) -> str:
-    """A short, safe sentence for a Triton error (Triton reports a full queue as UNAVAILABLE)."""
-    if status == "StatusCode.RESOURCE_EXHAUSTED" or "queue size" in message.lower():
-        return "the depth model is overloaded; try again later"
-    if status == "StatusCode.UNAVAILABLE":
-        return "the inference server is unavailable right now; try again shortly"
-    return "depth inference failed"
