@@ -39,7 +39,7 @@ from gateway.inputs.schema import DepthRequest, ImageSource
 from gateway.inputs.video import Clip, Sampling, VideoLimits, output_rate
 from gateway.outputs.output_names import file_name, url_key
 from gateway.outputs.temporal import Aligner, Alignment, ClipRange
-from gateway.outputs.video import COLOR_VIDEO_MIME, DEPTH_VIDEO_MIME, ClipEncoding
+from gateway.outputs.video import COLOR_VIDEO_MIME, DEPTH_VIDEO_MIME, MP4_AUDIO, AudioCopy, ClipEncoding
 from gateway.served_model import ServedModel
 from gateway.serving.imagework import ImageWorkers
 from gateway.serving.memory import WorkerMemory
@@ -129,9 +129,12 @@ class VideoService:
                     frames = await self._infer_clip(clip, job)
             finally:
                 await loop.run_in_executor(job.thread, clip.close)
+            audio, audio_note = await self._audio(clip, frames, data, job)
         timings["decode_infer"] = round(time.perf_counter() - clock - timings["fetch"], 4)
-        encoding = self._encoding(frames, clip, job)
-        files = await self.workers.encode_clip(encoding, job.holdings)
+        encoding = self._encoding(frames, clip, job, audio)
+        encoded = await self.workers.encode_clip(encoding, job.holdings)
+        files = encoded.files
+        audio_note = encoded.audio or audio_note
         timings["encode"] = round(time.perf_counter() - clock - sum(timings.values()), 4)
         outputs = await self._deliver(files, job)
         timings["deliver"] = round(time.perf_counter() - clock - sum(timings.values()), 4)
@@ -166,6 +169,7 @@ class VideoService:
             "depth_direction": "distance" if model.metric else "inverse",
             "depth_video_decode": DEPTH_VIDEO_DECODE,
             "colorized_range": list(encoding.color_range),
+            **({"audio": audio_note} if audio_note else {}),
             **({"cut": clip.cut} if clip.cut else {}),
             **({"stopped": clip.stopped} if clip.stopped else {}),
             **outputs,
@@ -262,7 +266,22 @@ class VideoService:
         fitting = max(1, self.settings.video_spool_bytes // frame_bytes)
         clip.limit_frames(fitting, "VIDEO_SPOOL_BYTES at this network size")
 
-    def _encoding(self, frames: SpooledFrames, clip: Clip, job: VideoJob) -> ClipEncoding:
+    async def _audio(
+        self, clip: Clip, frames: SpooledFrames, data: bytes, job: VideoJob
+    ) -> tuple[AudioCopy | None, str | None]:
+        """Where the colorized video's audio comes from (the source, kept in the job's folder), or why
+        there is none; (None, None) when there is nothing to say (no colorized video, or no audio)."""
+        if "colorized" not in job.request.tasks or clip.audio_codec is None:
+            return None, None
+        if clip.audio_codec not in MP4_AUDIO:
+            return None, f"not copied: MP4 does not carry {clip.audio_codec} audio"
+        source = job.folder / "source"
+        await asyncio.get_running_loop().run_in_executor(job.store, source.write_bytes, data)
+        return AudioCopy(source, frames.times[0], frames.times[-1] + 1.0 / clip.fps), None
+
+    def _encoding(
+        self, frames: SpooledFrames, clip: Clip, job: VideoJob, audio: AudioCopy | None = None
+    ) -> ClipEncoding:
         request = job.request
         low, high = frames.range.exact()
         # normalize: the clip's robust range; else a fixed scale, as for images (metric 0..max_depth, relative 0..1)
@@ -287,6 +306,7 @@ class VideoService:
             colormap=request.colormap,
             invert=request.invert,
             deadline=time.time() + self.settings.video_timeout,
+            audio=audio,
         )
 
     async def _deliver(self, files: dict[str, str], job: VideoJob) -> dict:

@@ -76,10 +76,13 @@ One result (`index` 0) with:
 | `depth_npz_b64` or `_url` | `depth`: float16 `[frames, height, width]`, the values the 16-bit video encodes |
 | `cut` | present when a limit shortened the clip: which (`max_frames`, `MAX_VIDEO_SECONDS`, ...) |
 | `stopped` | present when the stream is corrupt part way: the frames before it are served |
+| `audio` | present when the source has audio and a colorized video was asked for: `copied (aac)`, or why not |
 | `timings` | seconds for fetch, decode and inference, encoding, delivery |
 
 The colorized video is H.264 `yuv420p` (libx264 `{preset}`, CRF {crf}), cropped by a pixel to even
-dimensions when needed, with the index at the front of the file: browsers play it. Audio is not copied.
+dimensions when needed, with the index at the front of the file: browsers play it. The source's audio
+over the served window is copied into it unchanged when MP4 carries its codec (AAC, MP3, Opus, AC-3,
+E-AC-3, ALAC, FLAC); the depth video has none.
 Outputs go inline while they fit `MAX_RESPONSE_BYTES`, else (`url`, `auto`) to the bucket; inline
 output that does not fit is the video's error, which says to use a bucket. Limits (worker settings):
 `MAX_VIDEO_BYTES` {max_bytes} (download), `MAX_VIDEO_SECONDS` {max_seconds:g} and `MAX_VIDEO_FRAMES`

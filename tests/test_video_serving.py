@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -402,3 +403,21 @@ def test_a_video_over_its_deadline_is_an_error_and_holds_nothing_after(triton, t
     assert result["error"] == "the video took longer than 0.8 s (VIDEO_TIMEOUT)"
     assert list(tempfile_root.iterdir()) == []
     assert (service.memory.inputs.free, service.memory.work.free) == full
+
+
+def test_the_colorized_video_keeps_the_sources_audio_over_the_served_window(video_worker) -> None:
+    api, _ = video_worker
+    with_audio = b64(clips.encode(clips.frames_of(64, 48, 20), fps=10, audio=True))  # 2 s, AAC
+    output = run(api, {"video_b64": with_audio, "tasks": ["depth", "colorized"], "start": 0.5, "duration": 1.0})
+    (result,) = output["results"]
+    assert result["audio"] == "copied (aac)"
+    assert result["timestamps"][0] == pytest.approx(0.5)
+    with av.open(io.BytesIO(fetched(result, "colorized_video"))) as played:
+        (video,) = played.streams.video
+        (audio,) = played.streams.audio
+        assert audio.codec_context.name == "aac"
+        seconds = [float(s.duration * s.time_base) for s in (video, audio)]
+    assert seconds[0] == pytest.approx(1.0, abs=0.11)
+    assert abs(seconds[1] - seconds[0]) < 0.15  # the window's audio, not the whole clip's
+    (depth_only,) = run(api, {"video_b64": with_audio, "tasks": ["depth"]})["results"]
+    assert "audio" not in depth_only  # no colorized video to carry it

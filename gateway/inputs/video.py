@@ -101,6 +101,8 @@ class Clip:
         context.thread_type = "AUTO"
         context.thread_count = DECODE_THREADS
         self.codec = context.name
+        audio = self._container.streams.audio
+        self.audio_codec = audio[0].codec_context.name if audio and audio[0].codec_context else None
         self.source_size = (width, height)
         rate = stream.average_rate or stream.guessed_rate
         self.source_fps = float(rate) if rate and 0 < float(rate) < 1000 else None

@@ -9,7 +9,8 @@ npz back within half a 16-bit step. The colorized video maps the clip's robust r
 
 Formats: depth is FFV1 ``gray16le`` in Matroska (lossless); colorized is H.264 ``yuv420p`` in MP4 with
 the index up front (browsers play it while it downloads), cropped by a pixel to even dimensions when the
-frame has odd ones; libx264 ``veryfast`` at CRF 20 was chosen by ``bench.video`` (cheaper than
+frame has odd ones, with the source's audio over the served window copied as it is when MP4 can carry
+its codec; libx264 ``veryfast`` at CRF 20 was chosen by ``bench.video`` (cheaper than
 ``superfast`` and a tenth of ``ultrafast``'s size on moving content). Frames keep their source timing:
 the written timestamps are the sampled frames' own, in units of the output rate.
 """
@@ -38,6 +39,24 @@ ENCODER_THREADS = "2"
 FILES = {"depth": "depth.mkv", "colorized": "colorized.mp4", "raw": "depth.npz"}
 
 
+MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}  # what MP4 (FFmpeg's mov muxer) carries
+
+
+@dataclass(frozen=True)
+class AudioCopy:
+    """The source file and the window of it whose audio goes into the colorized video, unchanged."""
+
+    source: Path
+    start: float  # seconds: the first served frame's source time (the output's zero)
+    end: float
+
+
+@dataclass(frozen=True)
+class EncodedClip:
+    files: dict[str, str]  # task -> path
+    audio: str | None  # what became of the source's audio, when the colorized video was asked for
+
+
 @dataclass(frozen=True)
 class ClipEncoding:
     """Everything the encoding pass needs; plain values, sent to a worker process."""
@@ -56,6 +75,7 @@ class ClipEncoding:
     colormap: str
     invert: bool
     deadline: float  # wall-clock time (time.time()) after which the pass gives up
+    audio: AudioCopy | None = None
 
 
 def _stream(container: Any, codec: str, rate: Fraction, size: tuple[int, int], pix: str, options: dict) -> Any:
@@ -97,14 +117,17 @@ def to_unit(depth: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((depth.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low)), 0.0, 1.0)
 
 
-def encode_clip(job: ClipEncoding) -> dict[str, str]:
-    """The output files (task -> path) of a spooled clip; ImageError past the deadline."""
+def encode_clip(job: ClipEncoding) -> EncodedClip:
+    """The output files (task -> path) of a spooled clip; ImageError past the deadline. The source's
+    audio, when ``job.audio`` says where, is copied into the colorized video as it is (no re-encoding)."""
     width, height = job.size
     even = (width // 2 * 2, height // 2 * 2)
     files: dict[str, str] = {}
     containers: list = []
     depth_stream = color_stream = None
     raw = None
+    audio = None
+    unread = None
     try:
         if "depth" in job.tasks:
             files["depth"] = str(job.folder / FILES["depth"])
@@ -120,6 +143,12 @@ def encode_clip(job: ClipEncoding) -> dict[str, str]:
             containers.append(color_out)
             options = {"preset": X264_PRESET, "crf": X264_CRF, "threads": ENCODER_THREADS}
             color_stream = (color_out, _stream(color_out, "libx264", job.rate, even, "yuv420p", options))
+            if job.audio is not None:
+                try:
+                    audio = AudioTrack.open(job.audio, color_out)
+                    containers.append(audio.source)
+                except (av.error.FFmpegError, IndexError, ValueError):
+                    unread = "not copied: the audio could not be read"
         if job.include_raw:
             files["raw"] = str(job.folder / FILES["raw"])
             raw = NpyStackWriter(Path(files["raw"]), job.frames, height, width)
@@ -141,12 +170,47 @@ def encode_clip(job: ClipEncoding) -> dict[str, str]:
         for container, stream in (s for s in (depth_stream, color_stream) if s is not None):
             for packet in stream.encode():
                 container.mux(packet)
+        if audio is not None:
+            audio.copy_into(color_stream[0])
     finally:
         if raw is not None:
             raw.close()
         for container in containers:
             container.close()
-    return files
+    return EncodedClip(files, audio.outcome if audio is not None else unread)
+
+
+class AudioTrack:
+    """The source's first audio stream, copied packet by packet into an output over a window."""
+
+    def __init__(self, source: Any, stream: Any, target: Any, window: AudioCopy) -> None:
+        self.source, self.stream, self.target, self.window = source, stream, target, window
+        self.outcome = f"copied ({stream.codec_context.name})"
+
+    @classmethod
+    def open(cls, window: AudioCopy, output: Any) -> AudioTrack:
+        source = av.open(str(window.source))
+        stream = source.streams.audio[0]
+        return cls(source, stream, output.add_stream_from_template(stream), window)
+
+    def copy_into(self, output: Any) -> None:
+        """Every packet of the window, its timestamps moved so that the window starts at zero; a stream
+        that cannot be read to the end keeps what was copied and says so."""
+        base = self.stream.time_base
+        offset = round(self.window.start / base)
+        try:
+            for packet in self.source.demux(self.stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                moment = float(packet.pts * base)
+                if moment < self.window.start or moment >= self.window.end:
+                    continue
+                packet.pts -= offset
+                packet.dts = packet.pts if packet.dts is None else packet.dts - offset
+                packet.stream = self.target
+                output.mux(packet)
+        except av.error.FFmpegError as error:
+            self.outcome = f"copied in part: the audio could not be read to the end ({str(error)[:80]})"
 
 
 def _write(container, stream, image: np.ndarray, pix: str, pts: int) -> None:

@@ -40,7 +40,7 @@ from gateway.inputs.network_input import network_bucket, prepare
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.encode import b64, keep
 from gateway.outputs.render import needs_camera, needs_photo, render
-from gateway.outputs.video import ClipEncoding, encode_clip
+from gateway.outputs.video import ClipEncoding, EncodedClip, encode_clip
 from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SharedPhoto, Slot
@@ -186,7 +186,7 @@ class ImageWorkers:
         call = functools.partial(render_outputs, decoded, depth, request, model, slot, uploaded)
         return await self._run(call, holdings)
 
-    async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> dict[str, str]:
+    async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> EncodedClip:
         """A video's output files, written from its spool by one worker process."""
         return await self._run(functools.partial(encode_clip, job), holdings)
 
