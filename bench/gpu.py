@@ -5,6 +5,10 @@ real size (random weights: ``export.random_checkpoint``), at batch 1, 8 and 32.
     python -m bench.gpu [--models small base large dpt] [--batches 1 8 32] [--out bench/results]
     python -m bench.gpu --dry      # CPU, tiny models, FP32: what CI runs so that this cannot rot
 
+Then the whole worker as deployed (``worker_figures``): the local tritonserver with the real-size Small
+(Python backend, onnxruntime's CUDA provider inside), runpod's production job loop against the job-API
+stand-in, 600 one-image jobs: images/s, CPU per image and the GPU's utilization from ``nvidia-smi``.
+
 For each model, path and batch: milliseconds per batch and images/s (median of ``--repeats`` after a
 warm-up), the ratio to PyTorch, and parity (relative L2) against PyTorch FP32 on the same photos. The
 fused graph is the exporter's default (``export.fusion``); the plain one is what ``--tensorrt`` ships.
@@ -15,9 +19,12 @@ wheel parts (``../shared/gpu/prepare-wheels.sh``); this script calls ``onnxrunti
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import importlib.util
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +121,78 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
     return rows
 
 
+class GpuSampler:
+    """``nvidia-smi``'s utilization and memory every 200 ms while a batch runs (nothing without it)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            command = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                       "-lms", "200"]  # fmt: skip
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+
+    def figures(self) -> dict:
+        if self.process is None:
+            return {"gpu_utilization_median": None, "gpu_memory_mb_max": None}
+        out, _ = self.process.communicate(timeout=10)
+        samples = [line.split(",") for line in out.splitlines() if line.count(",") == 1]
+        utilization = [float(u) for u, _m in samples]
+        memory = [float(m) for _u, m in samples]
+        return {
+            "gpu_utilization_median": statistics.median(utilization) if utilization else None,
+            "gpu_memory_mb_max": max(memory, default=None),
+        }
+
+
+def worker_figures(dry: bool, jobs: int) -> dict:
+    """The whole worker as deployed on this machine: the real-size Small (tiny in dry runs) exported for
+    the Python backend of the local ``tritonserver`` (onnxruntime's CUDA provider inside it on a GPU),
+    runpod's production job loop against the job-API stand-in, ``jobs`` one-image jobs of a 1024x768
+    JPEG with ``depth``: images/s, CPU per image, and the GPU's utilization while they ran."""
+    from bench.worker import MODEL_ID, photo_jpeg, run_batch, start_worker
+    from devstack.jobapi import JobApi
+    from export.cli import main as export_main
+    from export.random_checkpoint import save_random_checkpoint
+    from gateway.serving.triton_process import EmbeddedTriton
+
+    photo = base64.b64encode(photo_jpeg()).decode()
+    with tempfile.TemporaryDirectory() as root:
+        checkpoint = save_random_checkpoint(MODEL_ID, Path(root) / "checkpoint", size="tiny" if dry else "full")
+        repository = Path(root) / "repository"
+        precision = "fp32" if dry else "fp16"
+        argv = [MODEL_ID, "--checkpoint", str(checkpoint), "--repository", str(repository), "--backend", "python"]
+        if export_main([*argv, "--precision", precision]) != 0:
+            raise RuntimeError("the export for the worker check failed")
+        triton = EmbeddedTriton(repository, start_timeout=600).start()
+        api = JobApi().start()
+        worker = start_worker(api, triton, Path(root) / "worker.log", {"TRITON_TIMEOUT": "120"})
+        try:
+            api.wait_for([api.submit({"image_b64": photo})], timeout=600)  # warm
+            with GpuSampler() as sampler:
+                batch = run_batch(api, worker.pid, [{"image_b64": photo}] * jobs, 1)
+            return {
+                "model": MODEL_ID,
+                "precision": precision,
+                "jobs": jobs,
+                "images_per_s": batch["per_second"],
+                "cpu_ms_per_image": batch["cpu_ms_per_image"],
+                "serial_ms_per_image": batch["serial_ms_per_image"],
+                **sampler.figures(),
+            }
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+            api.stop()
+            triton.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="CPU, tiny models, FP32 (CI)")
@@ -121,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker-jobs", type=int, help="jobs for the worker check (0: skip it)")
     args = parser.parse_args(argv)
     if not args.dry:
         ort.preload_dlls()
@@ -136,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{figures['vs_pytorch']:.2f}x" if "vs_pytorch" in figures else "-"
             print(f"{row['model']:6} {row['batch']:5}  {path:40} {figures['ms']:9.2f} {figures['images_per_s']:9.1f} "
                   f"{ratio:>8} {figures['relative_l2']:9.2e}")  # fmt: skip
+    jobs = args.worker_jobs if args.worker_jobs is not None else (6 if args.dry else 600)
+    worker = worker_figures(args.dry, jobs) if jobs else None
+    if worker is not None:
+        print(f"worker as deployed ({worker['precision']} Small, {jobs} one-image jobs): "
+              f"{worker['images_per_s']:.1f} images/s, {worker['cpu_ms_per_image']:.1f} ms CPU per image, "
+              f"GPU utilization median {worker['gpu_utilization_median']}")  # fmt: skip
     device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name(0)
-    path = write("gpu_dry" if args.dry else "gpu", {"device": device, "rows": rows}, folder=args.out)
+    payload = {"device": device, "rows": rows, "worker": worker}
+    path = write("gpu_dry" if args.dry else "gpu", payload, folder=args.out)
     print(f"wrote {path}")
     return 0
 

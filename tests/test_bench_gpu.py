@@ -1,4 +1,5 @@
-"""``python -m bench.gpu`` in its dry mode (CPU, tiny models, FP32), so the GPU check cannot rot."""
+"""``python -m bench.gpu`` in its dry mode (CPU, tiny models, FP32, the worker through the job-API
+stand-in), so the GPU check cannot rot."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def test_the_gpu_check_runs_dry_and_reports_every_path(tmp_path: Path) -> None:
             assert figures["ms"] > 0
             assert figures["images_per_s"] > 0
             assert figures["relative_l2"] < 1e-4  # FP32 everywhere in the dry run
+    worker = report["worker"]  # the whole worker through the job-API stand-in, as on a GPU machine
+    assert (worker["jobs"], worker["precision"]) == (6, "fp32")
+    assert worker["images_per_s"] > 0
+    assert worker["cpu_ms_per_image"] > 0
+    assert worker["gpu_utilization_median"] is None  # no nvidia-smi here: nothing is made up
 
 
 def test_without_a_gpu_it_says_so_instead_of_measuring() -> None:
