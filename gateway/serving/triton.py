@@ -1,18 +1,12 @@
-"""The gateway's side of Triton: model discovery, model lifetime and inference over async gRPC.
+"""The gateway's inference over async gRPC: one request per image (or video frame), with its deadline,
+retries and batch cap, in gRPC payloads or Triton's shared memory. Model discovery and lifetime are
+``model_lifetime``'s; ``TritonModels`` is both.
 
-What is served is learned from Triton: the repository index says which model names exist, and a loaded
-model's config ``parameters`` (written by the exporter) give its HF id, kind, max depth, precision,
-buckets per network size, resample filter and licence; its resolved ``instance_group`` says whether it
-runs on a GPU. The only table used is the model table's HF id -> Triton name rule (``model_names``), so a
-request's text never becomes a model name; Triton's errors are read by ``triton_errors``.
-
-Models load on first use (Triton in explicit model-control mode); beyond ``max_loaded`` the least
-recently used one that no job is using (``using``: from the job's choice of model to its answer, not
-only during inference) is unloaded. The repository index is cached for ``INDEX_TTL`` seconds (asked
-again at once when a name is missing), so a job costs no index RPC. Every call carries a deadline, and
-Triton is told the rest of it (a request's ``timeout``: Triton's queue policy drops a request that waited
-past it instead of running it for nobody); only transient faults (server unavailable, queue full) are
-retried, with backoff. Errors raised here carry short, safe messages.
+Every call carries a deadline, and Triton is told the rest of it (a request's ``timeout``: Triton's queue
+policy drops a request that waited past it instead of running it for nobody); only transient faults
+(server unavailable, queue full) are retried, with backoff (``triton_errors``). A network size whose
+``batch_caps`` is below the model's full batch has at most that many requests at Triton, so that its
+dynamic batcher never forms a larger batch. Errors raised here carry short, safe messages.
 
 Tensors travel in gRPC payloads (``infer``) or, when Triton is on this host, through system shared
 memory (``use_shared_memory``, ``infer_in_slot``; see ``shared_memory``): a region Triton no longer
@@ -26,153 +20,40 @@ import atexit
 import contextlib
 import logging
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from catalogue.models import MODELS
-from gateway.errors import ImageError, quoted
+from gateway.errors import ImageError
 from gateway.served_model import ServedModel
-from gateway.serving.model_names import DTYPE_PRECISION, MODEL_CHOICES, ModelUnavailable, variant_name
+from gateway.serving.model_lifetime import ModelLifetime
+from gateway.serving.model_names import ModelUnavailable
 from gateway.serving.shared_memory import Slot, slot_bytes, slots_that_fit
 from gateway.serving.shm_region import MIN_SLOTS, SharedTensors, is_local, is_shared_memory_error
 from gateway.serving.triton_errors import TRANSIENT, describe, model_missing
 
 log = logging.getLogger("gateway")
 
-LOAD_TIMEOUT = 900.0  # a load runs the warm-up of every bucket (and may build TensorRT engines)
-INDEX_TTL = 30.0  # seconds the repository index is trusted
-
 
 class InferenceTimeout(ImageError):
     """No answer from Triton within the deadline (it may still run the request)."""
 
 
-class TritonModels:
-    """Async gRPC client, model catalogue and LRU model lifetime. Use from one event loop at a time."""
+class TritonModels(ModelLifetime):
+    """The models' lifetime and their inference, over one async gRPC client. Use from one event loop at a
+    time."""
 
     def __init__(self, url: str, max_loaded: int, timeout: float, retries: int) -> None:
-        self.url = url
-        self.max_loaded = max_loaded
-        self.timeout = timeout
+        super().__init__(url, max_loaded, timeout)
         self.retries = retries
-        self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
-        self.in_use: defaultdict[str, int] = defaultdict(int)  # jobs that chose each model and are not answered
-        self._index: tuple[float, set[str]] | None = None  # (when asked, names)
-        self.gpu: bool | None = None
-        self._client: grpcaio.InferenceServerClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._lock: asyncio.Lock | None = None
         self._in_flight: dict[tuple[str, int], asyncio.Semaphore] = {}  # (model, network size) -> its batch cap
         self.shared: SharedTensors | None = None
 
-    @property
-    def client(self) -> grpcaio.InferenceServerClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            self._client = grpcaio.InferenceServerClient(self.url)
-            self._client_loop = loop
-            self._lock = asyncio.Lock()
-            self._in_flight = {}
-        return self._client
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def served_names(self, fresh: bool = False) -> set[str]:
-        """The model names in Triton's repository (cached for ``INDEX_TTL`` unless ``fresh``)."""
-        if not fresh and self._index is not None and time.monotonic() - self._index[0] < INDEX_TTL:
-            return self._index[1]
-        try:
-            index = await self.client.get_model_repository_index(client_timeout=self.timeout)
-        except InferenceServerException:
-            raise ModelUnavailable("the inference server is unavailable right now; try again shortly") from None
-        names = {model.name for model in index.models}
-        self._index = (time.monotonic(), names)
-        return names
-
-    async def served_dtypes(self, hf_id: str) -> list[str]:
-        """The dtypes ``hf_id`` is served at (the index asked again when the cached one has none)."""
-        if hf_id not in MODELS:
-            raise ModelUnavailable(f"unknown model {quoted(hf_id)}; {MODEL_CHOICES}")
-        for fresh in (False, True):
-            names = await self.served_names(fresh)
-            served = [d for d in DTYPE_PRECISION if variant_name(hf_id, d) in names]
-            if served:
-                return served
-        available = sorted(m for m in MODELS if any(variant_name(m, d) in names for d in DTYPE_PRECISION))
-        raise ModelUnavailable(f"model {hf_id} is not served here; served models: {', '.join(available)}")
-
-    async def resolve(self, hf_id: str, dtype: str | None) -> tuple[str, str]:
-        """(Triton name, dtype) serving ``hf_id`` at ``dtype`` (default: float16 on GPU, float32 on CPU)."""
-        served = await self.served_dtypes(hf_id)
-        if dtype is None:
-            preferred = "float16" if self.gpu else "float32"
-            dtype = preferred if preferred in served else served[0]
-        elif dtype not in served:
-            raise ModelUnavailable(f"dtype {dtype} is not served for {hf_id}; served dtypes: {', '.join(served)}")
-        return variant_name(hf_id, dtype), dtype
-
-    async def preload(self, hf_id: str) -> ServedModel:
-        """Load the variant a request without ``dtype`` gets. Before any model is loaded it is not known
-        whether Triton runs them on a GPU: the float16 variant is loaded first to learn it, and exchanged
-        for float32 when it runs on the CPU and float32 is served."""
-        served = await self.served_dtypes(hf_id)
-        if self.gpu is None and "float16" in served:
-            model = await self.ensure_loaded(variant_name(hf_id, "float16"))
-            if model.on_gpu or "float32" not in served:
-                return model
-            await self.unload(model.name)
-        name, _dtype = await self.resolve(hf_id, None)
-        return await self.ensure_loaded(name)
-
-    @contextlib.contextmanager
-    def using(self, name: str) -> Iterator[None]:
-        """A job that chose model ``name``: it is not unloaded until the job is answered."""
-        self.in_use[name] += 1
-        try:
-            yield
-        finally:
-            self.in_use[name] -= 1
-
-    async def unload(self, name: str) -> None:
-        self.loaded.pop(name, None)
-        with contextlib.suppress(InferenceServerException):  # already gone, e.g. Triton restarted
-            await self.client.unload_model(name, client_timeout=self.timeout)
-
-    async def ensure_loaded(self, name: str) -> ServedModel:
-        """Load ``name`` if needed (evicting the least recently used idle model) and return its metadata."""
-        if name in self.loaded:
-            self.loaded.move_to_end(name)
-            return self.loaded[name]
-        _ = self.client
-        assert self._lock is not None
-        async with self._lock:
-            if name not in self.loaded:
-                await self._evict_for_one_more()
-                try:
-                    await self.client.load_model(name, client_timeout=max(self.timeout, LOAD_TIMEOUT))
-                    response = await self.client.get_model_config(name, client_timeout=self.timeout)
-                except InferenceServerException:
-                    raise ModelUnavailable(f"model {name} could not be loaded; try again shortly") from None
-                model = ServedModel.from_config(response.config)
-                self.loaded[name] = model
-                self.gpu = model.on_gpu
-            self.loaded.move_to_end(name)
-            return self.loaded[name]
-
-    async def _evict_for_one_more(self) -> None:
-        for victim in list(self.loaded):
-            if len(self.loaded) < self.max_loaded:
-                return
-            if self.in_use[victim] == 0:
-                await self.unload(victim)
+    def _new_client(self) -> None:
+        super()._new_client()
+        self._in_flight = {}  # semaphores belong to the loop the client was made for
 
     async def infer(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
         """Depth ``[H, W]`` for one RGB uint8 ``[H, W, 3]`` image already at a bucket shape."""
