@@ -156,41 +156,32 @@ def worker_figures(dry: bool, jobs: int) -> dict:
     the Python backend of the local ``tritonserver`` (onnxruntime's CUDA provider inside it on a GPU),
     runpod's production job loop against the job-API stand-in, ``jobs`` one-image jobs of a 1024x768
     JPEG with ``depth``: images/s, CPU per image, and the GPU's utilization while they ran."""
-    from bench.worker import MODEL_ID, photo_jpeg, run_batch, start_worker
-    from devstack.jobapi import JobApi
+    from bench.worker import MODEL_ID, deployed_worker, photo_jpeg, run_batch
     from export.cli import main as export_main
     from export.random_checkpoint import save_random_checkpoint
-    from gateway.serving.triton_process import EmbeddedTriton
 
     photo = base64.b64encode(photo_jpeg()).decode()
-    with tempfile.TemporaryDirectory() as root:
-        checkpoint = save_random_checkpoint(MODEL_ID, Path(root) / "checkpoint", size="tiny" if dry else "full")
-        repository = Path(root) / "repository"
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        checkpoint = save_random_checkpoint(MODEL_ID, root / "checkpoint", size="tiny" if dry else "full")
+        repository = root / "repository"
         precision = "fp32" if dry else "fp16"
         argv = [MODEL_ID, "--checkpoint", str(checkpoint), "--repository", str(repository), "--backend", "python"]
         if export_main([*argv, "--precision", precision]) != 0:
             raise RuntimeError("the export for the worker check failed")
-        triton = EmbeddedTriton(repository, start_timeout=600).start()
-        api = JobApi().start()
-        worker = start_worker(api, triton, Path(root) / "worker.log", {"TRITON_TIMEOUT": "120"})
-        try:
+        with deployed_worker(root, repository, {"TRITON_TIMEOUT": "120"}, start_timeout=600) as (api, worker):
             api.wait_for([api.submit({"image_b64": photo})], timeout=600)  # warm
             with GpuSampler() as sampler:
                 batch = run_batch(api, worker.pid, [{"image_b64": photo}] * jobs, 1)
-            return {
-                "model": MODEL_ID,
-                "precision": precision,
-                "jobs": jobs,
-                "images_per_s": batch["per_second"],
-                "cpu_ms_per_image": batch["cpu_ms_per_image"],
-                "serial_ms_per_image": batch["serial_ms_per_image"],
-                **sampler.figures(),
-            }
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
-            api.stop()
-            triton.stop()
+        return {
+            "model": MODEL_ID,
+            "precision": precision,
+            "jobs": jobs,
+            "images_per_s": batch["per_second"],
+            "cpu_ms_per_image": batch["cpu_ms_per_image"],
+            "serial_ms_per_image": batch["serial_ms_per_image"],
+            **sampler.figures(),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

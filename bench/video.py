@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,11 +32,17 @@ import numpy as np
 
 from bench import clips
 from bench.common import machine, write
-from bench.seaweed import ADMIN, Weed
-from bench.worker import calibration, children, instant_repository, photo_jpeg, process_cpu, thread_cpu
+from bench.worker import (
+    calibration,
+    children,
+    deployed_worker,
+    instant_repository,
+    photo_jpeg,
+    process_cpu,
+    thread_cpu,
+)
 from devstack.jobapi import JobApi
 from gateway.outputs import postprocess as pp
-from gateway.serving.triton_process import EmbeddedTriton
 
 MODEL_ID = "depth-anything/Depth-Anything-V2-Small-hf"
 WORKLOADS = {"depth": ["depth"], "depth+colorized": ["depth", "colorized"]}
@@ -49,12 +52,6 @@ PRESETS = ("ultrafast", "superfast", "veryfast", "faster")
 def source_clip(frames: int) -> bytes:
     """A 1080p, 30 frames/s panning clip (H.264, as phones record)."""
     return clips.encode(clips.panning(1920, 1080, frames, pan=6), fps=30, x264={"crf": "23", "preset": "veryfast"})
-
-
-def start_worker(api: JobApi, triton: EmbeddedTriton, log_path: Path, extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, **api.env(), "TRITON_URL": triton.grpc_url, "DEPTH_MODEL": MODEL_ID, **extra}
-    with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def measure_job(api: JobApi, pid: int, job: dict) -> dict:
@@ -90,16 +87,9 @@ def worker_figures(clip: bytes, runs: int, window: int | None) -> dict:
     if window is not None:
         extra["VIDEO_WINDOW"] = str(window)
     video_b64 = base64.b64encode(clip).decode()
-    with tempfile.TemporaryDirectory() as root:
-        (Path(root) / "weed").mkdir()
-        weed = Weed(Path(root) / "weed").start()
-        weed.client().create_bucket(Bucket="videos")
-        extra |= {"BUCKET_ENDPOINT_URL": weed.url, "BUCKET_NAME": "videos"}
-        extra |= {"BUCKET_ACCESS_KEY_ID": ADMIN[0], "BUCKET_SECRET_ACCESS_KEY": ADMIN[1]}
-        triton = EmbeddedTriton(instant_repository(Path(root) / "repository")).start()
-        api = JobApi().start()
-        worker = start_worker(api, triton, Path(root) / "worker.log", extra)
-        try:
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        with deployed_worker(root, instant_repository(root / "repository"), extra, bucket="videos") as (api, worker):
             warm = api.submit(
                 {"video_b64": video_b64, "max_frames": 5, "tasks": ["depth", "colorized"], "output_mode": "url"}
             )
@@ -112,12 +102,6 @@ def worker_figures(clip: bytes, runs: int, window: int | None) -> dict:
                 ]
                 for name, tasks in workloads.items()
             }
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
-            api.stop()
-            triton.stop()
-            weed.stop()
 
 
 def preset_figures(clip: bytes, frames: int = 60) -> dict:

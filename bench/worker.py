@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -196,6 +198,30 @@ def start_worker(api: JobApi, triton: EmbeddedTriton, log_path: Path, extra: dic
         return subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+@contextlib.contextmanager
+def deployed_worker(
+    root: Path, repository: Path, extra: dict[str, str], bucket: str | None = None, start_timeout: float = 180
+) -> Iterator[tuple[JobApi, subprocess.Popen]]:
+    """``python -m gateway`` as deployed, on a real tritonserver over ``repository`` and the job-API
+    stand-in, with its outputs' ``bucket`` on SeaweedFS when one is named; everything stopped after."""
+    with contextlib.ExitStack() as stack:
+        if bucket is not None:
+            (root / "weed").mkdir()
+            weed = Weed(root / "weed").start()
+            stack.callback(weed.stop)
+            weed.client().create_bucket(Bucket=bucket)
+            extra = {"BUCKET_ENDPOINT_URL": weed.url, "BUCKET_NAME": bucket, "BUCKET_ACCESS_KEY_ID": ADMIN[0],
+                     "BUCKET_SECRET_ACCESS_KEY": ADMIN[1], **extra}  # fmt: skip
+        triton = EmbeddedTriton(repository, start_timeout=start_timeout).start()
+        stack.callback(triton.stop)
+        api = JobApi().start()
+        stack.callback(api.stop)
+        worker = start_worker(api, triton, root / "worker.log", extra)
+        stack.callback(worker.wait, timeout=60)
+        stack.callback(worker.terminate)
+        yield api, worker
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -212,16 +238,9 @@ def main() -> None:
     tiny_b64 = base64.b64encode(tiny.getvalue()).decode()
     cal_before = calibration(jpeg)
 
-    with tempfile.TemporaryDirectory() as root:
-        (Path(root) / "weed").mkdir()
-        weed = Weed(Path(root) / "weed").start()
-        weed.client().create_bucket(Bucket="outputs")
-        storage = {"BUCKET_ENDPOINT_URL": weed.url, "BUCKET_NAME": "outputs", "BUCKET_ACCESS_KEY_ID": ADMIN[0],
-                   "BUCKET_SECRET_ACCESS_KEY": ADMIN[1]}  # fmt: skip
-        triton = EmbeddedTriton(instant_repository(Path(root) / "repository")).start()
-        api = JobApi().start()
-        worker = start_worker(api, triton, Path(root) / "worker.log", {**storage, **extra})
-        try:
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        with deployed_worker(root, instant_repository(root / "repository"), extra, bucket="outputs") as (api, worker):
             api.wait_for([api.submit({"image_b64": photo_b64, "tasks": ALL_TASKS})], timeout=300)  # warm-up
             intake = [
                 run_batch(api, worker.pid, [{"image_b64": tiny_b64}] * args.tiny_jobs, 1) for _ in range(args.runs)
@@ -234,12 +253,6 @@ def main() -> None:
                 ]
                 for name, (tasks, mode) in WORKLOADS.items()
             }  # fmt: skip
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
-            api.stop()
-            triton.stop()
-            weed.stop()
     cal = (cal_before + calibration(jpeg)) / 2
 
     def median(runs: list[dict], key: str) -> float:
