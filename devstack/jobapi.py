@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
-from devstack.local import LoopbackServer, QuietHandler
+from devstack.local import LOOPBACK_ONLY, LoopbackServer, QuietHandler
 
 LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
 HANG = 40.0  # seconds a hanging take or post stays open
@@ -49,7 +49,7 @@ class JobApi(LoopbackServer):
         """The variables that point runpod's job loop at this server (and skip runpod's start-up fitness
         checks, one of which connects to a public DNS server)."""
         return {
-            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            **LOOPBACK_ONLY,
             "RUNPOD_WEBHOOK_GET_JOB": f"{self.base}/job-take/$ID?gpu=standin",
             "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.base}/job-done/$RUNPOD_POD_ID/$ID?gpu=standin",
             "RUNPOD_POD_ID": worker_id,

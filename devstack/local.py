@@ -51,11 +51,18 @@ class LoopbackServer:
         self._httpd.server_close()
 
 
+# Every worker a stand-in starts: runpod's start-up fitness checks stay off (one connects to a public DNS
+# server, 8.8.8.8:53); a local run reaches loopback only.
+LOOPBACK_ONLY = {"RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"}
+
+
 def start_gateway(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
     """Start the worker with ``env`` added to ours, serving Runpod's local API on 127.0.0.1:``port``."""
     command = [sys.executable, "-m", "gateway", "--rp_serve_api", "--rp_api_port", str(port)]
     with log_path.open("wb") as log:
-        return subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, env={**os.environ, **LOOPBACK_ONLY, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def post(url: str, payload: dict, timeout: float = 120) -> dict:

@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from devstack import local
+from devstack.jobapi import JobApi
+
 DIAL = """
 import socket
 for address in [("127.0.0.1", 9), ("8.8.8.8", 53), ("2001:4860:4860::8888", 53)]:
@@ -43,3 +48,23 @@ def test_pip_alone_may_reach_the_package_registry(tmp_path: Path) -> None:
         for argv0 in ("/x/site-packages/pip/__main__.py", "/x/.venv/bin/pip", "-c", "/x/gateway/__main__.py")
     ]
     assert answers == ["True", "True", "False", "False"]
+
+
+def test_every_worker_a_test_or_stand_in_starts_skips_runpods_fitness_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runpod's production start-up dials 8.8.8.8:53 unless RUNPOD_SKIP_AUTO_SYSTEM_CHECKS is true: the
+    run's environment sets it for every child, and each stand-in sets it itself for the worker it points
+    at loopback (even where the caller's environment does not)."""
+    assert os.environ["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
+    monkeypatch.delenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS")
+    started: list[dict] = []
+    monkeypatch.setattr(local.subprocess, "Popen", lambda command, env, **_: started.append(env))
+    local.start_gateway({"DEPTH_MODEL": "x"}, 8000, tmp_path / "gateway.log")
+    api = JobApi().start()
+    try:
+        job_api_env = api.env()
+    finally:
+        api.stop()
+    for env in (started[0], job_api_env):
+        assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
