@@ -38,7 +38,7 @@ from gateway.serving.shared_memory import Slot
 from gateway.serving.triton import TritonModels
 from gateway.settings import Settings
 from gateway.storage import Storage, StorageConfigError, StorageTarget, check_endpoint
-from gateway.video_service import VideoService
+from gateway.video_service import VideoJob, VideoService
 
 log = logging.getLogger("gateway")
 
@@ -158,7 +158,8 @@ class DepthService:
             return {"error": str(error)}
         request = parsed.request
         if parsed.video is not None:
-            return await self._video(parsed.video, request, model, dtype, bucket, job_id, report, started)
+            job = VideoJob(parsed.video, request, model, bucket, job_id, report)
+            return await self._video(job, dtype, started)
         job = JobContext(self._job_budget(request, bucket), self.fetcher.job_downloads())
         total, finished = len(parsed.sources), 0
 
@@ -195,23 +196,14 @@ class DepthService:
             "elapsed_sec": round(time.perf_counter() - started, 4),
         }
 
-    async def _video(
-        self,
-        source: ImageSource,
-        request: DepthRequest,
-        model: ServedModel,
-        dtype: str,
-        bucket: StorageTarget | None,
-        job_id: str,
-        report: Callable[[str], None] | None,
-        started: float,
-    ) -> dict:
+    async def _video(self, job: VideoJob, dtype: str, started: float) -> dict:
         """A video job's response: one result, its outputs inline or uploaded by the video path itself."""
-        with self.triton.using(model.name):
-            result = await self.videos.serve(source, request, model, bucket, job_id, report)
-        response = self._response([result], request, model, dtype, started)
+        with self.triton.using(job.model.name):
+            result = await self.videos.serve(job)
+        response = self._response([result], job.request, job.model, dtype, started)
         uploaded = any(key.endswith("_url") for key in result)
-        return {**response, "temporal": request.temporal or "align", "output_mode": "url" if uploaded else "inline"}
+        temporal = job.request.temporal or "align"
+        return {**response, "temporal": temporal, "output_mode": "url" if uploaded else "inline"}
 
     async def _accept(
         self, payload: Any, s3_config: object

@@ -82,18 +82,10 @@ class VideoService:
         self.storage = storage
         self.limits = VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_video_pixels)
 
-    async def serve(
-        self,
-        source: ImageSource,
-        request: DepthRequest,
-        model: ServedModel,
-        bucket: StorageTarget | None,
-        job_id: str,
-        report: Callable[[str], None] | None,
-    ) -> dict:
-        """The video's result (its outputs inline or uploaded) or ``{"index": 0, "input", "error"}``."""
+    async def serve(self, job: VideoJob) -> dict:
+        """The video's result (its outputs inline or uploaded) or ``{"index": 0, "input", "error"}``; what
+        the job holds is given back once no thread or process of it runs."""
         started = time.perf_counter()
-        job = VideoJob(source, request, model, bucket, job_id, report)
         job.holdings.on_give_back(functools.partial(shutil.rmtree, job.folder, ignore_errors=True))
         try:
             async with asyncio.timeout(self.settings.video_timeout):
@@ -103,7 +95,7 @@ class VideoService:
         except ImageError as error:
             result = {"error": str(error)}
         except Exception:
-            log.exception("video job %s failed unexpectedly", job_id)
+            log.exception("video job %s failed unexpectedly", job.job_id)
             result = {"error": "internal error while processing this video"}
         finally:
             job.thread.shutdown(wait=False, cancel_futures=True)
@@ -191,11 +183,9 @@ class VideoService:
         return data
 
     def _work_bytes(self, clip: Clip, request: DepthRequest, model: ServedModel) -> int:
-        """Memory the decode-infer pass holds: the window's network inputs and depths, and a few decoded
-        frames (the decoder's threads, the frame being resized)."""
         width, height = clip.source_size
-        window = self.settings.video_window * model.largest_pixels(request.process_res) * (3 + 4 + 4)
-        return window + (2 + 2 * 4) * width * height * 3
+        network_pixels = model.largest_pixels(request.process_res)
+        return decode_window_bytes(self.settings.video_window, network_pixels, width * height)
 
     def _download_timeout(self) -> float:
         """Videos are larger than photos: the image deadline, scaled to the video size limit (at most 5 min)."""
@@ -384,6 +374,13 @@ class VideoJob:
         self.folder = Path(tempfile.mkdtemp(prefix="video-"))
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="video")  # decoding
         self.store = ThreadPoolExecutor(1, thread_name_prefix="video-store")  # aligning and spooling, in order
+
+
+def decode_window_bytes(window: int, network_pixels: int, source_pixels: int) -> int:
+    """Memory one job's decode-infer pass holds: ``window`` frames' network inputs and depths (uint8 RGB
+    in, float32 depth out, and its aligned copy), and ten decoded source frames (the decoder's threads,
+    the frame being resized)."""
+    return window * network_pixels * (3 + 4 + 4) + (2 + 2 * 4) * source_pixels * 3
 
 
 class NetworkFrames:

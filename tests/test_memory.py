@@ -124,6 +124,33 @@ def memory_of(pid: int) -> int:
     return total + (shm.f_blocks - shm.f_bfree) * shm.f_frsize
 
 
+class PeakMemory:
+    """``memory_of(pid)`` sampled every 20 ms while the block runs; ``grown``: its peak over its start."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.started = self.peak = memory_of(pid)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, memory_of(self.pid))
+            time.sleep(0.02)
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.started
+
+    def __enter__(self) -> PeakMemory:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._sampler.join()
+
+
 @pytest.fixture(scope="module")
 def bucket(seaweed: Weed) -> Weed:
     seaweed.client().create_bucket(Bucket="heavy")
@@ -154,22 +181,11 @@ def test_heavy_jobs_stay_under_the_stated_bound(
             {"images": sources[:8], "tasks": ["depth", "normals", "disparity"], "include_raw": True},
         ]  # fmt: skip
         jobs = [{**job, "output_mode": "url"} for job in jobs]
-        started = memory_of(process.pid)
-        peak, stop = [started], threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], memory_of(process.pid))
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        ids = [api.submit(job) for job in jobs]
-        results = api.wait_for(ids, timeout=300)
-        stop.set()
-        sampler.join()
+        with PeakMemory(process.pid) as memory:
+            ids = [api.submit(job) for job in jobs]
+            results = api.wait_for(ids, timeout=300)
         bound = sum(budgets.values()) + (workers + 1) * ALLOCATOR_KEEPS  # the gateway process keeps too
-        assert peak[0] - started < bound, f"grew {(peak[0] - started) / MB:.0f} MB, bound {bound / MB:.0f} MB"
+        assert memory.grown < bound, f"grew {memory.grown / MB:.0f} MB, bound {bound / MB:.0f} MB"
         served = 0
         for result in results.values():
             assert "output" in result, result

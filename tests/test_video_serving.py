@@ -14,7 +14,6 @@ import base64
 import io
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -35,10 +34,10 @@ from gateway.service import DepthService
 from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton
 from gateway.settings import Settings
-from gateway.video_service import ENCODER_BYTES
+from gateway.video_service import ENCODER_BYTES, decode_window_bytes
 from tests.servers import ImageServer
 from tests.test_jobloop import start_worker
-from tests.test_memory import ALLOCATOR_KEEPS, MB, memory_of
+from tests.test_memory import ALLOCATOR_KEEPS, MB, PeakMemory
 
 SMALL = "depth-anything/Depth-Anything-V2-Small-hf"
 METRIC = "depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf"
@@ -340,26 +339,13 @@ def test_a_60_s_1080p_clip_streams_within_the_stated_memory_bound(video_worker) 
     api, process = video_worker
     clip = clips.encode(clips.panning(1920, 1080, 600, pan=6), fps=10, x264={"crf": "32", "preset": "ultrafast"})
     job = {"video_b64": b64(clip), "tasks": ["depth", "colorized"], "fps": 5, "output_mode": "url"}
-    started = memory_of(process.pid)
-    peak, stop = [started], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], memory_of(process.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakMemory(process.pid) as memory:
         (result,) = run(api, job, timeout=300)["results"]
-    finally:
-        stop.set()
-        sampler.join()
     assert (result["frames"], result["source"]["width"], result["source"]["height"]) == (300, 1920, 1080)
     network_pixels = result["network_size"][0] * result["network_size"][1]
-    work = Settings().video_window * network_pixels * (3 + 4 + 4) + (2 + 2 * 4) * 1920 * 1080 * 3
+    work = decode_window_bytes(Settings().video_window, network_pixels, 1920 * 1080)
     bound = len(clip) * 2 + work + ENCODER_BYTES + 2 * ALLOCATOR_KEEPS  # base64 and bytes; gateway + encoder
-    grown = peak[0] - started
+    grown = memory.grown
     print(f"60 s 1080p clip: grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB")
     assert grown < bound, f"grew {grown / MB:.0f} MB, bound {bound / MB:.0f} MB"
 
