@@ -37,7 +37,7 @@ from gateway.inputs.fetch import Fetcher
 from gateway.inputs.resize import limited_size, nearest_bucket
 from gateway.inputs.schema import DepthRequest, ImageSource
 from gateway.inputs.video import Clip, Sampling, VideoLimits, output_rate
-from gateway.outputs.output_names import file_name, url_key
+from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.outputs.temporal import Aligner, Alignment, ClipRange
 from gateway.outputs.video import COLOR_VIDEO_MIME, DEPTH_VIDEO_MIME, MP4_AUDIO, AudioCopy, ClipEncoding
 from gateway.served_model import ServedModel
@@ -55,10 +55,10 @@ ENCODER_BYTES = 256 << 20  # an encoding process's buffers (x264's lookahead, FF
 PROGRESS_EVERY = 3.0
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # seconds between progress updates
 DEPTH_VIDEO_DECODE = "depth = depth_min + v / 65535 * (depth_max - depth_min), v the 16-bit pixel"
-OUTPUT_KEYS = {  # file from outputs.video -> (inline key, MIME key, MIME)
-    "depth": ("depth_video_b64", "depth_video_mime", DEPTH_VIDEO_MIME),
-    "colorized": ("colorized_video_b64", "colorized_video_mime", COLOR_VIDEO_MIME),
-    "raw": ("depth_npz_b64", None, None),
+OUTPUT_KEYS = {  # file from outputs.video -> (inline key, its MIME type; the npz has none, as for images)
+    "depth": ("depth_video_b64", DEPTH_VIDEO_MIME),
+    "colorized": ("colorized_video_b64", COLOR_VIDEO_MIME),
+    "raw": ("depth_npz_b64", None),
 }
 
 
@@ -315,35 +315,39 @@ class VideoService:
                 "url or auto with a bucket (BUCKET_ENDPOINT_URL or the job's s3Config), or ask for fewer frames"
             )
         loop = asyncio.get_running_loop()
-        out: dict = {}
+        out = mime_keys(files)
         for task, path in files.items():
-            key, mime_key, mime = OUTPUT_KEYS[task]
-            out[key] = await loop.run_in_executor(None, _base64_of, path)
-            if mime_key:
-                out[mime_key] = mime
+            out[OUTPUT_KEYS[task][0]] = await loop.run_in_executor(None, _base64_of, path)
         return out
 
     async def _upload(self, files: dict[str, str], sizes: dict[str, int], bucket: StorageTarget, job_id: str) -> dict:
         total = sum(sizes.values())
         if total > self.settings.output_memory_bytes:
             raise ImageError(f"the video's outputs are {total / 1e6:.0f} MB, over OUTPUT_MEMORY_BYTES")
-        described: dict = {}
-        for task in files:
-            key, mime_key, mime = OUTPUT_KEYS[task]
-            if mime_key:
-                described[mime_key] = mime
+        mimes = mime_keys(files)
         objects, keys = [], []
         async with self.memory.outputs.reserved(total):
             for task, path in files.items():
-                key, mime_key, mime = OUTPUT_KEYS[task]
-                object_key = self.storage.object_key(job_id, file_name("0", key, described))
-                objects.append((object_key, Path(path).read_bytes(), mime or "application/octet-stream"))
+                key = OUTPUT_KEYS[task][0]
+                object_key = self.storage.object_key(job_id, file_name("0", key, mimes))
+                objects.append((object_key, Path(path).read_bytes(), content_type(key, mimes)))
                 keys.append(key)
             outcomes = await self.storage.upload(bucket, objects)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome if isinstance(outcome, ImageError) else ImageError("the upload to storage failed")
-        return {**described, **{url_key(key): url for key, url in zip(keys, outcomes, strict=True)}}
+        return {**mimes, **{url_key(key): url for key, url in zip(keys, outcomes, strict=True)}}
+
+
+def mime_keys(files: dict[str, str]) -> dict[str, str]:
+    """The ``*_mime`` keys of the outputs in ``files`` (``output_names.OUTPUTS`` names each one's key)."""
+    keys = {}
+    for task in files:
+        key, mime = OUTPUT_KEYS[task]
+        mime_key = OUTPUTS[key][1]
+        if mime_key is not None:
+            keys[mime_key] = mime
+    return keys
 
 
 def _base64_of(path: str) -> str:
