@@ -112,9 +112,9 @@ class DepthService:
         self.fetcher = fetcher
         self.executor = ThreadPoolExecutor(PARENT_THREADS, thread_name_prefix="inputs")  # base64, headers
         self.storage = Storage(settings.bucket_prefix, settings.bucket_url_expiry, settings.upload_timeout)
-        self.bucket = None
+        self.storage_target = None
         if settings.bucket_endpoint_url:
-            self.bucket = StorageTarget.configured(  # StorageConfigError: the worker does not start
+            self.storage_target = StorageTarget.configured(  # StorageConfigError: the worker does not start
                 settings.bucket_endpoint_url,
                 settings.bucket_access_key_id or "",
                 settings.bucket_secret_access_key or "",
@@ -153,14 +153,14 @@ class DepthService:
         outputs go to storage (the job's ``s3Config`` or the worker's bucket) when ``output_mode`` says so."""
         started = time.perf_counter()
         try:
-            parsed, model, dtype, bucket = await self._accept(payload, s3_config)
+            parsed, model, dtype, target = await self._accept(payload, s3_config)
         except (RequestError, ModelUnavailable) as error:
             return {"error": str(error)}
         request = parsed.request
         if parsed.video is not None:
-            job = VideoJob(parsed.video, request, model, bucket, job_id, report)
+            job = VideoJob(parsed.video, request, model, target, job_id, report)
             return await self._video(job, dtype, started)
-        job = JobContext(self._job_budget(request, bucket), self.fetcher.job_downloads())
+        job = JobContext(self._job_budget(request, target), self.fetcher.job_downloads())
         total, finished = len(parsed.sources), 0
 
         async def counted(index: int, source: ImageSource) -> dict:
@@ -176,7 +176,7 @@ class DepthService:
                 images = (counted(index, source) for index, source in enumerate(parsed.sources))
                 results = await asyncio.gather(*images)
             response = self._response(results, request, model, dtype, started)
-            return await self._deliver(response, request, bucket, job_id)
+            return await self._deliver(response, request, target, job_id)
         finally:
             self.memory.outputs.release(job.output_bytes)
 
@@ -208,13 +208,13 @@ class DepthService:
     async def _accept(
         self, payload: Any, s3_config: object
     ) -> tuple[ParsedRequest, ServedModel, str, StorageTarget | None]:
-        """The parsed request, its model (loaded), dtype and bucket; RequestError or ModelUnavailable."""
+        """The parsed request, its model (loaded), dtype and storage target; RequestError or ModelUnavailable."""
         parsed = parse_request(payload, self.settings.max_images)
         request = parsed.request
         name, dtype = await self.triton.resolve(request.model or self.settings.default_model, request.dtype)
         model = await self.triton.ensure_loaded(name)
-        bucket = await self._bucket(s3_config)
-        if request.output_mode == "url" and bucket is None:
+        target = await self._storage_target(s3_config)
+        if request.output_mode == "url" and target is None:
             raise RequestError(
                 "output_mode url needs a bucket: the worker has none configured (BUCKET_ENDPOINT_URL) "
                 "and the job carries no s3Config"
@@ -224,11 +224,11 @@ class DepthService:
             raise RequestError(
                 f"process_res {request.process_res} is not served for {model.hf_id}; served sizes: {served}"
             )
-        return parsed, model, dtype, bucket
+        return parsed, model, dtype, target
 
-    def _job_budget(self, request: DepthRequest, bucket: StorageTarget | None) -> JobBudget:
+    def _job_budget(self, request: DepthRequest, target: StorageTarget | None) -> JobBudget:
         """Inline, a job's outputs must fit its response; uploaded, the worker's output memory."""
-        inline_only = request.output_mode == "inline" or bucket is None
+        inline_only = request.output_mode == "inline" or target is None
         return JobBudget(
             self.settings.max_job_pixels,
             self.settings.max_response_bytes if inline_only else self.settings.output_memory_bytes,
@@ -244,11 +244,11 @@ class DepthService:
             "the response" if inline_only else "the job's outputs (OUTPUT_MEMORY_BYTES)",
         )
 
-    async def _deliver(self, response: dict, request: DepthRequest, bucket: StorageTarget | None, job_id: str) -> dict:
+    async def _deliver(self, response: dict, request: DepthRequest, target: StorageTarget | None, job_id: str) -> dict:
         """The response inline, or with its outputs uploaded when ``output_mode`` (or its size) says so."""
         size = approximate_json_size(response)
-        if bucket is not None and (request.output_mode == "url" or size > self.settings.max_response_bytes):
-            response["results"] = await self._upload(response["results"], bucket, job_id)
+        if target is not None and (request.output_mode == "url" or size > self.settings.max_response_bytes):
+            response["results"] = await self._upload(response["results"], target, job_id)
             response["output_mode"] = "url"
             size = approximate_json_size(response)
         else:
@@ -261,17 +261,17 @@ class DepthService:
             }
         return response
 
-    async def _bucket(self, s3_config: object) -> StorageTarget | None:
+    async def _storage_target(self, s3_config: object) -> StorageTarget | None:
         """The job's own bucket (checked against the address policy), else the worker's, else None."""
         if s3_config is None:
-            return self.bucket
+            return self.storage_target
         try:
-            bucket = await check_endpoint(StorageTarget.from_job(s3_config), self.fetcher.policy)
+            target = await check_endpoint(StorageTarget.from_job(s3_config), self.fetcher.policy)
         except StorageConfigError as error:
             raise RequestError(str(error)) from None
-        return bucket
+        return target
 
-    async def _upload(self, results: list[dict], bucket: StorageTarget, job_id: str) -> list[dict]:
+    async def _upload(self, results: list[dict], target: StorageTarget, job_id: str) -> list[dict]:
         """Every inline output uploaded and replaced by its URL; an image whose upload failed gets an error."""
         objects, owners = [], []
         for result in results:
@@ -283,7 +283,7 @@ class DepthService:
                         data = await self._cpu(pybase64.b64decode, data)
                     objects.append((object_key, data, content_type(key, result)))
                     owners.append((result, key))
-        outcomes = await self.storage.upload(bucket, objects) if objects else []
+        outcomes = await self.storage.upload(target, objects) if objects else []
         failed: dict[int, str] = {}
         for (result, key), outcome in zip(owners, outcomes, strict=True):
             if isinstance(outcome, BaseException):

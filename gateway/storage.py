@@ -194,10 +194,10 @@ class StorageTarget:
         return cls(endpoint, access_key, secret_key, name, region_for(endpoint, region))
 
 
-async def check_endpoint(bucket: StorageTarget, policy: AddressPolicy) -> StorageTarget:
-    """``bucket`` pinned to its endpoint's checked address, or StorageConfigError when the address policy
+async def check_endpoint(target: StorageTarget, policy: AddressPolicy) -> StorageTarget:
+    """``target`` pinned to its endpoint's checked address, or StorageConfigError when the address policy
     closes any address the name resolves to (before any connection)."""
-    endpoint = bucket.endpoint
+    endpoint = target.endpoint
     try:
         addresses = [ipaddress.ip_address(endpoint.host)]
     except ValueError:
@@ -213,7 +213,7 @@ async def check_endpoint(bucket: StorageTarget, policy: AddressPolicy) -> Storag
             policy.check(endpoint.host, address, endpoint.port, what="s3Config.endpointUrl")
         except ImageError as error:
             raise StorageConfigError(str(error)) from None
-    return replace(bucket, pinned=str(addresses[0]))
+    return replace(target, pinned=str(addresses[0]))
 
 
 def pin_connections(client: object, address: str) -> None:
@@ -257,19 +257,19 @@ class Storage:
         self._clients: OrderedDict[tuple, object] = OrderedDict()
         self._clients_lock = threading.Lock()  # upload threads share the cache
 
-    def _client(self, bucket: StorageTarget):
-        secret_digest = hashlib.sha256(bucket.secret_key.encode()).hexdigest()
-        key = (bucket.endpoint, bucket.region, bucket.pinned, bucket.access_key, secret_digest)
+    def _client(self, target: StorageTarget):
+        secret_digest = hashlib.sha256(target.secret_key.encode()).hexdigest()
+        key = (target.endpoint, target.region, target.pinned, target.access_key, secret_digest)
         with self._clients_lock:
             if key in self._clients:
                 self._clients.move_to_end(key)
                 return self._clients[key]
         client = boto3.client(
             "s3",
-            endpoint_url=bucket.endpoint.url,
-            aws_access_key_id=bucket.access_key,
-            aws_secret_access_key=bucket.secret_key,
-            region_name=bucket.region,
+            endpoint_url=target.endpoint.url,
+            aws_access_key_id=target.access_key,
+            aws_secret_access_key=target.secret_key,
+            region_name=target.region,
             config=Config(
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},  # the bucket never becomes part of the host name
@@ -283,8 +283,8 @@ class Storage:
                 response_checksum_validation="when_required",
             ),
         )
-        if bucket.pinned is not None:
-            pin_connections(client, bucket.pinned)
+        if target.pinned is not None:
+            pin_connections(client, target.pinned)
         with self._clients_lock:
             self._clients[key] = client
             while len(self._clients) > MAX_CLIENTS:
@@ -295,7 +295,7 @@ class Storage:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
-    async def upload(self, bucket: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
+    async def upload(self, target: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
         """Upload ``(key, data, content type)`` objects from this job's own threads; a presigned URL or the
         error, per object. Threads a stalled endpoint still holds at the deadline end with boto3's timeouts."""
         loop = asyncio.get_running_loop()
@@ -303,7 +303,7 @@ class Storage:
         try:
             async with asyncio.timeout(self.timeout):
                 return await asyncio.gather(
-                    *(loop.run_in_executor(executor, self._put, bucket, *obj) for obj in objects),
+                    *(loop.run_in_executor(executor, self._put, target, *obj) for obj in objects),
                     return_exceptions=True,
                 )
         except TimeoutError:
@@ -311,18 +311,18 @@ class Storage:
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _put(self, bucket: StorageTarget, key: str, data: bytes, content_type: str) -> str:
-        client = self._client(bucket)
+    def _put(self, target: StorageTarget, key: str, data: bytes, content_type: str) -> str:
+        client = self._client(target)
         try:
-            client.put_object(Bucket=bucket.name, Key=key, Body=data, ContentType=content_type)
+            client.put_object(Bucket=target.name, Key=key, Body=data, ContentType=content_type)
             return client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket.name, "Key": key}, ExpiresIn=self.url_expiry
+                "get_object", Params={"Bucket": target.name, "Key": key}, ExpiresIn=self.url_expiry
             )
         except (ClientError, BotoCoreError) as error:
-            raise self._diagnosed(client, error, bucket) from None
+            raise self._diagnosed(client, error, target) from None
 
     @staticmethod
-    def _diagnosed(client, error: ClientError | BotoCoreError, bucket: StorageTarget) -> ImageError:
+    def _diagnosed(client, error: ClientError | BotoCoreError, target: StorageTarget) -> ImageError:
         """The upload's error; when the storage refused or failed without naming why (SeaweedFS answers
         AccessDenied or InternalError for a bucket that does not exist), a HeadBucket, asked only now,
         may name the missing bucket (with keys that may not ask it, the refusal stands)."""
@@ -331,24 +331,24 @@ class Storage:
             "AccessDenied",
         ):
             try:
-                client.head_bucket(Bucket=bucket.name)
+                client.head_bucket(Bucket=target.name)
             except ClientError as head_error:
                 if str(head_error.response.get("Error", {}).get("Code")) in MISSING_BUCKET:
-                    return _describe(head_error, bucket)
+                    return _describe(head_error, target)
             except BotoCoreError:
                 pass
-        return _describe(error, bucket)
+        return _describe(error, target)
 
 
-def _describe(error: ClientError | BotoCoreError, bucket: StorageTarget) -> ImageError:
+def _describe(error: ClientError | BotoCoreError, target: StorageTarget) -> ImageError:
     """A short, safe sentence for a storage failure (logged with its code, never with credentials)."""
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", "unknown"))
-        log.error("storage error %s for bucket %s at %s", code, bucket.name, bucket.endpoint.url)
+        log.error("storage error %s for bucket %s at %s", code, target.name, target.endpoint.url)
         if code in CREDENTIAL_ERRORS or code == "403":
             return ImageError("the storage refused the credentials")
         if code in MISSING_BUCKET:
-            return ImageError(f"the storage bucket {bucket.name[:63]!r} does not exist")
+            return ImageError(f"the storage bucket {target.name[:63]!r} does not exist")
         return ImageError(f"the upload to storage failed ({code[:40]})")
-    log.error("storage unreachable at %s: %s", bucket.endpoint.url, type(error).__name__)
+    log.error("storage unreachable at %s: %s", target.endpoint.url, type(error).__name__)
     return ImageError("the storage endpoint is unreachable")  # a BotoCoreError: no answer from the endpoint

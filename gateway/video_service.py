@@ -301,13 +301,13 @@ class VideoService:
 
     async def _deliver(self, files: dict[str, str], job: VideoJob) -> dict:
         """The outputs inline while they fit the response, else uploaded (or a clear error)."""
-        request, bucket = job.request, job.bucket
+        request, target = job.request, job.target
         sizes = {task: Path(path).stat().st_size for task, path in files.items()}
         inline_bytes = sum(math.ceil(size / 3) * 4 for size in sizes.values())
         fits = inline_bytes + 200_000 <= self.settings.max_response_bytes  # room for the result's other fields
-        if request.output_mode == "url" or (request.output_mode == "auto" and not fits and bucket is not None):
-            assert bucket is not None  # checked when the job was accepted
-            return await self._upload(files, sizes, bucket, job.job_id)
+        if request.output_mode == "url" or (request.output_mode == "auto" and not fits and target is not None):
+            assert target is not None  # checked when the job was accepted
+            return await self._upload(files, sizes, target, job.job_id)
         if not fits:
             raise ImageError(
                 f"the video's outputs are {inline_bytes / 1e6:.1f} MB as base64, over the "
@@ -320,7 +320,7 @@ class VideoService:
             out[OUTPUT_KEYS[task][0]] = await loop.run_in_executor(None, _base64_of, path)
         return out
 
-    async def _upload(self, files: dict[str, str], sizes: dict[str, int], bucket: StorageTarget, job_id: str) -> dict:
+    async def _upload(self, files: dict[str, str], sizes: dict[str, int], target: StorageTarget, job_id: str) -> dict:
         total = sum(sizes.values())
         if total > self.settings.output_memory_bytes:
             raise ImageError(f"the video's outputs are {total / 1e6:.0f} MB, over OUTPUT_MEMORY_BYTES")
@@ -332,7 +332,7 @@ class VideoService:
                 object_key = self.storage.object_key(job_id, file_name("0", key, mimes))
                 objects.append((object_key, Path(path).read_bytes(), content_type(key, mimes)))
                 keys.append(key)
-            outcomes = await self.storage.upload(bucket, objects)
+            outcomes = await self.storage.upload(target, objects)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome if isinstance(outcome, ImageError) else ImageError("the upload to storage failed")
@@ -363,11 +363,11 @@ class VideoJob:
         source: ImageSource,
         request: DepthRequest,
         model: ServedModel,
-        bucket: StorageTarget | None,
+        target: StorageTarget | None,
         job_id: str,
         report: Callable[[str], None] | None,
     ) -> None:
-        self.source, self.request, self.model, self.bucket = source, request, model, bucket
+        self.source, self.request, self.model, self.target = source, request, model, target
         self.job_id, self.report = job_id, report
         self.described: dict = (
             {"kind": "video_url", "url": safe_text(source.data)}
