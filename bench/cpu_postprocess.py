@@ -26,6 +26,7 @@ from skimage import data
 
 from bench.common import interleaved, write
 from catalogue.models import get_spec
+from catalogue.size import Size
 from export.random_checkpoint import image_processor
 from gateway.inputs.decode import decode_image, decode_scaled
 from gateway.inputs.network_input import network_bucket, prepare
@@ -38,8 +39,8 @@ from gateway.served_model import ServedModel
 from gateway.serving.imagework import keep_freed_memory
 
 WIDTH, HEIGHT = 1024, 768
-PHONE = (4032, 3024)
-NETWORK = (518, 686)
+PHONE = Size(4032, 3024)
+NETWORK = Size(686, 518)
 GRID = 512
 SPEC = get_spec("depth-anything/Depth-Anything-V2-Small-hf")
 MODEL = ServedModel(
@@ -48,8 +49,8 @@ MODEL = ServedModel(
 )  # fmt: skip
 
 
-def astronaut_jpeg(size: tuple[int, int]) -> bytes:
-    """scikit-image's astronaut cut to 4:3 and resized to ``size`` (width, height), JPEG quality 92."""
+def astronaut_jpeg(size: Size) -> bytes:
+    """scikit-image's astronaut cut to 4:3 and resized to ``size``, JPEG quality 92."""
     photo = cv2.resize(data.astronaut()[64:448], size, interpolation=cv2.INTER_CUBIC)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, "JPEG", quality=92)
@@ -57,9 +58,9 @@ def astronaut_jpeg(size: tuple[int, int]) -> bytes:
 
 
 def inputs() -> tuple[bytes, np.ndarray]:
-    rows, cols = np.mgrid[0 : NETWORK[0], 0 : NETWORK[1]].astype(np.float32)
-    depth = 1.0 + 0.5 * np.sin(cols / 60.0) * np.cos(rows / 45.0) + rows / NETWORK[0]
-    return astronaut_jpeg((WIDTH, HEIGHT)), depth.astype(np.float32)
+    rows, cols = np.mgrid[0 : NETWORK.height, 0 : NETWORK.width].astype(np.float32)
+    depth = 1.0 + 0.5 * np.sin(cols / 60.0) * np.cos(rows / 45.0) + rows / NETWORK.height
+    return astronaut_jpeg(Size(WIDTH, HEIGHT)), depth.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the seed's approach
@@ -227,7 +228,7 @@ def main() -> None:
     def whole_ours() -> None:  # the gateway's own code path: decode, prepare, render
         decoded = ours.decode(jpeg)
         prepare(decoded, request.max_size, MODEL)
-        render((decoded.shape[1], decoded.shape[0]), decoded, network_depth, request, MODEL)
+        render(Size.of(decoded), decoded, network_depth, request, MODEL)
 
     def whole_seed() -> None:
         decoded = seed.decode(jpeg)
@@ -240,7 +241,7 @@ def main() -> None:
     phone = astronaut_jpeg(PHONE)  # 12 megapixels, as phones take them
 
     def phone_ours() -> None:  # as the image workers do it: no photo in the outputs, decoded smaller
-        photo, size = decode_scaled(phone, 50_000_000, lambda w, h: network_bucket((w, h), 1024, MODEL)[::-1])
+        photo, size = decode_scaled(phone, 50_000_000, lambda size: network_bucket(size, 1024, MODEL))
         prepare(photo, 1024, MODEL, None, size)
 
     pairs[f"{PHONE[0]}x{PHONE[1]} JPEG: decode + resize to the network"] = (

@@ -87,13 +87,13 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
     if precision == "fp16":
         served.model.half()
     providers = ["CPUExecutionProvider"] if dry else [("CUDAExecutionProvider", {"device_id": 0})]
-    height, width = spec.buckets[0] if dry or not spec.dynamic_shape else spec.buckets[1]
+    size = spec.buckets[0] if dry or not spec.dynamic_shape else spec.buckets[1]
     rows = []
     with tempfile.TemporaryDirectory() as root:
         runners = sessions(served, spec, precision, Path(root), providers)
         served_on_device = served.to(device)
         for batch in batches:
-            images = np.concatenate([photo_batch(height, width)] * (batch // 3 + 1))[:batch]
+            images = np.concatenate([photo_batch(size)] * (batch // 3 + 1))[:batch]
             with torch.no_grad():
                 expected = reference(torch.from_numpy(images)).numpy()
                 tensor = torch.from_numpy(images).to(device)
@@ -106,7 +106,7 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
 
                 torch_ms = timed(eager, repeats)
                 torch_out = eager().float().cpu().numpy()
-            row = {"model": name, "batch": batch, "shape": [height, width], "paths": {}}
+            row = {"model": name, "batch": batch, "size": list(size), "paths": {}}
             row["paths"]["pytorch eager"] = {
                 "ms": torch_ms, "images_per_s": batch / torch_ms * 1000, "relative_l2": relative_l2(torch_out, expected)
             }  # fmt: skip

@@ -99,13 +99,14 @@ def measure(model_id: str, root: Path, sizes: list[int] | None) -> dict:
     for size, buckets in spec.families:
         if sizes and size not in sizes:
             continue
-        height, width = max(buckets, key=lambda bucket: bucket[0] * bucket[1])
+        largest = max(buckets, key=lambda bucket: bucket.pixels)
+        height, width = largest.shape
         one, two = (working_memory(graph, batch, height, width) for batch in (1, 2))
         per_image = max(two - one, 0)
         fixed = max(one - per_image, 0)
         cap = caps[size]
         rows[str(size)] = {
-            "bucket": [height, width],
+            "bucket": list(largest),  # (width, height)
             "batch_cap": cap,
             "cpu_fp32_batch1_bytes": one,
             "cpu_fp32_per_image_bytes": per_image,
@@ -130,9 +131,9 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for model_id, result in results.items():
         for size, row in result["sizes"].items():
-            height, width = row["bucket"]
+            width, height = row["bucket"]
             gb = {key: value / 2**30 for key, value in row.items() if key.endswith("_bytes")}
-            print(f"| `{model_id}` | {size} | {height}x{width} | {gb['cpu_fp32_batch1_bytes']:.2f} GB "
+            print(f"| `{model_id}` | {size} | {width}x{height} | {gb['cpu_fp32_batch1_bytes']:.2f} GB "
                   f"| {gb['cpu_fp32_per_image_bytes']:.2f} GB | {gb['attention_matrices_bytes']:.2f} GB "
                   f"| {row['batch_cap']} | {gb['gpu_fp16_estimate_bytes']:.1f} GB |")  # fmt: skip
     name = "gpu_memory" if args.models == list(MODELS) and not args.sizes else "gpu_memory_" + "-".join(args.models)

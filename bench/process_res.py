@@ -4,7 +4,7 @@
 
 For Depth-Anything-V2-Small with random weights, tiny (the test model) and real size (same compute as the
 released checkpoint): the FP32 graph the CPU stack serves is exported once, then timed on onnxruntime's
-CPU provider at the 4:3 landscape bucket of each network size (518x686, 770x1022, 1036x1372), batch 1,
+CPU provider at the 4:3 landscape bucket of each network size (686x518, 1022x770, 1372x1036), batch 1,
 the median of ``--repeats`` runs after one warm-up. Writes bench/results/process_res.json.
 """
 
@@ -37,17 +37,17 @@ def time_sizes(size: str, repeats: int) -> dict[str, float]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         timings = {}
         for process_res, buckets in spec.families:
-            height, width = buckets[1]
-            image = photo_batch(height, width, count=1)
+            size = buckets[1]
+            image = photo_batch(size, count=1)
             session.run(["depth"], {"image": image})  # warm-up
             samples = []
             for _ in range(repeats):
                 started = time.perf_counter()
                 depth = session.run(["depth"], {"image": image})[0]
                 samples.append((time.perf_counter() - started) * 1000)
-            assert depth.shape == (1, height, width)
+            assert depth.shape == (1, *size.shape)
             assert np.isfinite(depth).all()
-            timings[f"{process_res} ({width}x{height})"] = statistics.median(samples)
+            timings[f"{process_res} ({size.width}x{size.height})"] = statistics.median(samples)
     return timings
 
 

@@ -1,6 +1,6 @@
 """The six served checkpoints: one table, the single place that maps a Hugging Face id to everything else.
 
-Each entry says how the checkpoint is preprocessed, which network shapes ("buckets") it is served at,
+Each entry says how the checkpoint is preprocessed, which network shapes ("buckets", each a ``Size``) it is served at,
 its Triton name and how large a batch it may take. The exporter writes this metadata into each model's
 ``config.pbtxt`` so that the gateway can learn it from Triton at serving time.
 """
@@ -10,41 +10,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from catalogue.size import Size
+
 Architecture = Literal["depth_anything", "dpt"]
 Precision = Literal["fp16", "fp32"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (height, width). Where transformers' processor (short side 518, aspect kept, multiple of 14) puts the
-# common camera aspect ratios 1:1, 4:3, 3:2 and 16:9, landscape and portrait.
-DEPTH_ANYTHING_BUCKETS: tuple[tuple[int, int], ...] = (
-    (518, 518),
-    (518, 686),
-    (686, 518),
-    (518, 770),
-    (770, 518),
-    (518, 924),
-    (924, 518),
+# Where transformers' processor (short side 518, aspect kept, multiple of 14) puts the common camera aspect
+# ratios 1:1, 4:3, 3:2 and 16:9, landscape and portrait.
+DEPTH_ANYTHING_BUCKETS: tuple[Size, ...] = (
+    Size(518, 518),
+    Size(686, 518),
+    Size(518, 686),
+    Size(770, 518),
+    Size(518, 770),
+    Size(924, 518),
+    Size(518, 924),
 )
-DPT_BUCKETS: tuple[tuple[int, int], ...] = ((384, 384),)
+DPT_BUCKETS: tuple[Size, ...] = (Size(384, 384),)
 PATCH = 14
 
-Bucket = tuple[int, int]
 
-
-def scaled_family(base: tuple[Bucket, ...], short_side: int) -> tuple[Bucket, ...]:
+def scaled_family(base: tuple[Size, ...], short_side: int) -> tuple[Size, ...]:
     """``base`` (a 518 px family) scaled to ``short_side``, each side a multiple of the 14 px patch."""
     factor = short_side / min(base[0])
-    return tuple((round(h * factor / PATCH) * PATCH, round(w * factor / PATCH) * PATCH) for h, w in base)
+    return tuple(Size(*(round(side * factor / PATCH) * PATCH for side in size)) for size in base)
 
 
 # Network short sides ("process_res") -> buckets. Depth-Anything runs at any multiple of 14: 518 is its
 # training size and the default, 770 and 1036 trade latency for finer edges. DPT-large has one size.
-DEPTH_ANYTHING_FAMILIES: tuple[tuple[int, tuple[Bucket, ...]], ...] = tuple(
+DEPTH_ANYTHING_FAMILIES: tuple[tuple[int, tuple[Size, ...]], ...] = tuple(
     (size, scaled_family(DEPTH_ANYTHING_BUCKETS, size)) for size in (518, 770, 1036)
 )
-DPT_FAMILIES: tuple[tuple[int, tuple[Bucket, ...]], ...] = ((384, DPT_BUCKETS),)
+DPT_FAMILIES: tuple[tuple[int, tuple[Size, ...]], ...] = ((384, DPT_BUCKETS),)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class ModelSpec:
     architecture: Architecture
     metric: bool
     max_depth: float | None
-    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (process_res, buckets); the first is the default
+    families: tuple[tuple[int, tuple[Size, ...]], ...]  # (process_res, buckets); the first is the default
     max_batch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -68,12 +68,12 @@ class ModelSpec:
         return self.families[0][0]
 
     @property
-    def buckets(self) -> tuple[Bucket, ...]:
+    def buckets(self) -> tuple[Size, ...]:
         """The default family's buckets."""
         return self.families[0][1]
 
     @property
-    def all_buckets(self) -> tuple[Bucket, ...]:
+    def all_buckets(self) -> tuple[Size, ...]:
         return tuple(bucket for _size, buckets in self.families for bucket in buckets)
 
     @property

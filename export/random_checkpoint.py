@@ -120,7 +120,7 @@ def redraw_unit_gain(model: torch.nn.Module, seed: int) -> None:
 def calibrate_head(model: PreTrainedModel, spec: ModelSpec, seed: int) -> None:
     """Rescale the head's last convolution so its pre-activation has a useful mean and spread."""
     last_conv = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    height, width = spec.buckets[0]
+    height, width = spec.buckets[0].shape
     generator = torch.Generator().manual_seed(seed + 1)
     smooth = torch.randn(2, 3, height // 16, width // 16, generator=generator)
     pixels = torch.nn.functional.interpolate(smooth, size=(height, width), mode="bicubic")

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from catalogue.models import ModelSpec, Precision
+from catalogue.size import Size
 
 Backend = Literal["onnxruntime", "python"]
 
@@ -52,12 +53,12 @@ class Profile:
 def activation_budget(spec: ModelSpec) -> int:
     """Pixels one batch may hold: a full batch of the default network size's largest bucket, the shapes the
     model's batch size was chosen for (activations grow with batch x pixels)."""
-    return spec.max_batch_size * max(height * width for height, width in spec.buckets)
+    return spec.max_batch_size * max(bucket.pixels for bucket in spec.buckets)
 
 
-def four_by_three(buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+def four_by_three(buckets: tuple[Size, ...]) -> Size:
     """The bucket closest to 4:3 landscape (the commonest photo shape)."""
-    return min(buckets, key=lambda bucket: abs(bucket[1] / bucket[0] - 4 / 3))
+    return min(buckets, key=lambda bucket: abs(bucket.width / bucket.height - 4 / 3))
 
 
 def batch_caps(spec: ModelSpec) -> dict[int, int]:
@@ -66,7 +67,7 @@ def batch_caps(spec: ModelSpec) -> dict[int, int]:
     flight (so Triton never forms a larger batch), and each TensorRT profile ends there."""
     budget = activation_budget(spec)
     return {
-        size: max(1, min(spec.max_batch_size, budget // max(height * width for height, width in buckets)))
+        size: max(1, min(spec.max_batch_size, budget // max(bucket.pixels for bucket in buckets)))
         for size, buckets in spec.families
     }
 
@@ -79,21 +80,19 @@ def tensorrt_profiles(spec: ModelSpec) -> list[Profile]:
     caps = batch_caps(spec)
     profiles = []
     for size, buckets in spec.families:
-        landscape = tuple(bucket for bucket in buckets if bucket[1] >= bucket[0])
-        portrait = tuple((width, height) for height, width in buckets if width < height)  # as landscape
+        landscape = tuple(bucket for bucket in buckets if bucket.landscape)
+        portrait = tuple(bucket.turned() for bucket in buckets if not bucket.landscape)  # as landscape
         for group, turned in ((landscape, False), (portrait, True)):
             if not group:
                 continue
-            tuned = four_by_three(group)
 
-            def shape(batch: int, height: int, width: int, turned: bool = turned) -> tuple[int, int, int]:
-                return (batch, width, height) if turned else (batch, height, width)
+            def shape(batch: int, extent: Size, turned: bool = turned) -> tuple[int, int, int]:
+                return (batch, *(extent.turned() if turned else extent).shape)
 
-            heights = [height for height, _width in group]
-            widths = [width for _height, width in group]
+            smallest = Size(min(bucket.width for bucket in group), min(bucket.height for bucket in group))
+            largest = Size(max(bucket.width for bucket in group), max(bucket.height for bucket in group))
             cap = caps[size]
-            low, high = shape(1, min(heights), min(widths)), shape(cap, max(heights), max(widths))
-            profiles.append(Profile(low, shape(cap, *tuned), high))
+            profiles.append(Profile(shape(1, smallest), shape(cap, four_by_three(group)), shape(cap, largest)))
     return profiles
 
 
@@ -106,7 +105,7 @@ def profile_parameters(profiles: list[Profile]) -> dict[str, str]:
     return {f"trt_profile_{pick}_shapes": shapes(pick) for pick in ("min", "opt", "max")}
 
 
-def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+def warmup_shapes(spec: ModelSpec) -> list[Size]:
     """Every bucket of the default family, and the square one of each other family.
 
     Warming all 21 Depth-Anything shapes of a real-size model on a CPU would add about a minute to every
@@ -150,7 +149,7 @@ def build_config(
     if tensorrt and backend != "onnxruntime":
         raise ValueError("--tensorrt applies to the onnxruntime backend only")
     name = spec.served_name(precision)
-    image_dims = [-1, -1, 3] if spec.dynamic_shape else [*spec.buckets[0], 3]
+    image_dims = [-1, -1, 3] if spec.dynamic_shape else [*spec.buckets[0].shape, 3]
     config = mc.ModelConfig(
         name=name,
         backend=backend,
@@ -161,14 +160,14 @@ def build_config(
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=MAX_QUEUE_DELAY_US, default_queue_policy=queue_policy(spec.max_batch_size)
         ),
-        model_warmup=[warmup(f"bucket_{height}x{width}", 1, height, width) for height, width in warmup_shapes(spec)],
+        model_warmup=[warmup(f"bucket_{b.height}x{b.width}", 1, b) for b in warmup_shapes(spec)],
     )
     parameters = metadata(spec, precision)
     if backend == "onnxruntime":
         parameters |= cuda_parameters(gpu_memory_gb)
         config.dynamic_batching.preferred_batch_size.append(spec.max_batch_size)
-        height, width = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
-        config.model_warmup.append(warmup(f"full_batch_{height}x{width}", spec.max_batch_size, height, width))
+        hot = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
+        config.model_warmup.append(warmup(f"full_batch_{hot.height}x{hot.width}", spec.max_batch_size, hot))
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     if tensorrt:
@@ -178,9 +177,9 @@ def build_config(
     return config
 
 
-def warmup(name: str, batch: int, height: int, width: int) -> mc.ModelWarmup:
-    """A warm-up request of ``batch`` zero images of ``height`` x ``width``."""
-    image = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[height, width, 3], zero_data=True)
+def warmup(name: str, batch: int, size: Size) -> mc.ModelWarmup:
+    """A warm-up request of ``batch`` zero images of ``size``."""
+    image = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[*size.shape, 3], zero_data=True)
     return mc.ModelWarmup(name=name, batch_size=batch, inputs={"image": image})
 
 
@@ -192,8 +191,9 @@ def metadata(spec: ModelSpec, precision: Precision) -> dict[str, str]:
         "kind": "metric" if spec.metric else "relative",
         "max_depth": "" if spec.max_depth is None else str(spec.max_depth),
         "precision": precision,
-        "buckets": json.dumps([list(bucket) for bucket in spec.buckets]),  # the default family
-        "bucket_families": json.dumps({str(size): [list(b) for b in buckets] for size, buckets in spec.families}),
+        # [height, width] as the input's dims (the order configs have always had); the default family
+        "buckets": json.dumps([list(bucket.shape) for bucket in spec.buckets]),
+        "bucket_families": json.dumps({str(res): [list(b.shape) for b in family] for res, family in spec.families}),
         "resample": spec.resample,
         "license": spec.license,
         "batch_caps": json.dumps({str(size): cap for size, cap in batch_caps(spec).items()}),

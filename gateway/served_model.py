@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-Bucket = tuple[int, int]
+from catalogue.size import Size
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,14 @@ class ServedModel:
     metric: bool
     max_depth: float | None
     precision: str
-    families: tuple[tuple[int, tuple[Bucket, ...]], ...]  # (network short side, buckets); first = default
+    families: tuple[tuple[int, tuple[Size, ...]], ...]  # (network short side, buckets); first = default
     resample: str
     on_gpu: bool
     license: str
     batch_caps: tuple[tuple[int, int], ...] = ()  # (network short side, most requests of it in flight)
 
     @property
-    def buckets(self) -> tuple[Bucket, ...]:
+    def buckets(self) -> tuple[Size, ...]:
         """The default network size's buckets."""
         return self.families[0][1]
 
@@ -34,20 +34,20 @@ class ServedModel:
         """The network short sides (``process_res``) served, the default first."""
         return tuple(size for size, _buckets in self.families)
 
-    def family(self, size: int | None) -> tuple[Bucket, ...]:
+    def family(self, size: int | None) -> tuple[Size, ...]:
         """The buckets of network size ``size`` (None: the default); KeyError if it is not served."""
         return self.buckets if size is None else dict(self.families)[size]
 
     def largest_pixels(self, size: int | None) -> int:
         """Pixels of the largest bucket of network size ``size`` (None: the default)."""
-        return max(height * width for height, width in self.family(size))
+        return max(bucket.pixels for bucket in self.family(size))
 
-    def size_of(self, height: int, width: int) -> int:
-        """The network short side whose family holds the bucket (height, width)."""
+    def size_of(self, bucket: Size) -> int:
+        """The network short side whose family holds ``bucket``."""
         for size, buckets in self.families:
-            if (height, width) in buckets:
+            if bucket in buckets:
                 return size
-        return min(height, width)
+        return min(bucket)
 
     def batch_cap(self, size: int) -> int | None:
         """The most requests of network size ``size`` to keep in flight, when that is less than the full
@@ -62,12 +62,11 @@ class ServedModel:
         """From a ``ModelConfig`` message (tritonclient's ``model_config_pb2``) the exporter wrote."""
         gpu_kind = 1  # ModelInstanceGroup.KIND_GPU in model_config.proto
         params = {key: value.string_value for key, value in config.parameters.items()}
-        buckets = tuple(tuple(bucket) for bucket in json.loads(params["buckets"]))
+        buckets = _sizes(json.loads(params["buckets"]))
         families = ((min(buckets[0]), buckets),)  # a config written before network-size families
         if params.get("bucket_families"):
             families = tuple(
-                (int(size), tuple(tuple(bucket) for bucket in family))
-                for size, family in json.loads(params["bucket_families"]).items()
+                (int(size), _sizes(family)) for size, family in json.loads(params["bucket_families"]).items()
             )
         caps = json.loads(params.get("batch_caps") or "{}")  # absent from configs written before the caps
         return cls(
@@ -82,3 +81,8 @@ class ServedModel:
             license=params.get("license", "unknown"),
             batch_caps=tuple((int(size), int(cap)) for size, cap in caps.items()),
         )
+
+
+def _sizes(dims: list[list[int]]) -> tuple[Size, ...]:
+    """Buckets from a config's ``[height, width]`` lists (the image input's dims)."""
+    return tuple(Size(width, height) for height, width in dims)

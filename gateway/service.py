@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pybase64
 
+from catalogue.size import Size
 from gateway.errors import ImageError, safe_text
 from gateway.inputs.budget import JobBudget, estimated_output_bytes, estimated_work_bytes
 from gateway.inputs.decode import decode_base64, open_image
@@ -341,8 +342,7 @@ class DepthService:
         if slot is None:
             assert decoded.network_input is not None
             return await self.triton.infer(model, decoded.network_input)
-        width, height = decoded.network_size
-        await self.triton.infer_in_slot(model, slot, height, width)
+        await self.triton.infer_in_slot(model, slot, decoded.network_size)
         return None
 
     def _input_bytes(self, source: ImageSource) -> int:
@@ -358,14 +358,11 @@ class DepthService:
         described["bytes"] = len(data)
         return data
 
-    async def _reserve_work(
-        self, size: tuple[int, int], request: DepthRequest, model: ServedModel, holdings: Holdings
-    ) -> None:
+    async def _reserve_work(self, size: Size, request: DepthRequest, model: ServedModel, holdings: Holdings) -> None:
         """The image's working memory, from the worker's budget until its holdings are given back."""
-        width, height = size
         network_pixels = model.largest_pixels(request.process_res)
         needed = estimated_work_bytes(
-            width * height,
+            size.pixels,
             network_pixels,
             request.tasks,
             request.include_raw,
@@ -412,7 +409,7 @@ class DepthService:
                 clock.lap("fetch")
                 header = await self._cpu(open_image, data, self.settings.max_pixels)
                 reserved_output = job.budget.admit(*header.size)  # before any pixel is decoded
-                await self._reserve_work(header.size, request, model, holdings)
+                await self._reserve_work(Size(*header.size), request, model, holdings)
                 slot = await self._slot(model, request, holdings)
                 decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
                 clock.lap("decode")  # and resize to the network

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pybase64
 
+from catalogue.size import Size
 from gateway.errors import ImageError, safe_text
 from gateway.inputs.decode import decode_base64
 from gateway.inputs.fetch import Fetcher
@@ -138,14 +139,14 @@ class VideoService:
             "metric": model.metric,
             "width": width,
             "height": height,
-            "network_size": [frames.network_shape[1], frames.network_shape[0]],
+            "network_size": list(frames.network_size),
             "frames": frames.count,
             "fps": round(clip.fps, 6),
             "timestamps": [round(t, 6) for t in frames.times],
             "source": {
                 "codec": clip.codec,
-                "width": clip.source_size[0],
-                "height": clip.source_size[1],
+                "width": clip.source_size.width,
+                "height": clip.source_size.height,
                 "fps": clip.source_fps,
                 "duration": clip.duration,
                 "rotation": clip.rotation,
@@ -183,9 +184,8 @@ class VideoService:
         return data
 
     def _work_bytes(self, clip: Clip, request: DepthRequest, model: ServedModel) -> int:
-        width, height = clip.source_size
         network_pixels = model.largest_pixels(request.process_res)
-        return decode_window_bytes(self.settings.video_window, network_pixels, width * height)
+        return decode_window_bytes(self.settings.video_window, network_pixels, clip.source_size.pixels)
 
     def _download_timeout(self) -> float:
         """Videos are larger than photos: the image deadline, scaled to the video size limit (at most 5 min)."""
@@ -237,22 +237,22 @@ class VideoService:
             for waiting in pending:
                 waiting.holdings.close()
             spooled.close()
-        spooled.size, spooled.network_shape = source.size, source.bucket
+        spooled.size, spooled.network_size = source.size, source.bucket
         return spooled
 
     async def _infer_frame(
-        self, model: ServedModel, image: np.ndarray | None, slot: Slot | None, bucket: tuple[int, int]
+        self, model: ServedModel, image: np.ndarray | None, slot: Slot | None, bucket: Size
     ) -> np.ndarray | None:
         """The frame's depth, or None when Triton wrote it into ``slot``."""
         if slot is None:
             assert image is not None
             return await self.triton.infer(model, image)
-        await self.triton.infer_in_slot(model, slot, *bucket)
+        await self.triton.infer_in_slot(model, slot, bucket)
         return None
 
-    def _check_spool(self, bucket: tuple[int, int], clip: Clip) -> None:
+    def _check_spool(self, bucket: Size, clip: Clip) -> None:
         """Cut the clip to the frames whose spool fits ``VIDEO_SPOOL_BYTES`` (known once the size is)."""
-        frame_bytes = bucket[0] * bucket[1] * 2
+        frame_bytes = bucket.pixels * 2
         fitting = max(1, self.settings.video_spool_bytes // frame_bytes)
         clip.limit_frames(fitting, "VIDEO_SPOOL_BYTES at this network size")
 
@@ -285,7 +285,7 @@ class VideoService:
             spool=frames.path,
             folder=job.folder,
             frames=frames.count,
-            network_shape=frames.network_shape,
+            network_size=frames.network_size,
             size=frames.size,
             pts=tuple(pts),
             rate=rate,
@@ -391,19 +391,18 @@ class NetworkFrames:
     """A clip's sampled frames as network inputs: FFmpeg resizes each frame straight to the network's
     bucket, chosen from the first frame's displayed size after ``max_size`` (the outputs' size)."""
 
-    def __init__(self, clip: Clip, max_size: int, family: tuple[tuple[int, int], ...], resample: str) -> None:
+    def __init__(self, clip: Clip, max_size: int, family: tuple[Size, ...], resample: str) -> None:
         self.max_size = max_size
         self.family = family
-        self.size: tuple[int, int] = (0, 0)  # (width, height) of the outputs
-        self.bucket: tuple[int, int] = (0, 0)  # (height, width) the network runs at
+        self.size = Size(0, 0)  # of the outputs
+        self.bucket = Size(0, 0)  # the network runs at
         self._frames = clip.frames(self._size_for, resample)
 
-    def _size_for(self, displayed: tuple[int, int]) -> tuple[int, int]:
+    def _size_for(self, displayed: Size) -> Size:
         if self.size == (0, 0):
-            self.size = limited_size(*displayed, self.max_size)
-            self.bucket = nearest_bucket(*self.size, self.family)
-        height, width = self.bucket
-        return width, height
+            self.size = limited_size(displayed, self.max_size)
+            self.bucket = nearest_bucket(self.size, self.family)
+        return self.bucket
 
     def next_input(self, slot: Slot | None) -> tuple[float, np.ndarray | None] | None:
         """The next frame's time and network input (None when it went into ``slot``); None at the end."""
@@ -450,21 +449,21 @@ class SpooledFrames:
         self.alignments: list[Alignment] = []
         self.range = ClipRange()
         self.count = 0
-        self.size: tuple[int, int] = (0, 0)
-        self.network_shape: tuple[int, int] = (0, 0)
+        self.size = Size(0, 0)
+        self.network_size = Size(0, 0)
 
     @property
     def temporal(self) -> str:
         return "align" if self.aligner.active else "none"
 
-    async def add(self, flight: InFlight, bucket: tuple[int, int], store: ThreadPoolExecutor) -> None:
+    async def add(self, flight: InFlight, bucket: Size, store: ThreadPoolExecutor) -> None:
         """The next frame's depth, once inferred, aligned and written by the job's ``store`` thread (the
         frame's slot, when it has one, is read there and given back after)."""
         try:
             depth = await flight.inference
             if depth is None:
                 assert flight.slot is not None
-                depth = flight.slot.read_output(*bucket)  # a view: read before the slot is given back
+                depth = flight.slot.read_output(bucket)  # a view: read before the slot is given back
             storing = store.submit(self._store, depth)
             flight.holdings.track(storing)
             alignment = await asyncio.wrap_future(storing)

@@ -53,7 +53,7 @@ def step(label: str, timings: list[tuple[str, float]]):
 
 def default_precision() -> str:
     """FP16 on a GPU; FP32 without one, where onnxruntime runs FP32 faster than FP16 (real-size Small at
-    518x686 on this project's 2-core CPU: 1267 ms against 1650 ms) and exactly."""
+    686x518 on this project's 2-core CPU: 1267 ms against 1650 ms) and exactly."""
     import torch  # the exporter's dependency; imported here only, it takes seconds
 
     if torch.cuda.is_available():

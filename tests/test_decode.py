@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.inputs.decode import decode_base64, decode_image, decode_scaled, open_image
 from gateway.inputs.decode_limits import tiff_block_count
@@ -135,7 +136,7 @@ def test_the_header_is_read_without_decoding_any_pixel() -> None:
 
 # --------------------------------------------------------------------------- reduced-scale JPEG decoding
 
-BUCKET = (686, 518)  # (width, height) of the 4:3 Depth-Anything bucket
+BUCKET = Size(686, 518)  # the 4:3 Depth-Anything bucket
 
 
 def large_photo(width: int, height: int, orientation: int = 1) -> tuple[np.ndarray, bytes]:
@@ -151,8 +152,8 @@ def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_network_inpu
     photo, jpeg = large_photo(2072, 1554, orientation)
     asked = []
 
-    def at_least(width: int, height: int) -> tuple[int, int]:
-        asked.append((width, height))
+    def at_least(size: Size) -> Size:
+        asked.append(size)
         return BUCKET
 
     reduced, size = decode_scaled(jpeg, LIMIT, at_least)
@@ -169,7 +170,7 @@ def test_the_reduced_decode_changes_the_network_input_less_than_the_resize_loses
     for width, height in [(2072, 1554), (4032, 3024)]:
         _photo, jpeg = large_photo(width, height)
         full, _ = decode_scaled(jpeg, LIMIT, None)
-        reduced, size = decode_scaled(jpeg, LIMIT, lambda w, h: BUCKET)
+        reduced, size = decode_scaled(jpeg, LIMIT, lambda size: BUCKET)
         from_full = cv2.resize(full, BUCKET, interpolation=cv2.INTER_AREA).astype(float)
         from_reduced = cv2.resize(reduced, BUCKET, interpolation=cv2.INTER_AREA).astype(float)
         change = np.abs(from_reduced - from_full).mean()
@@ -181,8 +182,8 @@ def test_the_reduced_decode_changes_the_network_input_less_than_the_resize_loses
 
 def test_only_jpegs_are_decoded_at_a_reduced_scale() -> None:
     png = images.encode(Image.fromarray(images.photo_like(2000, 1500)), "PNG")
-    pixels, size = decode_scaled(png, LIMIT, lambda w, h: BUCKET)
+    pixels, size = decode_scaled(png, LIMIT, lambda size: BUCKET)
     assert pixels.shape == (1500, 2000, 3)
     assert size == (2000, 1500)
-    small, _ = decode_scaled(large_photo(600, 450)[1], LIMIT, lambda w, h: BUCKET)  # smaller than the bucket
+    small, _ = decode_scaled(large_photo(600, 450)[1], LIMIT, lambda size: BUCKET)  # smaller than the bucket
     assert small.shape == (450, 600, 3)

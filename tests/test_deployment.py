@@ -163,24 +163,25 @@ def test_tensorrt_profiles_cover_exactly_the_served_buckets_within_the_activatio
     largest bucket stays within a full batch of the default size's largest bucket; no profile reaches a
     shape larger than its size serves."""
     spec = MODELS[model_id]
-    budget = spec.max_batch_size * max(h * w for h, w in spec.buckets)
+    budget = spec.max_batch_size * max(w * h for w, h in spec.buckets)
     caps = batch_caps(spec)
     assert caps[spec.default_res] == spec.max_batch_size  # the default size keeps its full batch
     for size, buckets in spec.families:
-        largest = max(h * w for h, w in buckets)
+        largest = max(w * h for w, h in buckets)
         assert caps[size] * largest <= budget or caps[size] == 1
         assert (caps[size] + 1) * largest > budget or caps[size] == spec.max_batch_size
     profiles = tensorrt_profiles(spec)
     for size, buckets in spec.families:
-        for height, width in buckets:
+        for width, height in buckets:
             holding = [p for p in profiles if p.min[1] <= height <= p.max[1] and p.min[2] <= width <= p.max[2]]
             assert len(holding) == 1, (size, height, width)
             assert holding[0].min[0] == 1
             assert holding[0].max[0] == holding[0].opt[0] == caps[size]
     for profile in profiles:
-        family = next(buckets for _size, buckets in spec.families if (profile.opt[1], profile.opt[2]) in buckets)
-        assert profile.max[1] <= max(h for h, _w in family)
-        assert profile.max[2] <= max(w for _h, w in family)
+        opt_height, opt_width = profile.opt[1:]
+        family = next(buckets for _size, buckets in spec.families if (opt_width, opt_height) in buckets)
+        assert profile.max[1] <= max(h for _w, h in family)
+        assert profile.max[2] <= max(w for w, _h in family)
     parameters = profile_parameters(profiles)
     assert parameters["trt_profile_max_shapes"].count("image:") == len(profiles)  # one input name per profile
 
@@ -194,10 +195,9 @@ def test_the_gateway_keeps_no_more_requests_of_a_size_in_flight_than_its_cap() -
 
     async def run() -> None:
         for size, buckets in get_spec(RELATIVE_ID).families[1:]:
-            height, width = buckets[-1]
-            assert model.size_of(height, width) == size
-            limiter = triton._within_batch_cap(model, height, width)
-            assert limiter is triton._within_batch_cap(model, *buckets[0])  # one limit per network size
+            assert model.size_of(buckets[-1]) == size
+            limiter = triton._within_batch_cap(model, buckets[-1])
+            assert limiter is triton._within_batch_cap(model, buckets[0])  # one limit per network size
             held = []
             for _ in range(caps[size]):
                 await limiter.acquire()

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForDepthEstimation
 
 from catalogue.models import MODELS, get_spec
+from catalogue.size import Size
 from export import parity
 from export.cli import main as export_main
 from export.fusion import attention_nodes, contrib_nodes
@@ -96,21 +97,21 @@ def test_fp16_weights_are_stored_as_fp16(repository: Path, model_id: str) -> Non
 
 
 @pytest.mark.parametrize("model_id", [RELATIVE_ID, METRIC_ID])
-@pytest.mark.parametrize("shape", [(770, 518), (518, 686)])  # neither is a parity-report shape
+@pytest.mark.parametrize("size", [Size(518, 770), Size(686, 518)])  # neither is a parity-report size
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_matches_torch_at_other_shapes_and_batches(
-    repository: Path, checkpoints: dict[str, Path], model_id: str, shape: tuple[int, int], batch: int
+    repository: Path, checkpoints: dict[str, Path], model_id: str, size: Size, batch: int
 ) -> None:
-    images = parity.photo_batch(*shape)[:batch]
+    images = parity.photo_batch(size)[:batch]
     exported = session(repository, model_id).run(["depth"], {"image": images})[0]
     expected = torch_reference(checkpoints[model_id], model_id, images)
-    assert exported.shape == (batch, *shape)
+    assert exported.shape == (batch, size.height, size.width)
     assert parity.relative_l2(exported, expected) < 5e-3
     assert np.std(exported) > 0.05 * np.abs(exported).mean()  # the depth depends on the image
 
 
 def test_dpt_runs_batches_at_its_fixed_shape(repository: Path, checkpoints: dict[str, Path]) -> None:
-    images = parity.photo_batch(384, 384)
+    images = parity.photo_batch(Size(384, 384))
     for batch in (1, 3):
         exported = session(repository, DPT_ID).run(["depth"], {"image": images[:batch]})[0]
         assert exported.shape == (batch, 384, 384)
@@ -118,7 +119,7 @@ def test_dpt_runs_batches_at_its_fixed_shape(repository: Path, checkpoints: dict
 
 
 def test_metric_depth_stays_within_max_depth(repository: Path) -> None:
-    depth = session(repository, METRIC_ID).run(["depth"], {"image": parity.photo_batch(518, 770)})[0]
+    depth = session(repository, METRIC_ID).run(["depth"], {"image": parity.photo_batch(Size(770, 518))})[0]
     max_depth = get_spec(METRIC_ID).max_depth
     assert depth.min() > 0
     assert depth.max() <= max_depth

@@ -11,6 +11,7 @@ import pytest
 from matplotlib import colormaps
 
 from catalogue.models import DEPTH_ANYTHING_BUCKETS
+from catalogue.size import Size
 from gateway.inputs.resize import limit_size, nearest_bucket, to_bucket
 from gateway.outputs import geometry
 from gateway.outputs import postprocess as pp
@@ -118,19 +119,19 @@ def test_point_cloud_places_pixels_by_column_and_distance() -> None:
 
 @pytest.mark.parametrize(
     ("width", "height", "bucket"),
-    [(1024, 768, (518, 686)), (768, 1024, (686, 518)), (1920, 1080, (518, 924)), (600, 400, (518, 770)),
-     (500, 500, (518, 518)), (10000, 10, (518, 924)), (1, 1, (518, 518))],
+    [(1024, 768, (686, 518)), (768, 1024, (518, 686)), (1920, 1080, (924, 518)), (600, 400, (770, 518)),
+     (500, 500, (518, 518)), (10000, 10, (924, 518)), (1, 1, (518, 518))],
 )  # fmt: skip
 def test_nearest_bucket(width: int, height: int, bucket: tuple[int, int]) -> None:
-    assert nearest_bucket(width, height, DEPTH_ANYTHING_BUCKETS) == bucket
+    assert nearest_bucket(Size(width, height), DEPTH_ANYTHING_BUCKETS) == bucket
 
 
 def test_limit_size_and_to_bucket() -> None:
     image = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
     assert limit_size(image, 2048) is image
     assert limit_size(image, 512).shape == (384, 512, 3)
-    assert to_bucket(image, (518, 686), "bicubic").shape == (518, 686, 3)
-    assert to_bucket(image[:10, :10], (518, 518), "bicubic").shape == (518, 518, 3)
+    assert to_bucket(image, Size(686, 518), "bicubic").shape == (518, 686, 3)
+    assert to_bucket(image[:10, :10], Size(518, 518), "bicubic").shape == (518, 518, 3)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 50), (50, 1)])
@@ -159,11 +160,11 @@ def test_point_cloud_rows_reach_every_band_of_a_large_grid(grid: int) -> None:
 
 
 def test_formats_fall_back_to_png_past_their_size_limits() -> None:
-    assert writable_format("webp", 10, 16383) == "webp"
-    assert writable_format("webp", 10, 20000) == "png"
-    assert writable_format("jpg", 65500, 10) == "jpg"
-    assert writable_format("jpg", 70000, 10) == "png"
-    assert writable_format("png", 70000, 10) == "png"
+    assert writable_format("webp", Size(16383, 10)) == "webp"
+    assert writable_format("webp", Size(20000, 10)) == "png"
+    assert writable_format("jpg", Size(10, 65500)) == "jpg"
+    assert writable_format("jpg", Size(10, 70000)) == "png"
+    assert writable_format("png", Size(10, 70000)) == "png"
 
 
 FAULTS = """

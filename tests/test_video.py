@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench import clips
+from catalogue.size import Size
 from gateway.inputs.schema import RequestError, parse_request
 from gateway.inputs.video import Clip, Sampling, VideoError, VideoLimits
 from gateway.outputs.temporal import Aligner, ClipRange, fit_affine
@@ -78,7 +79,7 @@ def test_sampling_takes_the_first_frame_at_or_after_each_point_of_the_grid(panni
 
 def test_frames_are_the_clips_own_pixels_resized_by_ffmpeg(panning: bytes) -> None:
     original = clips.read_frames(panning)[0]
-    _, frames = read(panning, size=lambda displayed: (160, 120))
+    _, frames = read(panning, size=lambda displayed: Size(160, 120))
     assert frames[7].image.shape == (120, 160, 3)
     expected = original[7].reshape(120, 2, 160, 2, 3).mean(axis=(1, 3))
     assert np.abs(frames[7].image.astype(float) - expected).mean() < 3
@@ -267,7 +268,7 @@ def test_the_clip_range_is_exact_for_the_16_bit_video_and_robust_for_colour() ->
 def test_the_float16_stack_is_a_plain_npz_and_the_16_bit_mapping_round_trips(tmp_path) -> None:
     rng = np.random.default_rng(3)
     frames = [rng.uniform(0.5, 4.0, (9, 11)).astype(np.float16) for _ in range(5)]
-    writer = NpyStackWriter(tmp_path / "d.npz", 5, 9, 11)
+    writer = NpyStackWriter(tmp_path / "d.npz", 5, Size(11, 9))
     for frame in frames:
         writer.add(frame)
     writer.close()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from catalogue.size import Size
 from gateway.inputs.resize import limited_size, nearest_bucket, shrink_to, to_bucket
 from gateway.served_model import ServedModel
 
@@ -18,19 +19,17 @@ from gateway.served_model import ServedModel
 @dataclass(frozen=True)
 class Prepared:
     network_input: np.ndarray
-    inference_size: tuple[int, int]  # (width, height) after max_size
+    inference_size: Size  # after max_size
 
     @property
-    def network_size(self) -> tuple[int, int]:
-        """(width, height) the network ran at: a bucket of the requested network size."""
-        return self.network_input.shape[1], self.network_input.shape[0]
+    def network_size(self) -> Size:
+        """The size the network ran at: a bucket of the requested network size."""
+        return Size.of(self.network_input)
 
 
-def network_bucket(
-    size: tuple[int, int], max_size: int, model: ServedModel, process_res: int | None = None
-) -> tuple[int, int]:
-    """(height, width) of the bucket a photo of ``size`` (width, height) runs at."""
-    return nearest_bucket(*limited_size(*size, max_size), model.family(process_res))
+def network_bucket(size: Size, max_size: int, model: ServedModel, process_res: int | None = None) -> Size:
+    """The bucket a photo of ``size`` runs at."""
+    return nearest_bucket(limited_size(size, max_size), model.family(process_res))
 
 
 def prepare(
@@ -38,13 +37,13 @@ def prepare(
     max_size: int,
     model: ServedModel,
     process_res: int | None = None,
-    size: tuple[int, int] | None = None,
+    size: Size | None = None,
 ) -> Prepared:
     """``max_size`` applied, then the nearest bucket of network size ``process_res`` (None: the default).
 
-    ``size`` is the photo's (width, height) when ``image`` is a reduced-scale decode of it (at least the
+    ``size`` is the photo's when ``image`` is a reduced-scale decode of it (at least the
     bucket's size); default: ``image``'s own.
     """
-    inference_size = limited_size(*(size or (image.shape[1], image.shape[0])), max_size)
-    bucket = nearest_bucket(*inference_size, model.family(process_res))
+    inference_size = limited_size(size or Size.of(image), max_size)
+    bucket = nearest_bucket(inference_size, model.family(process_res))
     return Prepared(to_bucket(shrink_to(image, inference_size), bucket, model.resample), inference_size)

@@ -25,6 +25,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 
 DEFAULT_FPS_CAP = 30.0
@@ -103,7 +104,7 @@ class Clip:
         self.codec = context.name
         audio = self._container.streams.audio
         self.audio_codec = audio[0].codec_context.name if audio and audio[0].codec_context else None
-        self.source_size = (width, height)
+        self.source_size = Size(width, height)
         rate = stream.average_rate or stream.guessed_rate
         self.source_fps = float(rate) if rate and 0 < float(rate) < 1000 else None
         self.duration = self._header_duration()
@@ -148,15 +149,12 @@ class Clip:
             return self.max_frames
         return max(1, min(self.max_frames, math.ceil((end - self.start) * self.fps - 1e-6)))
 
-    def display_size(self) -> tuple[int, int]:
-        """(width, height) after the rotation the header asks for (known once the first frame is read)."""
-        width, height = self.source_size
-        return (height, width) if self.rotation % 180 else (width, height)
+    def display_size(self) -> Size:
+        """The size after the rotation the header asks for (known once the first frame is read)."""
+        return self.source_size.turned() if self.rotation % 180 else self.source_size
 
-    def frames(
-        self, size_for: Callable[[tuple[int, int]], tuple[int, int]], enlarge: str = "bicubic"
-    ) -> Iterator[Frame]:
-        """The sampled frames, each resized by FFmpeg to ``size_for((width, height) displayed)``: by pixel
+    def frames(self, size_for: Callable[[Size], Size], enlarge: str = "bicubic") -> Iterator[Frame]:
+        """The sampled frames, each resized by FFmpeg to ``size_for(displayed size)``: by pixel
         area when shrinking, else by ``enlarge`` ("bicubic" or "bilinear")."""
         step = 1.0 / self.fps
         tolerance = 0.01 * step
@@ -187,11 +185,12 @@ class Clip:
                 self.cut.append(f"the clip is cut to {self.max_frames} frames ({self._frames_reason})")
                 break
             self.rotation = round(frame.rotation or 0) // 90 * 90 % 360  # counterclockwise, 0 to 270
-            width, height = size_for(self.display_size())
-            turned = (height, width) if self.rotation % 180 else (width, height)
-            shrinking = turned[0] * turned[1] < frame.width * frame.height
-            method = "AREA" if shrinking else enlarge.upper()
-            image = frame.to_ndarray(format="rgb24", width=turned[0], height=turned[1], interpolation=method)
+            wanted = size_for(self.display_size())
+            decoded_size = wanted.turned() if self.rotation % 180 else wanted  # before the rotation
+            method = "AREA" if decoded_size.pixels < frame.width * frame.height else enlarge.upper()
+            image = frame.to_ndarray(
+                format="rgb24", width=decoded_size.width, height=decoded_size.height, interpolation=method
+            )
             yield Frame(taken, float(frame.time), rotate(image, self.rotation) if self.rotation else image)
             taken += 1
             while next_time <= frame.time + tolerance:

@@ -13,15 +13,16 @@ import cv2
 import numpy as np
 import pybase64
 
+from catalogue.size import Size
 from gateway.outputs.png import encode_png
 
 MIME = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 MAX_SIDE = {"webp": 16383, "jpg": 65500}  # the formats' own limits (libwebp, libjpeg)
 
 
-def writable_format(fmt: str, height: int, width: int) -> str:
+def writable_format(fmt: str, size: Size) -> str:
     """``fmt``, or ``png`` when the image is larger than ``fmt`` can hold (the ``*_mime`` key says which)."""
-    return "png" if max(height, width) > MAX_SIDE.get(fmt, 1 << 31) else fmt
+    return "png" if max(size) > MAX_SIDE.get(fmt, 1 << 31) else fmt
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:

@@ -128,9 +128,9 @@ def planar_depth(
     return np.reciprocal(inverse, dtype=np.float32)
 
 
-def stride_for(height: int, width: int, limit: int) -> int:
-    """The smallest grid step that keeps at most ``limit`` samples."""
-    return max(1, math.ceil(math.sqrt(height * width / limit)))
+def stride_for(pixels: int, limit: int) -> int:
+    """The smallest grid step that keeps at most ``limit`` of ``pixels`` samples."""
+    return max(1, math.ceil(math.sqrt(pixels / limit)))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs import geometry
@@ -38,7 +39,7 @@ def needs_camera(request: DepthRequest) -> bool:
 
 
 def render(
-    size: tuple[int, int],
+    size: Size,
     photo: np.ndarray | None,
     network_depth: np.ndarray,
     request: DepthRequest,
@@ -46,7 +47,7 @@ def render(
     focal_35mm: float | None = None,
     pack: Pack = b64,
 ) -> dict:
-    """Stats and every requested task's keys, all at the original ``size`` (width, height).
+    """Stats and every requested task's keys, all at the original ``size``.
 
     ``photo`` (RGB at ``size``) is needed only when ``needs_photo(request.tasks)``. Each output's bytes
     go through ``pack``: base64 text for a response, or the bytes themselves (``keep``) for an upload.
@@ -55,7 +56,7 @@ def render(
     depth = pp.upsample(network_depth, width, height)
     low, high, mean = pp.depth_stats(depth)
     out: dict = {"depth_min": low, "depth_max": high, "depth_mean": mean, "tasks": list(request.tasks)}
-    fmt = writable_format(request.output_format, height, width)
+    fmt = writable_format(request.output_format, size)
     mime = MIME[fmt]
     unit = pp.normalized(depth, request.normalize, model.max_depth) if "colorized" in request.tasks else None
     camera = None
@@ -108,13 +109,12 @@ def render_3d(
     pack: Pack = b64,
 ) -> dict:
     """The ``points`` (PLY) and ``mesh`` (GLB) outputs, with the units they used."""
-    height, width = depth.shape
     value_range = (float(depth.min()), float(depth.max()))
     units = "m" if model.metric else "relative"
     out: dict = {"units": units}
 
     def grid(limit: int) -> geometry.Grid:
-        stride = geometry.stride_for(height, width, limit)
+        stride = geometry.stride_for(depth.size, limit)
         zs = geometry.planar_depth(depth[::stride, ::stride], model.metric, request.near, request.far, value_range)
         return geometry.sample_grid(zs, photo[::stride, ::stride], camera, stride, request.depth_edge_threshold)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-GRID_STEP = 8  # fit on every 8th pixel of every 8th row (7,000 pixels of a 518x924 map)
+GRID_STEP = 8  # fit on every 8th pixel of every 8th row (7,000 pixels of a 924x518 map)
 KEEP = 0.6  # trimmed fit: the 60 % of pixels with the smallest residuals
 REFITS = 3
 REFERENCE_WEIGHT = 0.9  # of the running reference against the newly aligned frame

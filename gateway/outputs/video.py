@@ -28,6 +28,7 @@ import av
 import numpy as np
 from numpy.lib import format as npy_format
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.outputs import postprocess as pp
 
@@ -64,8 +65,8 @@ class ClipEncoding:
     spool: Path
     folder: Path  # where the output files are written
     frames: int
-    network_shape: tuple[int, int]  # (height, width) of each spooled frame
-    size: tuple[int, int]  # (width, height) of the outputs
+    network_size: Size  # of each spooled frame
+    size: Size  # of the outputs
     pts: tuple[int, ...]  # each frame's timestamp in units of 1 / rate
     rate: Fraction
     tasks: tuple[str, ...]
@@ -78,7 +79,7 @@ class ClipEncoding:
     audio: AudioCopy | None = None
 
 
-def _stream(container: Any, codec: str, rate: Fraction, size: tuple[int, int], pix: str, options: dict) -> Any:
+def _stream(container: Any, codec: str, rate: Fraction, size: Size, pix: str, options: dict) -> Any:
     stream = container.add_stream(codec, rate=rate, options=options)
     stream.width, stream.height = size
     stream.pix_fmt = pix
@@ -89,11 +90,11 @@ def _stream(container: Any, codec: str, rate: Fraction, size: tuple[int, int], p
 class NpyStackWriter:
     """``depth`` float16 ``[frames, h, w]`` in a compressed npz, written one frame at a time."""
 
-    def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
+    def __init__(self, path: Path, frames: int, size: Size) -> None:
         self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1)
         self._entry = self._zip.open("depth.npy", "w", force_zip64=True)
         header = {"descr": npy_format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False}
-        npy_format.write_array_header_2_0(self._entry, {**header, "shape": (frames, height, width)})
+        npy_format.write_array_header_2_0(self._entry, {**header, "shape": (frames, *size.shape)})
 
     def add(self, frame: np.ndarray) -> None:
         self._entry.write(np.ascontiguousarray(frame, np.float16).tobytes())
@@ -151,13 +152,13 @@ def encode_clip(job: ClipEncoding) -> EncodedClip:
                     unread = "not copied: the audio could not be read"
         if job.include_raw:
             files["raw"] = str(job.folder / FILES["raw"])
-            raw = NpyStackWriter(Path(files["raw"]), job.frames, height, width)
-        frame_bytes = job.network_shape[0] * job.network_shape[1] * 2
+            raw = NpyStackWriter(Path(files["raw"]), job.frames, job.size)
+        frame_bytes = job.network_size.pixels * 2
         with open(job.spool, "rb") as spool:
             for index in range(job.frames):
                 if time.time() > job.deadline:
                     raise ImageError("the video's outputs could not be written before the job's deadline")
-                network = np.frombuffer(spool.read(frame_bytes), np.float16).reshape(job.network_shape)
+                network = np.frombuffer(spool.read(frame_bytes), np.float16).reshape(job.network_size.shape)
                 depth = pp.upsample(network.astype(np.float32), width, height).astype(np.float16)
                 if raw is not None:
                     raw.add(depth)

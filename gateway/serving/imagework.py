@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.network_input import network_bucket, prepare
@@ -58,9 +59,9 @@ class NonFiniteDepth(Exception):
 @dataclass(frozen=True)
 class Decoded:
     network_input: np.ndarray | None  # None when it went straight into a shared-memory slot
-    inference_size: tuple[int, int]  # (width, height) after max_size
-    network_size: tuple[int, int]  # (width, height) of the bucket the network runs at
-    size: tuple[int, int]  # (width, height) of the photo, EXIF orientation applied
+    inference_size: Size  # after max_size
+    network_size: Size  # the bucket the network runs at
+    size: Size  # the photo's, EXIF orientation applied
     photo: SharedPhoto | np.ndarray | None  # only when the tasks need its pixels; parked when /dev/shm has room
     focal_35mm: float | None  # EXIF, only when the 3D tasks need it and the request gives no camera
 
@@ -70,9 +71,8 @@ def decode_and_prepare(
 ) -> Decoded:
     keep = needs_photo(request.tasks)
 
-    def bucket_size(width: int, height: int) -> tuple[int, int]:
-        bucket_height, bucket_width = network_bucket((width, height), request.max_size, model, request.process_res)
-        return bucket_width, bucket_height
+    def bucket_size(size: Size) -> Size:
+        return network_bucket(size, request.max_size, model, request.process_res)
 
     # Without the photo in the outputs, a JPEG is decoded only as large as the network input needs.
     photo, size = decode_scaled(data, max_pixels, None if keep else bucket_size)
@@ -98,8 +98,7 @@ def render_outputs(
     or their bytes when they will be ``uploaded`` (no base64 out of this process and back again)."""
     if depth is None:
         assert slot is not None
-        width, height = decoded.network_size
-        depth = slot.read_output(height, width)
+        depth = slot.read_output(decoded.network_size)
     if not np.isfinite(depth).all():
         raise NonFiniteDepth
 

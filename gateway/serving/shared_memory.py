@@ -26,6 +26,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from catalogue.size import Size
+
 T = TypeVar("T")
 
 SHM_DIR = "/dev/shm"
@@ -43,20 +45,20 @@ class Slot:
     input_offset: int
     output_offset: int
 
-    def input_bytes(self, height: int, width: int) -> int:
-        return height * width * INPUT_BYTES_PER_PIXEL
+    def input_bytes(self, size: Size) -> int:
+        return size.pixels * INPUT_BYTES_PER_PIXEL
 
-    def output_bytes(self, height: int, width: int) -> int:
-        return height * width * OUTPUT_BYTES_PER_PIXEL
+    def output_bytes(self, size: Size) -> int:
+        return size.pixels * OUTPUT_BYTES_PER_PIXEL
 
     def write_input(self, image: np.ndarray) -> None:
         """Copy the RGB uint8 network input ``[H, W, 3]`` into the slot."""
         view = np.ndarray(image.shape, np.uint8, buffer=_buffer(self.key), offset=self.input_offset)
         view[...] = image
 
-    def read_output(self, height: int, width: int) -> np.ndarray:
+    def read_output(self, size: Size) -> np.ndarray:
         """The depth ``[H, W]`` Triton wrote into the slot (a view: valid while the slot is held)."""
-        return np.ndarray((height, width), np.float32, buffer=_buffer(self.key), offset=self.output_offset)
+        return np.ndarray(size.shape, np.float32, buffer=_buffer(self.key), offset=self.output_offset)
 
 
 class SharedPhoto:

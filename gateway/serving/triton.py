@@ -26,6 +26,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.served_model import ServedModel
 from gateway.serving.model_lifetime import ModelLifetime
@@ -63,14 +64,14 @@ class TritonModels(ModelLifetime):
         result = await self._infer(model, tensor, InferRequestedOutput("depth"), None)
         return result.as_numpy("depth")[0]
 
-    async def infer_in_slot(self, model: ServedModel, slot: Slot, height: int, width: int) -> None:
+    async def infer_in_slot(self, model: ServedModel, slot: Slot, size: Size) -> None:
         """The same for an image already in ``slot``; Triton writes the depth into the slot. Without
         Triton's answer (deadline, cancellation) the slot is held back when released."""
         assert self.shared is not None
-        tensor = InferInput("image", [1, height, width, 3], "UINT8")
-        tensor.set_shared_memory(slot.region, slot.input_bytes(height, width), slot.input_offset)
+        tensor = InferInput("image", [1, *size.shape, 3], "UINT8")
+        tensor.set_shared_memory(slot.region, slot.input_bytes(size), slot.input_offset)
         output = InferRequestedOutput("depth")
-        output.set_shared_memory(slot.region, slot.output_bytes(height, width), slot.output_offset)
+        output.set_shared_memory(slot.region, slot.output_bytes(size), slot.output_offset)
         try:
             await self._infer(model, tensor, output, slot)
         except InferenceTimeout:
@@ -88,14 +89,14 @@ class TritonModels(ModelLifetime):
         deadline = time.monotonic() + self.timeout
         _batch, height, width, _channels = tensor.shape()
         with self.using(model.name):
-            async with self._within_batch_cap(model, height, width):
+            async with self._within_batch_cap(model, Size(width, height)):
                 return await self._infer_with_retries(model, tensor, output, slot, deadline)
 
-    def _within_batch_cap(self, model: ServedModel, height: int, width: int) -> contextlib.AbstractAsyncContextManager:
+    def _within_batch_cap(self, model: ServedModel, bucket: Size) -> contextlib.AbstractAsyncContextManager:
         """At most the model's batch cap of requests of this network size at Triton, so that its dynamic
         batcher never forms a batch larger than the size's activation budget (``batch_caps`` in the
         config); no limit for a size without a cap."""
-        size = model.size_of(height, width)
+        size = model.size_of(bucket)
         cap = model.batch_cap(size)
         if cap is None:
             return contextlib.nullcontext()
