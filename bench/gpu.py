@@ -5,7 +5,9 @@ real size (random weights: ``export.random_checkpoint``), at batch 1, 8 and 32.
     python -m bench.gpu [--models small base large dpt] [--batches 1 8 32] [--out bench/results]
     python -m bench.gpu --dry      # CPU, tiny models, FP32: what CI runs so that this cannot rot
 
-Then the whole worker as deployed (``worker_figures``): the local tritonserver with the real-size Small
+With TensorRT, what the first request of each bucket costs with an empty engine cache and with a filled
+one (``tensorrt_first_requests``, the exported config's own options). Then the whole worker as deployed
+(``worker_figures``): the local tritonserver with the real-size Small
 (Python backend, onnxruntime's CUDA provider inside), runpod's production job loop against the job-API
 stand-in, 600 one-image jobs: images/s, CPU per image and the GPU's utilization from ``nvidia-smi``.
 
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ from export.graph import ServingGraph
 from export.onnx_export import export_onnx
 from export.parity import photo_batch, relative_l2
 from export.random_checkpoint import build_model
+from export.triton_config import tensorrt_accelerator
 
 ARCHITECTURES = {
     "small": "depth-anything/Depth-Anything-V2-Small-hf",
@@ -47,6 +51,9 @@ ARCHITECTURES = {
     "large": "depth-anything/Depth-Anything-V2-Large-hf",
     "dpt": "Intel/dpt-large",
 }
+
+
+FIRST_REQUESTS: dict[str, dict] = {}  # model -> tensorrt_first_requests, when TensorRT is there
 
 
 def timed(function, repeats: int) -> float:
@@ -91,6 +98,8 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
     rows = []
     with tempfile.TemporaryDirectory() as root:
         runners = sessions(served, spec, precision, Path(root), providers)
+        if "onnxruntime TensorRT" in runners:
+            FIRST_REQUESTS[name] = tensorrt_first_requests(Path(root) / "plain.onnx", spec, precision, providers)
         served_on_device = served.to(device)
         for batch in batches:
             images = np.concatenate([photo_batch(size)] * (batch // 3 + 1))[:batch]
@@ -119,6 +128,47 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
                 }  # fmt: skip
             rows.append(row)
     return rows
+
+
+# Triton's onnxruntime backend passes the TensorRT accelerator's parameters to onnxruntime under these
+# provider options (its ``onnxruntime.cc``); everything else keeps its name.
+TRITON_TO_ORT = {"precision_mode": "trt_fp16_enable", "max_workspace_size_bytes": "trt_max_workspace_size"}
+
+
+def tensorrt_options(spec, precision: str, cache: Path) -> dict[str, str]:
+    """onnxruntime's TensorRT provider options as the exported config sets them (the served profiles,
+    FP16, engine and timing caches), with the caches under ``cache``."""
+    parameters = dict(tensorrt_accelerator(spec, precision, spec.served_name(precision)).parameters)
+    options = {TRITON_TO_ORT.get(key, key): value for key, value in parameters.items()}
+    options["trt_fp16_enable"] = "1" if parameters["precision_mode"] == "FP16" else "0"
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        options[key] = str(cache)
+    return options
+
+
+def tensorrt_first_requests(plain: Path, spec, precision: str, providers: list) -> dict:
+    """What the first request of each served bucket costs with TensorRT, with an empty engine cache (the
+    engines are built) and again in a new session over the filled cache (they are loaded): seconds for
+    the session and the first request of every bucket of the default size, and a later request's ms."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = tensorrt_options(spec, precision, Path(folder))
+        figures = {}
+        for state in ("empty cache", "filled cache"):
+            started = time.perf_counter()
+            session = ort.InferenceSession(str(plain), providers=[("TensorrtExecutionProvider", options), *providers])
+            firsts = {}
+            for bucket in spec.buckets:
+                begun = time.perf_counter()
+                session.run(["depth"], {"image": photo_batch(bucket, 1)})
+                firsts[f"{bucket.width}x{bucket.height}"] = time.perf_counter() - begun
+            figures[state] = {
+                "total_s": time.perf_counter() - started,
+                "first_request_s": firsts,
+                "later_request_ms": timed(
+                    partial(session.run, ["depth"], {"image": photo_batch(spec.buckets[0], 1)}), 5
+                ),
+            }
+        return figures
 
 
 class GpuSampler:
@@ -214,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{worker['images_per_s']:.1f} images/s, {worker['cpu_ms_per_image']:.1f} ms CPU per image, "
               f"GPU utilization median {worker['gpu_utilization_median']}")  # fmt: skip
     device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name(0)
-    payload = {"device": device, "rows": rows, "worker": worker}
+    for name, figures in FIRST_REQUESTS.items():
+        for state, numbers in figures.items():
+            print(f"TensorRT {name}, {state}: session and the first request of each bucket {numbers['total_s']:.1f} s, "
+                  f"later requests {numbers['later_request_ms']:.1f} ms")  # fmt: skip
+    payload = {"device": device, "rows": rows, "worker": worker, "tensorrt_first_requests": FIRST_REQUESTS}
     path = write("gpu_dry" if args.dry else "gpu", payload, folder=args.out)
     print(f"wrote {path}")
     return 0
