@@ -141,7 +141,7 @@ class Ours:
 
     def normals(self, depth: np.ndarray, fmt: str = "png") -> str:
         camera = geometry.from_fov(WIDTH, HEIGHT, geometry.DEFAULT_FOV_X, "default")
-        normals = geometry.surface_normals(geometry.planar_depth(depth, metric=False), camera)
+        normals = geometry.surface_normal_planes(geometry.planar_depth(depth, metric=False), camera)
         return b64(encode_image(pp.normals_rgb(normals), fmt, 95))
 
     def disparity(self, depth: np.ndarray, fmt: str = "png") -> str:

@@ -201,7 +201,13 @@ def triangles(grid: Grid) -> np.ndarray:
 
 
 def surface_normals(zs: np.ndarray, camera: Intrinsics) -> np.ndarray:
-    """Unit normals ``float32 [h, w, 3]`` of the surface ``zs`` (planar depth of every pixel), pointing
+    """``surface_normal_planes`` as one ``float32 [h, w, 3]`` array."""
+    return cv2.merge(surface_normal_planes(zs, camera))
+
+
+def surface_normal_planes(zs: np.ndarray, camera: Intrinsics) -> list[np.ndarray]:
+    """Unit normals of the surface ``zs`` (planar depth of every pixel) as three ``float32 [h, w]`` planes
+    (x, y, z; no interleaved copy for the encoder to split again), pointing
     towards the camera, in the frame x right, y up, z towards the camera.
 
     With P = Z ((u - cx) / fx, (v - cy) / fy, 1), dP/du x dP/dv is proportional to
@@ -211,7 +217,9 @@ def surface_normals(zs: np.ndarray, camera: Intrinsics) -> np.ndarray:
     faces the camera.
     """
     height, width = zs.shape
-    z = np.nan_to_num(zs.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    z = zs.astype(np.float32)  # a copy: it is written below
+    if not np.isfinite(z).all():  # finite in the common case: no second pass over it
+        z = np.nan_to_num(z, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     np.maximum(z, np.float32(0), out=z)
     z_v, z_u = (np.gradient(z, axis=axis) if z.shape[axis] > 1 else np.zeros_like(z) for axis in (0, 1))
     u = (np.arange(width, dtype=np.float64) - camera.cx).astype(np.float32)
@@ -229,4 +237,4 @@ def surface_normals(zs: np.ndarray, camera: Intrinsics) -> np.ndarray:
     for plane in planes:
         plane *= length
     nz[flat] = 1.0
-    return cv2.merge(planes)
+    return planes

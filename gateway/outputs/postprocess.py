@@ -18,6 +18,7 @@ normalization), never a division by zero or NaN. Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 
 import cv2
@@ -77,9 +78,10 @@ def colorize(unit: np.ndarray, colormap: str) -> np.ndarray:
     return cv2.LUT(cv2.merge([index, index, index]), colormap_lut(colormap).reshape(256, 1, 3))
 
 
-def normals_rgb(normals: np.ndarray) -> np.ndarray:
-    """Unit normals ``[h, w, 3]`` as RGB uint8, (n + 1) / 2 * 255 rounded."""
-    return cv2.merge([cv2.convertScaleAbs(normals[..., c], alpha=127.5, beta=127.5) for c in range(3)])
+def normals_rgb(normals: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Unit normals ``[h, w, 3]`` (or their three planes) as RGB uint8, (n + 1) / 2 * 255 rounded."""
+    planes = cv2.split(normals) if isinstance(normals, np.ndarray) else normals
+    return cv2.merge([cv2.convertScaleAbs(plane, alpha=127.5, beta=127.5) for plane in planes])
 
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:

@@ -80,7 +80,7 @@ def render(
         elif task == "normals":
             assert camera is not None
             zs = geometry.planar_depth(depth, model.metric, request.near, request.far)
-            normals = pp.normals_rgb(geometry.surface_normals(zs, camera))
+            normals = pp.normals_rgb(geometry.surface_normal_planes(zs, camera))
             out["normals_b64"] = pack(encode_image(normals, fmt, request.quality))
             out["normals_mime"] = mime
         elif task == "disparity":
