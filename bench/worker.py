@@ -1,6 +1,6 @@
 """What one worker sustains, measured as deployed: runpod's production job loop, an instant model.
 
-    python -m bench.worker [--runs 3] [--images 60] [--tiny-jobs 300]
+    python -m bench.worker [--runs 3] [--images 60] [--tiny-jobs 300] [--workloads "all five, url" 3D ...]
 
 ``python -m gateway`` (no ``--rp_serve_api``) takes jobs from a loopback stand-in for Runpod's job API
 (``devstack.jobapi``) and sends inference to a real tritonserver whose model has the real config of
@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60, help="1024x768 images per run and workload")
     parser.add_argument("--tiny-jobs", type=int, default=300, help="tiny jobs per intake run")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                        help="only these rows (the results file then says which)")  # fmt: skip
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
 
@@ -252,6 +254,7 @@ def main() -> None:
                     for _ in range(args.runs)
                 ]
                 for name, (tasks, mode) in WORKLOADS.items()
+                if name in args.workloads
             }  # fmt: skip
     cal = (cal_before + calibration(jpeg)) / 2
 
@@ -305,6 +308,8 @@ def main() -> None:
         "targets": TARGETS,
     }
     name = "_".join(["worker", *(f"{key}-{value}".lower() for key, value in extra.items())])
+    if args.workloads != list(WORKLOADS):
+        name += "_only-" + "-".join(workload.replace(", ", "-").replace(" ", "-") for workload in args.workloads)
     path = write(name, payload)  # worker.json for the defaults
     print(f"wrote {path}")
 
