@@ -8,9 +8,9 @@ with their Content-Type; the result carries presigned GET URLs valid ``BUCKET_UR
 
 An endpoint is parsed once, by one parser, and rebuilt from its parts (scheme, host, port: no user
 info, path, query or backslash survives), with its host name checked (letters, digits, hyphens, at most
-253 characters). A job's endpoint then goes through the image URLs' address policy, and boto3's
-connections are pinned to the address that was checked (``pin_connections``): a name that resolves
-elsewhere at connect time (DNS rebinding) is never asked again. Bucket names follow S3's naming rules.
+253 characters). A job's endpoint then goes through the image URLs' address policy, and the
+connections are pinned to the address that was checked (``S3Client``): a name that resolves elsewhere
+at connect time (DNS rebinding) is never asked again. Bucket names follow S3's naming rules.
 The region (for the signature and presigned URLs) is the job's or the worker's, else read from the
 endpoint (``s3.<region>.amazonaws.com``, ``<region>.digitaloceanspaces.com``, as Runpod's helper does),
 else us-east-1.
@@ -35,13 +35,14 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util import connection
+import certifi
+import urllib3
+from botocore.auth import S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from urllib3.exceptions import HTTPError
 
 from gateway.errors import ImageError
 from gateway.inputs.fetch import AddressPolicy
@@ -216,80 +217,109 @@ async def check_endpoint(target: StorageTarget, policy: AddressPolicy) -> Storag
     return replace(target, pinned=str(addresses[0]))
 
 
-def pin_connections(client: object, address: str) -> None:
-    """Make every connection of boto3 ``client`` go to ``address`` (TLS and the Host header keep the
-    endpoint's name). botocore has no public hook for it: its URLLib3Session's pool classes are
-    replaced by subclasses whose connections dial ``address`` (``tests/test_storage.py`` pins the
-    internals this relies on)."""
-    session = client._endpoint.http_session  # type: ignore[attr-defined]
-
-    def pinned(pool_class: type) -> type:
-        class PinnedConnection(pool_class.ConnectionCls):  # type: ignore[name-defined, misc]
-            def _new_conn(self) -> socket.socket:
-                try:
-                    return connection.create_connection(
-                        (address, self.port), self.timeout, source_address=self.source_address,
-                        socket_options=self.socket_options,
-                    )  # fmt: skip
-                except TimeoutError as error:
-                    raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from error
-                except OSError as error:
-                    raise NewConnectionError(self, f"failed to connect to {self.host}: {error}") from error
-
-        return type(f"Pinned{pool_class.__name__}", (pool_class,), {"ConnectionCls": PinnedConnection})
-
-    classes = {scheme: pinned(pool_class) for scheme, pool_class in session._pool_classes_by_scheme.items()}
-    session._pool_classes_by_scheme = classes
-    session._manager.pool_classes_by_scheme = classes
+MAX_CLIENTS = 32  # connection pools kept; the least recently used goes first
+MAX_ERROR_BYTES = 64 << 10  # of an error answer read (S3's are under 1 kB); the rest is never read
+PUT_URL_EXPIRY = 300  # seconds a signed PUT stays valid (it is used at once)
+ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
 
-MAX_CLIENTS = 32  # boto3 clients kept (about 0.5 MB each); the least recently used goes first
+class StorageAnswer(Exception):
+    """The storage answered a request with an error: S3's code, else the HTTP status."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class S3Client:
+    """Presigned S3 requests over one connection pool per target.
+
+    Every request is signed locally with botocore's SigV4 query signer (no per-request work beyond the
+    signature) and sent with urllib3 to the target's checked address (``pinned``; else its host), with TLS
+    checking the endpoint's name and the Host header carrying it, so that a name that resolves elsewhere
+    at connect time (DNS rebinding) is never asked. Payloads are unsigned, as in every presigned PUT: a
+    body is neither hashed nor checksummed on its way out (TLS carries its integrity). No redirect is
+    followed; one retry for a refused connection or a 5xx answer."""
+
+    def __init__(self, target: StorageTarget, timeout: float) -> None:
+        self.target = target
+        self.credentials = Credentials(target.access_key, target.secret_key)
+        endpoint = target.endpoint
+        options = {
+            "port": endpoint.port,
+            "maxsize": UPLOAD_THREADS,
+            "block": False,
+            "timeout": urllib3.Timeout(connect=min(5.0, timeout), read=timeout),
+            "retries": urllib3.Retry(
+                total=1, redirect=0, status_forcelist=(500, 502, 503, 504), allowed_methods=None, raise_on_status=False
+            ),
+        }
+        address = target.pinned or endpoint.host
+        if endpoint.scheme == "https":
+            self.pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+                address, server_hostname=endpoint.host, assert_hostname=endpoint.host,
+                cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **options,
+            )  # fmt: skip
+        else:
+            self.pool = urllib3.HTTPConnectionPool(address, **options)
+        self.host = urlsplit(endpoint.url).netloc  # what is signed and sent as Host
+
+    def signed(self, method: str, key: str | None, expires: int, content_type: str | None = None) -> str:
+        """A presigned URL for ``method`` on ``key`` (None: the bucket itself); signed here, no connection."""
+        path = f"/{self.target.name}" + ("" if key is None else "/" + quote(key, safe="/~"))
+        headers = {"Content-Type": content_type} if content_type else {}
+        request = AWSRequest(method=method, url=self.target.endpoint.url + path, headers=headers)
+        S3SigV4QueryAuth(self.credentials, "s3", self.target.region, expires=expires).add_auth(request)
+        return request.url
+
+    def send(self, method: str, url: str, body: bytes | None = None, content_type: str | None = None) -> int:
+        """The status of ``method`` on the presigned ``url``; StorageAnswer with S3's code when it is not
+        a success. At most ``MAX_ERROR_BYTES`` of an answer are read."""
+        parts = urlsplit(url)
+        headers = {"Host": self.host, **({"Content-Type": content_type} if content_type else {})}
+        response = self.pool.urlopen(
+            method, f"{parts.path}?{parts.query}", body=body, headers=headers, redirect=False, preload_content=False
+        )
+        try:
+            answer = response.read(MAX_ERROR_BYTES)
+        finally:
+            if response.closed or response.length_remaining == 0:
+                response.release_conn()  # read to its end: the connection is reused
+            else:
+                response.close()  # more than was read: the connection is dropped, the rest never read
+        if 200 <= response.status < 300:
+            return response.status
+        found = ERROR_CODE.search(answer)
+        raise StorageAnswer(found.group(1).decode() if found else str(response.status))
 
 
 class Storage:
-    """Uploads and presigned URLs; one boto3 client per (endpoint, key), the ``MAX_CLIENTS`` most recently
+    """Uploads and presigned URLs; one ``S3Client`` per (endpoint, key), the ``MAX_CLIENTS`` most recently
     used kept (every job may bring its own credentials)."""
 
     def __init__(self, prefix: str, url_expiry: int, timeout: float) -> None:
         self.prefix = check_prefix(prefix)
         self.url_expiry = url_expiry
         self.timeout = timeout
-        self._clients: OrderedDict[tuple, object] = OrderedDict()
+        self._clients: OrderedDict[tuple, S3Client] = OrderedDict()
         self._clients_lock = threading.Lock()  # upload threads share the cache
 
-    def _client(self, target: StorageTarget):
+    def _client(self, target: StorageTarget) -> S3Client:
         secret_digest = hashlib.sha256(target.secret_key.encode()).hexdigest()
-        key = (target.endpoint, target.region, target.pinned, target.access_key, secret_digest)
+        key = (target.endpoint, target.name, target.region, target.pinned, target.access_key, secret_digest)
         with self._clients_lock:
             if key in self._clients:
                 self._clients.move_to_end(key)
                 return self._clients[key]
-        client = boto3.client(
-            "s3",
-            endpoint_url=target.endpoint.url,
-            aws_access_key_id=target.access_key,
-            aws_secret_access_key=target.secret_key,
-            region_name=target.region,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},  # the bucket never becomes part of the host name
-                connect_timeout=min(5.0, self.timeout),
-                read_timeout=self.timeout,
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=UPLOAD_THREADS,
-                # No CRC32 of every body (botocore's default since 1.36): 0.44 ms less CPU per MB uploaded
-                # (3.13 -> 2.69 ms per 1 MB put and presign, SeaweedFS on loopback); TLS carries integrity.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
-        if target.pinned is not None:
-            pin_connections(client, target.pinned)
-        with self._clients_lock:
+            client = S3Client(target, self.timeout)
             self._clients[key] = client
             while len(self._clients) > MAX_CLIENTS:
-                self._clients.popitem(last=False)
+                self._clients.popitem(last=False)[1].pool.close()
         return client
+
+    def presigned_get(self, target: StorageTarget, key: str) -> str:
+        """The download URL of ``key``, valid ``url_expiry`` seconds (signed here, no connection)."""
+        return self._client(target).signed("GET", key, self.url_expiry)
 
     def object_key(self, job_id: str, file_name: str) -> str:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
@@ -297,7 +327,7 @@ class Storage:
 
     async def upload(self, target: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
         """Upload ``(key, data, content type)`` objects from this job's own threads; a presigned URL or the
-        error, per object. Threads a stalled endpoint still holds at the deadline end with boto3's timeouts."""
+        error, per object. Threads a stalled endpoint still holds at the deadline end with their timeouts."""
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(min(UPLOAD_THREADS, max(len(objects), 1)), thread_name_prefix="uploads")
         try:
@@ -314,36 +344,31 @@ class Storage:
     def _put(self, target: StorageTarget, key: str, data: bytes, content_type: str) -> str:
         client = self._client(target)
         try:
-            client.put_object(Bucket=target.name, Key=key, Body=data, ContentType=content_type)
-            return client.generate_presigned_url(
-                "get_object", Params={"Bucket": target.name, "Key": key}, ExpiresIn=self.url_expiry
-            )
-        except (ClientError, BotoCoreError) as error:
-            raise self._diagnosed(client, error, target) from None
+            client.send("PUT", client.signed("PUT", key, PUT_URL_EXPIRY, content_type), data, content_type)
+        except (StorageAnswer, HTTPError) as error:
+            raise self._diagnosed(client, error) from None
+        return client.signed("GET", key, self.url_expiry)
 
     @staticmethod
-    def _diagnosed(client, error: ClientError | BotoCoreError, target: StorageTarget) -> ImageError:
+    def _diagnosed(client: S3Client, error: StorageAnswer | HTTPError) -> ImageError:
         """The upload's error; when the storage refused or failed without naming why (SeaweedFS answers
         AccessDenied or InternalError for a bucket that does not exist), a HeadBucket, asked only now,
         may name the missing bucket (with keys that may not ask it, the refusal stands)."""
-        if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
-            "InternalError",
-            "AccessDenied",
-        ):
+        if isinstance(error, StorageAnswer) and error.code in ("InternalError", "AccessDenied"):
             try:
-                client.head_bucket(Bucket=target.name)
-            except ClientError as head_error:
-                if str(head_error.response.get("Error", {}).get("Code")) in MISSING_BUCKET:
-                    return _describe(head_error, target)
-            except BotoCoreError:
+                client.send("HEAD", client.signed("HEAD", None, PUT_URL_EXPIRY))
+            except StorageAnswer as head_error:
+                if head_error.code in MISSING_BUCKET:
+                    return _describe(head_error, client.target)
+            except HTTPError:
                 pass
-        return _describe(error, target)
+        return _describe(error, client.target)
 
 
-def _describe(error: ClientError | BotoCoreError, target: StorageTarget) -> ImageError:
+def _describe(error: StorageAnswer | HTTPError, target: StorageTarget) -> ImageError:
     """A short, safe sentence for a storage failure (logged with its code, never with credentials)."""
-    if isinstance(error, ClientError):
-        code = str(error.response.get("Error", {}).get("Code", "unknown"))
+    if isinstance(error, StorageAnswer):
+        code = error.code
         log.error("storage error %s for bucket %s at %s", code, target.name, target.endpoint.url)
         if code in CREDENTIAL_ERRORS or code == "403":
             return ImageError("the storage refused the credentials")
@@ -351,4 +376,4 @@ def _describe(error: ClientError | BotoCoreError, target: StorageTarget) -> Imag
             return ImageError(f"the storage bucket {target.name[:63]!r} does not exist")
         return ImageError(f"the upload to storage failed ({code[:40]})")
     log.error("storage unreachable at %s: %s", target.endpoint.url, type(error).__name__)
-    return ImageError("the storage endpoint is unreachable")  # a BotoCoreError: no answer from the endpoint
+    return ImageError("the storage endpoint is unreachable")  # no answer from the endpoint

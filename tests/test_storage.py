@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import socket
 import subprocess
@@ -18,12 +19,14 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import boto3
+import botocore.auth
 import cv2
 import pytest
+from botocore.config import Config
 
 from bench.seaweed import ADMIN, OTHER, WRITER, Weed
 from devstack.jobapi import JobApi
@@ -277,9 +280,7 @@ def test_presigned_urls_carry_the_region_of_the_endpoint_or_the_request() -> Non
     storage = Storage("depth", 60, 5.0)
 
     def scope(bucket: StorageTarget) -> str:
-        url = storage._client(bucket).generate_presigned_url(
-            "get_object", Params={"Bucket": bucket.name, "Key": "k"}, ExpiresIn=60
-        )  # signed locally: no connection
+        url = storage.presigned_get(bucket, "k")  # signed locally: no connection
         credential = parse_qs(urlsplit(url).query)["X-Amz-Credential"][0]
         return "/".join(credential.split("/")[2:])
 
@@ -419,15 +420,77 @@ def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None
     assert len(storage._clients) == MAX_CLIENTS
 
 
-def test_the_botocore_internals_pinning_relies_on_are_there() -> None:
-    """botocore is pinned (through runpod); if an upgrade moves what ``pin_connections`` replaces, this fails."""
-    storage = Storage("depth", 60, 5.0)
-    pinned = storage._client(
-        replace(StorageTarget.configured("http://127.0.0.1:9", "AK", "SK", "bkt"), pinned="127.0.0.1")
-    )
-    session = pinned._endpoint.http_session
-    for scheme in ("http", "https"):
-        pool_class = session._pool_classes_by_scheme[scheme]
-        assert pool_class is session._manager.pool_classes_by_scheme[scheme]
-        assert pool_class.__name__.startswith("Pinned")
-        assert "_new_conn" in vars(pool_class.ConnectionCls)
+def test_presigned_urls_are_the_ones_boto3_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage signs its URLs with botocore's SigV4 query signer on its own path and key encoding:
+    the very URL boto3's ``generate_presigned_url`` makes, odd keys and a job's region included."""
+    storage = Storage("depth", 3600, 5.0)
+    target = StorageTarget.configured("https://s3.eu-west-1.amazonaws.com", "AKIDEXAMPLE", "secret/+=", "photos")
+    reference = boto3.client(
+        "s3", endpoint_url=target.endpoint.url, aws_access_key_id=target.access_key,
+        aws_secret_access_key=target.secret_key, region_name=target.region,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )  # fmt: skip
+    instant = datetime.datetime(2026, 11, 30, 12, 0, 0)  # both sides sign at one instant
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda remove_tzinfo=True: instant)
+    for key in ("depth/job-1/0_depth.png", "depth/a b+c/ü~(1).png", "x/%2F/..;/?#"):
+        expected = reference.generate_presigned_url(
+            "get_object", Params={"Bucket": target.name, "Key": key}, ExpiresIn=3600
+        )
+        assert storage.presigned_get(target, key) == expected
+        put = storage._client(target).signed("PUT", key, 300, "image/png")
+        assert put == reference.generate_presigned_url(
+            "put_object", Params={"Bucket": target.name, "Key": key, "ContentType": "image/png"}, ExpiresIn=300
+        )
+
+
+def test_an_endpoint_that_answers_endlessly_or_redirects_costs_one_bounded_read() -> None:
+    """An error answer is read up to 64 kB (its S3 code taken from it) and its connection dropped; a
+    redirect is an error, never followed."""
+    server = HostileStorage().start()
+    try:
+        storage = Storage("depth", 60, 5.0)
+        target = StorageTarget.configured(server.base, "AK", "SK", "hostile-bucket")
+
+        async def run() -> list:
+            return await storage.upload(
+                target, [("depth/j/0.png", b"x" * 100, "image/png"), ("redirect", b"y", "image/png")]
+            )
+
+        endless, redirected = asyncio.run(run())
+    finally:
+        server.stop()
+    assert str(endless) == "the upload to storage failed (SlowDown)"
+    assert server.sent_bytes < 32 << 20  # of the 100 MB it would send (what loopback buffers, at most)
+    assert str(redirected) == "the upload to storage failed (307)"
+    assert server.paths == ["/hostile-bucket/depth/j/0.png", "/hostile-bucket/redirect"]  # the redirect not followed
+
+
+class HostileStorage(LoopbackServer):
+    """An S3 endpoint whose error answer never ends (a code first, then 100 MB), and one that redirects."""
+
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(QuietHandler):
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.paths.append(self.path.split("?")[0])
+                if self.path.startswith("/hostile-bucket/redirect"):
+                    self.send_response(307)
+                    self.send_header("Location", "http://127.0.0.2:9/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(400)
+                self.send_header("Content-Length", str(100 << 20))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"<Error><Code>SlowDown</Code>")
+                    server.sent_bytes += 28
+                    for _ in range(100 << 4):
+                        self.wfile.write(b" " * (64 << 10))
+                        server.sent_bytes += 64 << 10
+
+        super().__init__(Handler)
