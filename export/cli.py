@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: {step}", flush=True)
 
         report = export_model(spec, args.repository, options, args.checkpoint, say)
-        errors = ", ".join(f"{shape['shape']} {shape['relative_l2']:.2e}" for shape in report["parity"]["shapes"])
+        errors = ", ".join(f"{row['size']} {row['relative_l2']:.2e}" for row in report["parity"]["shapes"])
         print(
             f"{report['triton_name']}: {options.precision} {options.backend}, "
             f"{report['parameters'] / 1e6:.1f}M params, {report['onnx_bytes'] / 1e6:.1f} MB, "

@@ -191,7 +191,7 @@ def _parity_report(precision: Precision, parity: list) -> dict:
         "reference": "PyTorch FP32, same checkpoint, CPU",
         "metric": "relative L2 over the batch",
         "threshold": THRESHOLDS[precision],
-        "shapes": [asdict(result) | {"shape": result.label} for result in parity],
+        "shapes": [asdict(result) | {"size": result.label} for result in parity],  # label: width x height
     }
 
 

@@ -57,14 +57,14 @@ def test_export_writes_model_config_and_report(repository: Path, model_id: str) 
     assert config.backend == "python"
     assert config.max_batch_size == spec.max_batch_size
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
-    warmed = [tuple(w.inputs["image"].dims[:2]) for w in config.model_warmup]
+    warmed = [Size(*w.inputs["image"].dims[1::-1]) for w in config.model_warmup]  # dims are [H, W, 3]
     assert warmed[: len(spec.buckets)] == list(spec.buckets)  # the default family, every bucket
     assert warmed[len(spec.buckets) :] == [buckets[0] for _size, buckets in spec.families[1:]]
     assert set(config.parameters) == set(METADATA_KEYS)
     assert config.parameters["hf_id"].string_value == model_id
     assert config.parameters["kind"].string_value == ("metric" if spec.metric else "relative")
     assert config.parameters["license"].string_value == spec.license
-    assert json.loads(config.parameters["buckets"].string_value) == [list(b) for b in spec.buckets]
+    assert json.loads(config.parameters["buckets"].string_value) == [[b.height, b.width] for b in spec.buckets]
     families = json.loads(config.parameters["bucket_families"].string_value)
     assert list(families) == (["518", "770", "1036"] if spec.dynamic_shape else ["384"])
     patch = 14 if spec.dynamic_shape else 16  # Dinov2's patch, ViT-L/16's
@@ -77,12 +77,12 @@ def test_export_writes_model_config_and_report(repository: Path, model_id: str) 
     assert report["opset"] >= 17
     assert report["onnx_bytes"] == (model_dir / "1" / "model.onnx").stat().st_size
     shapes = report["parity"]["shapes"]
-    expected = ["518x518", "518x924", "770x1022", "1036x1372"] if spec.dynamic_shape else ["384x384"]
-    assert [shape["shape"] for shape in shapes] == expected  # every network size is checked
+    expected = ["518x518", "924x518", "1022x770", "1372x1036"] if spec.dynamic_shape else ["384x384"]
+    assert [shape["size"] for shape in shapes] == expected  # every network size is checked (width x height)
     for shape in shapes:
         assert 0 < shape["relative_l2"] < report["parity"]["threshold"] == parity.THRESHOLDS["fp16"]
         assert shape["finite"]
-        assert shape["batch"] == (3 if shape["shape"] in ("518x518", "518x924", "384x384") else 1)
+        assert shape["batch"] == (3 if shape["size"] in ("518x518", "924x518", "384x384") else 1)
 
 
 @pytest.mark.parametrize("model_id", TINY_MODELS)
