@@ -13,12 +13,14 @@ import contextlib
 import datetime
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -494,3 +496,93 @@ class HostileStorage(LoopbackServer):
                         server.sent_bytes += 64 << 10
 
         super().__init__(Handler)
+
+
+def tls_files(folder: Path, leaves: dict[str, str]) -> Path:
+    """A CA (``folder/ca.pem``) and, per leaf, a certificate it signs for that DNS name with its key
+    (``folder/<leaf>.pem``, ``folder/<leaf>.key``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    def signed(subject: str, key: ec.EllipticCurvePrivateKey, extension: x509.ExtensionType) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=subject == "test CA", path_length=None), critical=True)
+            .add_extension(extension, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+    ca = signed("test CA", ca_key, x509.KeyUsage(False, False, False, False, False, True, True, False, False))
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for leaf, name in leaves.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = signed(name, key, x509.SubjectAlternativeName([x509.DNSName(name)]))
+        (folder / f"{leaf}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (folder / f"{leaf}.key").write_bytes(private)
+    return folder / "ca.pem"
+
+
+class TlsStorage(LoopbackServer):
+    """An https S3 stand-in on loopback that takes every PUT (and records its path and Host header)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.seen: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(QuietHandler):
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.seen.append((self.path.split("?")[0], self.headers.get("Host", "")))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        super().__init__(Handler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+
+
+def test_https_storage_checks_the_endpoints_name_on_the_pinned_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https the connection goes to the checked address while TLS checks the endpoint's name (SNI and
+    certificate) and Host carries it: a certificate for that name is accepted, one for another name (of
+    the same CA) is refused before anything is sent."""
+    ca = tls_files(tmp_path, {"right": "storage.test", "wrong": "elsewhere.test"})  # one CA signs both
+    server = TlsStorage(tmp_path / "right.pem", tmp_path / "right.key").start()
+    wrong_name = TlsStorage(tmp_path / "wrong.pem", tmp_path / "wrong.key").start()
+    try:
+        monkeypatch.setattr("gateway.storage.certifi.where", lambda: str(ca))
+        storage = Storage("depth", 60, 5.0)
+
+        def target(port: int) -> StorageTarget:
+            job = StorageTarget.from_job({**bucket_name("tls-bucket"), "endpointUrl": f"https://storage.test:{port}"})
+            return replace(job, pinned="127.0.0.1")  # what check_endpoint pins (storage.test does not resolve)
+
+        async def run(port: int) -> list:
+            return await storage.upload(target(port), [("depth/tls/0.png", b"z" * 1000, "image/png")])
+
+        (accepted,) = asyncio.run(run(server.port))
+        (refused,) = asyncio.run(run(wrong_name.port))  # a certificate of the same CA, for elsewhere.test
+    finally:
+        server.stop()
+        wrong_name.stop()
+    assert accepted.startswith(f"https://storage.test:{server.port}/tls-bucket/depth/tls/0.png?"), accepted
+    assert server.seen == [("/tls-bucket/depth/tls/0.png", f"storage.test:{server.port}")]
+    assert str(refused) == "the storage endpoint is unreachable"
+    assert wrong_name.seen == []
