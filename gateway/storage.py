@@ -17,10 +17,11 @@ else us-east-1.
 
 Uploads need only ``s3:PutObject`` (no bucket check that needs ``s3:ListBucket`` before them): a missing
 bucket is reported from the upload's own error (or, when that only says "internal error", from a
-HeadBucket asked after the failure). Each job uploads from threads of its own (at most
-``UPLOAD_THREADS``) under one deadline (``UPLOAD_TIMEOUT``), so a slow or hostile endpoint holds only its
-own job's threads. Failures are per image and say what happened (endpoint unreachable, credentials
-refused, bucket missing, deadline). No message or log line carries a key or secret.
+HeadBucket asked after the failure). Uploads run in threads kept per target (endpoint and keys), at most
+``UPLOAD_THREADS`` of one job's at once, under the job's deadline (``UPLOAD_TIMEOUT``), so a slow or
+hostile endpoint holds only its own target's threads. Failures are per image and say what happened
+(endpoint unreachable, credentials refused, bucket missing, deadline). No message or log line carries a
+key or secret.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ S3_CONFIG_OPTIONAL = ("region",)
 CREDENTIAL_ERRORS = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "Forbidden"}
 MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
 DEFAULT_REGION = "us-east-1"
-UPLOAD_THREADS = 8  # per job
+UPLOAD_THREADS = 8  # per job at once
+TARGET_THREADS = 64  # per storage target (endpoint and keys), started as needed and kept
 MAX_URL_CHARS = 2048
 HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -247,7 +249,7 @@ class S3Client:
         endpoint = target.endpoint
         options = {
             "port": endpoint.port,
-            "maxsize": UPLOAD_THREADS,
+            "maxsize": TARGET_THREADS,
             "block": False,
             "timeout": urllib3.Timeout(connect=min(5.0, timeout), read=timeout),
             "retries": urllib3.Retry(
@@ -263,6 +265,9 @@ class S3Client:
         else:
             self.pool = urllib3.HTTPConnectionPool(address, **options)
         self.host = urlsplit(endpoint.url).netloc  # what is signed and sent as Host
+        # Uploads run in this target's own threads, kept between jobs (starting threads for every job held
+        # the event loop ~1 ms per url-mode image): a slow endpoint holds only its own target's threads.
+        self.threads = ThreadPoolExecutor(TARGET_THREADS, thread_name_prefix="uploads")
 
     def signed(self, method: str, key: str | None, expires: int, content_type: str | None = None) -> str:
         """A presigned URL for ``method`` on ``key`` (None: the bucket itself); signed here, no connection."""
@@ -314,7 +319,9 @@ class Storage:
             client = S3Client(target, self.timeout)
             self._clients[key] = client
             while len(self._clients) > MAX_CLIENTS:
-                self._clients.popitem(last=False)[1].pool.close()
+                evicted = self._clients.popitem(last=False)[1]
+                evicted.threads.shutdown(wait=False)  # what it still runs ends with its timeouts
+                evicted.pool.close()
         return client
 
     def presigned_get(self, target: StorageTarget, key: str) -> str:
@@ -326,20 +333,22 @@ class Storage:
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
     async def upload(self, target: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
-        """Upload ``(key, data, content type)`` objects from this job's own threads; a presigned URL or the
-        error, per object. Threads a stalled endpoint still holds at the deadline end with their timeouts."""
+        """Upload ``(key, data, content type)`` objects in the target's threads, at most ``UPLOAD_THREADS``
+        of this job's at once; a presigned URL or the error, per object. What a stalled endpoint still holds
+        at the deadline ends with its timeouts; objects not started by then never are."""
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(min(UPLOAD_THREADS, max(len(objects), 1)), thread_name_prefix="uploads")
+        threads = self._client(target).threads
+        turns = asyncio.Semaphore(UPLOAD_THREADS)
+
+        async def put(key: str, data: bytes, content_type: str) -> str:
+            async with turns:
+                return await loop.run_in_executor(threads, self._put, target, key, data, content_type)
+
         try:
             async with asyncio.timeout(self.timeout):
-                return await asyncio.gather(
-                    *(loop.run_in_executor(executor, self._put, target, *obj) for obj in objects),
-                    return_exceptions=True,
-                )
+                return await asyncio.gather(*(put(*obj) for obj in objects), return_exceptions=True)
         except TimeoutError:
             return [ImageError(f"the upload to storage did not finish within {self.timeout:g} s")] * len(objects)
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
 
     def _put(self, target: StorageTarget, key: str, data: bytes, content_type: str) -> str:
         client = self._client(target)
