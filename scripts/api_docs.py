@@ -64,7 +64,7 @@ One result (`index` 0) with:
 |---|---|
 | `kind` | `"video"` |
 | `width`, `height` | the output frames' size (after `max_size`, display orientation) |
-| `network_size` | the bucket the network ran at |
+| `network_size` | `[width, height]` of the bucket the network ran at (every size in the API is width first) |
 | `frames`, `fps`, `timestamps` | frames served, the sampling rate, each frame's source timestamp (s) |
 | `source` | `codec`, `width`, `height`, `fps`, `duration`, `rotation` as the file says |
 | `temporal`, `alignment` | what was done, and the per-frame `scale` and `shift` lists applied |
