@@ -241,7 +241,7 @@ class S3Client:
     checking the endpoint's name and the Host header carrying it, so that a name that resolves elsewhere
     at connect time (DNS rebinding) is never asked. Payloads are unsigned, as in every presigned PUT: a
     body is neither hashed nor checksummed on its way out (TLS carries its integrity). No redirect is
-    followed; one retry for a refused connection or a 5xx answer."""
+    followed; one retry for a connection that could not be made."""
 
     def __init__(self, target: StorageTarget, timeout: float) -> None:
         self.target = target
@@ -252,9 +252,9 @@ class S3Client:
             "maxsize": TARGET_THREADS,
             "block": False,
             "timeout": urllib3.Timeout(connect=min(5.0, timeout), read=timeout),
-            "retries": urllib3.Retry(
-                total=1, redirect=0, status_forcelist=(500, 502, 503, 504), allowed_methods=None, raise_on_status=False
-            ),
+            # One retry when the connection could not be made; none once a request may have been read, and
+            # none on an error status (a retry would first read that answer to its end, however long).
+            "retries": urllib3.Retry(total=1, connect=1, read=0, redirect=0, status=0, other=0, allowed_methods=None),
         }
         address = target.pinned or endpoint.host
         if endpoint.scheme == "https":

@@ -446,25 +446,30 @@ def test_presigned_urls_are_the_ones_boto3_signs(monkeypatch: pytest.MonkeyPatch
 
 
 def test_an_endpoint_that_answers_endlessly_or_redirects_costs_one_bounded_read() -> None:
-    """An error answer is read up to 64 kB (its S3 code taken from it) and its connection dropped; a
-    redirect is an error, never followed."""
+    """An error answer is read up to 64 kB (its S3 code taken from it) and its connection dropped, a 5xx
+    one too and without a retry (which would read it to its end first); a redirect is an error, never
+    followed."""
     server = HostileStorage().start()
     try:
         storage = Storage("depth", 60, 5.0)
         target = StorageTarget.configured(server.base, "AK", "SK", "hostile-bucket")
+        objects = [
+            ("depth/j/0.png", b"x" * 100, "image/png"),
+            ("busy", b"z", "image/png"),
+            ("redirect", b"y", "image/png"),
+        ]
 
         async def run() -> list:
-            return await storage.upload(
-                target, [("depth/j/0.png", b"x" * 100, "image/png"), ("redirect", b"y", "image/png")]
-            )
+            return await storage.upload(target, objects)
 
-        endless, redirected = asyncio.run(run())
+        endless, busy, redirected = asyncio.run(run())
     finally:
         server.stop()
-    assert str(endless) == "the upload to storage failed (SlowDown)"
-    assert server.sent_bytes < 32 << 20  # of the 100 MB it would send (what loopback buffers, at most)
+    assert str(endless) == str(busy) == "the upload to storage failed (SlowDown)"
+    assert server.sent_bytes < 64 << 20  # of the 200 MB the two would send (what loopback buffers, at most)
     assert str(redirected) == "the upload to storage failed (307)"
-    assert server.paths == ["/hostile-bucket/depth/j/0.png", "/hostile-bucket/redirect"]  # the redirect not followed
+    # each asked once (no retry), and the redirect not followed
+    assert sorted(server.paths) == ["/hostile-bucket/busy", "/hostile-bucket/depth/j/0.png", "/hostile-bucket/redirect"]
 
 
 class HostileStorage(LoopbackServer):
@@ -485,7 +490,7 @@ class HostileStorage(LoopbackServer):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                self.send_response(400)
+                self.send_response(503 if "busy" in self.path else 400)
                 self.send_header("Content-Length", str(100 << 20))
                 self.end_headers()
                 with contextlib.suppress(OSError):
