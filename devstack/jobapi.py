@@ -2,7 +2,7 @@
 
 Without ``--rp_serve_api`` the worker runs runpod's production job loop: it long-polls
 ``RUNPOD_WEBHOOK_GET_JOB`` (``/job-take/<worker>``, or ``/job-take-batch/<worker>?batch_size=N`` when
-several slots are free), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
+there is room for several jobs), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
 and long-polls ``/job-stop/<worker>`` for cancellations. This server speaks that protocol on 127.0.0.1:
 jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), as
 are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}`` to the same URL),

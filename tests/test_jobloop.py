@@ -2,8 +2,8 @@
 job API (``devstack.jobapi``), with the real Triton of the session behind it.
 
 Every job must be answered exactly once, with its results intact, per-image errors in place and request
-errors as the job's ``error``; jobs run concurrently; intake refills as slots free (runpod alone slept a
-second whenever its slots were full); SIGTERM lets the jobs in flight finish and post their results.
+errors as the job's ``error``; jobs run concurrently; intake refills as jobs end (runpod alone slept a
+second whenever it ran its ``CONCURRENCY`` jobs); SIGTERM lets the jobs in flight finish and post their results.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_two_hundred_mixed_jobs_are_each_answered_once_and_intact(worker) -> Non
         else:
             assert [decode_image(r["normals_b64"]).shape for r in output["results"]] == [(24, 32, 3)] * 3
     assert api.max_in_flight > 1
-    assert api.takes["job-take-batch"] > 0  # several free slots are asked for at once
+    assert api.takes["job-take-batch"] > 0  # room for several jobs is asked for at once
     assert "Handler output" not in log_path.read_text()
 
 
@@ -130,7 +130,7 @@ async def posted_nowhere(_session: object, _job_id: str, _result: dict) -> bool:
 
 
 def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> tuple[int, list]:
-    """Jobs taken in ``seconds`` by a scaler with 4 slots, jobs of 10 ms, and every sleep it asked for."""
+    """Jobs taken in ``seconds`` by a scaler running at most 4 jobs, jobs of 10 ms, and every sleep it asked for."""
     real_sleep = asyncio.sleep
     monkeypatch.setattr(jobloop, "post_result", posted_nowhere)
     asked: list[float] = []
@@ -167,10 +167,10 @@ def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: flo
     return asyncio.run(run()), asked
 
 
-def test_intake_refills_slots_without_sleeping_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intake_refills_without_sleeping_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     taken, asked = run_scaler(jobloop.EagerJobScaler, monkeypatch)
-    assert max(asked, default=0) < 1  # the SDK's loop sleeps a whole second whenever its slots are full
-    assert taken > 40  # 4 slots of 10 ms jobs for a second (runpod's own loop: a handful)
+    assert max(asked, default=0) < 1  # the SDK's loop sleeps a whole second whenever it runs its CONCURRENCY jobs
+    assert taken > 40  # 4 places of 10 ms jobs for a second (runpod's own loop: a handful)
 
 
 def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,16 +302,16 @@ def test_a_batch_with_malformed_entries_answers_every_job_that_has_an_id(worker)
     assert log_path.read_text().count("job-take entry without a usable id skipped") == 6
 
 
-def test_a_hanging_result_post_holds_no_job_slot(triton: EmbeddedTriton, tmp_path: Path) -> None:
+def test_a_hanging_result_post_takes_no_jobs_place(triton: EmbeddedTriton, tmp_path: Path) -> None:
     api = JobApi().start()
-    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=1)  # the slow post's slot is the only one
+    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=1)  # the slow post: the only job
     try:
         api.wait_for([api.submit(GOOD_INPUT)], timeout=120)
         slow = api.submit(GOOD_INPUT, job_id="slow")
         api.hang_done.add("slow")
         started = time.monotonic()
         others = [api.submit(GOOD_INPUT) for _ in range(6)]
-        api.wait_for(others, timeout=15)  # a post holding the slot would stop intake for 40 s
+        api.wait_for(others, timeout=15)  # a post holding the place would stop intake for 40 s
         assert time.monotonic() - started < 15
         assert "slow" not in api.results
         api.wait_for([slow], timeout=30)  # the retry after the attempt's timeout gets through

@@ -5,17 +5,17 @@ runpod 1.12's ``JobScaler`` (pinned; ``tests/test_jobloop.py`` fails on an SDK w
 keeps its stop channel (per-job cancellation), heartbeats and SIGTERM handling; ``EagerJobScaler``
 replaces these steps:
 
-- Intake. ``JobScaler.get_jobs`` sleeps a whole second whenever its slots are full, so a worker took at
-  most about ``CONCURRENCY`` jobs a second whatever its speed. Here intake waits for a slot to free (an
-  event set when any job ends, with the same one-second ceiling) and asks for every free slot at once
-  (job-take-batch). Jobs are read and validated by ``jobintake``: a malformed entry is logged and
+- Intake. ``JobScaler.get_jobs`` sleeps a whole second whenever it runs ``CONCURRENCY`` jobs, so a worker
+  took at most about ``CONCURRENCY`` jobs a second whatever its speed. Here intake waits for room (an
+  event set when any job ends, with the same one-second ceiling) and asks for as many jobs as there is
+  room for at once (job-take-batch). Jobs are read and validated by ``jobintake``: a malformed entry is logged and
   skipped, or answered with an error when it has an id; the rest of its batch runs.
 - Readiness. While ``concurrency_modifier`` answers 0 (the worker cannot serve: Triton is down), no job
   is taken; the queue is not resized.
 - Results. A job's result is posted by its own task with a per-attempt timeout, retries with backoff
-  and an overall deadline (``RESULT_POST_DEADLINE``): a job-done POST that hangs holds no job slot. The
+  and an overall deadline (``RESULT_POST_DEADLINE``): a job-done POST that hangs takes no job's place. The
   job stays in runpod's in-progress list (heartbeats) until its post ends; at most ``CONCURRENCY`` posts
-  wait beside the slots, beyond that they hold slots again, so memory stays bounded. The body is
+  wait beside the running jobs, beyond that they take jobs' places again, so memory stays bounded. The body is
   serialized once with orjson (runpod's path formats it into debug f-strings and ``json.dumps`` on the
   event loop: ~6 ms per MB).
 - Shutdown. SIGTERM stops intake: a job-take in flight gets ``TAKE_GRACE`` seconds to deliver what it
@@ -43,7 +43,7 @@ from gateway.serving.jobintake import Intake, Unreadable, take_jobs
 
 log = logging.getLogger("gateway")
 
-SLOT_WAIT_CEILING = 1.0  # seconds; what the SDK waited unconditionally
+ROOM_WAIT_CEILING = 1.0  # seconds; what the SDK waited unconditionally
 TAKE_GRACE = 3.0  # seconds a job-take in flight at SIGTERM may still take
 RESULT_POST_ATTEMPT = 10.0  # seconds for one job-done POST
 RESULT_POST_DEADLINE = 60.0  # seconds for all attempts of one job's result
@@ -113,7 +113,7 @@ class EagerJobScaler(JobScaler):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.jobs_fetcher = take_jobs
-        self._slot_freed = asyncio.Event()
+        self._job_ended = asyncio.Event()
         self._posting: set[str] = set()
         self._posts: set[asyncio.Task] = set()
         self._paused = False
@@ -156,20 +156,20 @@ class EagerJobScaler(JobScaler):
         return wanted
 
     async def get_jobs(self, session: Any) -> None:
-        """Take jobs whenever slots are free and the worker can serve; wait for a slot otherwise."""
+        """Take jobs whenever there is room and the worker can serve; wait for room otherwise."""
         while self.is_alive():
-            self._slot_freed.clear()
+            self._job_ended.clear()
             wanted = await self.set_scale()
             needed = wanted - self.current_occupancy()
             if needed <= 0:
-                await self._wait_for_slot_or_shutdown()
+                await self._wait_for_room_or_shutdown()
                 continue
             await self._take(session, needed)
 
-    async def _wait_for_slot_or_shutdown(self) -> None:
-        waits = [asyncio.ensure_future(self._slot_freed.wait()), asyncio.ensure_future(self._shutdown_event.wait())]
+    async def _wait_for_room_or_shutdown(self) -> None:
+        waits = [asyncio.ensure_future(self._job_ended.wait()), asyncio.ensure_future(self._shutdown_event.wait())]
         try:
-            await asyncio.wait(waits, timeout=SLOT_WAIT_CEILING, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=ROOM_WAIT_CEILING, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
@@ -220,7 +220,7 @@ class EagerJobScaler(JobScaler):
 
     async def handle_job(self, session: Any, job: dict) -> None:
         """Run the handler on ``job`` (cancellable through the stop channel); its result is posted by a
-        task of its own, so the slot frees as soon as the handler ends."""
+        task of its own, so the job's place frees as soon as the handler ends."""
         token = rp_scale._set_batch_id(job.get("batchId"))
         job_id = job["id"]
         posted_later = False
@@ -239,7 +239,7 @@ class EagerJobScaler(JobScaler):
             if not posted_later:
                 self.job_progress.remove(job_id)
             rp_scale._reset_batch_id(token)
-            self._slot_freed.set()
+            self._job_ended.set()
 
     def _post_later(self, session: Any, job_id: str, result: dict) -> None:
         self._posting.add(job_id)
@@ -254,7 +254,7 @@ class EagerJobScaler(JobScaler):
         finally:
             self._posting.discard(job_id)
             self.job_progress.remove(job_id)
-            self._slot_freed.set()
+            self._job_ended.set()
 
 
 def install() -> None:
