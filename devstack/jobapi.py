@@ -14,6 +14,7 @@ open (``hang_takes``), or let a job's first job-done POST hang and drop it unrec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -109,8 +110,9 @@ class JobApi(LoopbackServer):
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the worker hung up (SIGTERM)
+                    self.end_headers()
+                    self.wfile.write(data)
 
             def do_GET(self) -> None:
                 url = urlparse(self.path)
