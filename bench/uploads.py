@@ -69,7 +69,7 @@ def main() -> None:
             target = StorageTarget.configured(weed.url, *ADMIN, BUCKET)
             storage = Storage("", 60, 30.0)
             paths = {
-                "ours": lambda key, data: storage._put(target, key, data, "image/png"),
+                "ours": lambda key, data: storage._put(storage._client(target), key, data, "image/png"),
                 "boto3 put_object": boto3_put(target),
             }
             rows = {}

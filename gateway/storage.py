@@ -324,10 +324,6 @@ class Storage:
                 evicted.pool.close()
         return client
 
-    def presigned_get(self, target: StorageTarget, key: str) -> str:
-        """The download URL of ``key``, valid ``url_expiry`` seconds (signed here, no connection)."""
-        return self._client(target).signed("GET", key, self.url_expiry)
-
     def object_key(self, job_id: str, file_name: str) -> str:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
@@ -337,12 +333,12 @@ class Storage:
         of this job's at once; a presigned URL or the error, per object. What a stalled endpoint still holds
         at the deadline ends with its timeouts; objects not started by then never are."""
         loop = asyncio.get_running_loop()
-        threads = self._client(target).threads
+        client = self._client(target)
         turns = asyncio.Semaphore(UPLOAD_THREADS)
 
         async def put(key: str, data: bytes, content_type: str) -> str:
             async with turns:
-                return await loop.run_in_executor(threads, self._put, target, key, data, content_type)
+                return await loop.run_in_executor(client.threads, self._put, client, key, data, content_type)
 
         try:
             async with asyncio.timeout(self.timeout):
@@ -350,8 +346,7 @@ class Storage:
         except TimeoutError:
             return [ImageError(f"the upload to storage did not finish within {self.timeout:g} s")] * len(objects)
 
-    def _put(self, target: StorageTarget, key: str, data: bytes, content_type: str) -> str:
-        client = self._client(target)
+    def _put(self, client: S3Client, key: str, data: bytes, content_type: str) -> str:
         try:
             client.send("PUT", client.signed("PUT", key, PUT_URL_EXPIRY, content_type), data, content_type)
         except (StorageAnswer, HTTPError) as error:
