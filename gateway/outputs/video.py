@@ -191,8 +191,12 @@ class AudioTrack:
     @classmethod
     def open(cls, window: AudioCopy, output: Any) -> AudioTrack:
         source = av.open(str(window.source))
-        stream = source.streams.audio[0]
-        return cls(source, stream, output.add_stream_from_template(stream), window)
+        try:
+            stream = source.streams.audio[0]
+            return cls(source, stream, output.add_stream_from_template(stream), window)
+        except BaseException:
+            source.close()  # the caller closes it only once it is opened as a track
+            raise
 
     def copy_into(self, output: Any) -> None:
         """Every packet of the window, its timestamps moved so that the window starts at zero; a stream
