@@ -160,14 +160,14 @@ def build_config(
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=MAX_QUEUE_DELAY_US, default_queue_policy=queue_policy(spec.max_batch_size)
         ),
-        model_warmup=[warmup(f"bucket_{b.height}x{b.width}", 1, b) for b in warmup_shapes(spec)],
+        model_warmup=[warmup(f"bucket_{b.width}x{b.height}", 1, b) for b in warmup_shapes(spec)],
     )
     parameters = metadata(spec, precision)
     if backend == "onnxruntime":
         parameters |= cuda_parameters(gpu_memory_gb)
         config.dynamic_batching.preferred_batch_size.append(spec.max_batch_size)
         hot = four_by_three(spec.buckets)  # the hot path: a full batch of the commonest shape
-        config.model_warmup.append(warmup(f"full_batch_{hot.height}x{hot.width}", spec.max_batch_size, hot))
+        config.model_warmup.append(warmup(f"full_batch_{hot.width}x{hot.height}", spec.max_batch_size, hot))
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     if tensorrt:
