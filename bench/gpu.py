@@ -53,9 +53,6 @@ ARCHITECTURES = {
 }
 
 
-FIRST_REQUESTS: dict[str, dict] = {}  # model -> tensorrt_first_requests, when TensorRT is there
-
-
 def timed(function, repeats: int) -> float:
     function()  # warm-up (kernel selection, TensorRT engine build)
     samples = []
@@ -85,7 +82,8 @@ def sessions(graph_fp: ServingGraph, spec, precision: str, root: Path, providers
     return made
 
 
-def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict]:
+def measure(name: str, dry: bool, batches: list[int], repeats: int) -> tuple[list[dict], dict | None]:
+    """The rows of one model, and what its first requests cost with TensorRT (None without it)."""
     spec = get_spec(ARCHITECTURES[name])
     device = "cpu" if dry else "cuda"
     precision = "fp32" if dry else "fp16"
@@ -96,10 +94,11 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
     providers = ["CPUExecutionProvider"] if dry else [("CUDAExecutionProvider", {"device_id": 0})]
     size = spec.buckets[0] if dry or not spec.dynamic_shape else spec.buckets[1]
     rows = []
+    first_requests = None
     with tempfile.TemporaryDirectory() as root:
         runners = sessions(served, spec, precision, Path(root), providers)
         if "onnxruntime TensorRT" in runners:
-            FIRST_REQUESTS[name] = tensorrt_first_requests(Path(root) / "plain.onnx", spec, precision, providers)
+            first_requests = tensorrt_first_requests(Path(root) / "plain.onnx", spec, precision, providers)
         served_on_device = served.to(device)
         for batch in batches:
             images = np.concatenate([photo_batch(size)] * (batch // 3 + 1))[:batch]
@@ -127,7 +126,7 @@ def measure(name: str, dry: bool, batches: list[int], repeats: int) -> list[dict
                     "relative_l2": relative_l2(out, expected),
                 }  # fmt: skip
             rows.append(row)
-    return rows
+    return rows, first_requests
 
 
 # Triton's onnxruntime backend passes the TensorRT accelerator's parameters to onnxruntime under these
@@ -152,21 +151,20 @@ def tensorrt_first_requests(plain: Path, spec, precision: str, providers: list) 
     the session and the first request of every bucket of the default size, and a later request's ms."""
     with tempfile.TemporaryDirectory() as folder:
         options = tensorrt_options(spec, precision, Path(folder))
+        photos = {bucket: photo_batch(bucket, 1) for bucket in spec.buckets}  # made before any timing
         figures = {}
         for state in ("empty cache", "filled cache"):
             started = time.perf_counter()
             session = ort.InferenceSession(str(plain), providers=[("TensorrtExecutionProvider", options), *providers])
             firsts = {}
-            for bucket in spec.buckets:
+            for bucket, photo in photos.items():
                 begun = time.perf_counter()
-                session.run(["depth"], {"image": photo_batch(bucket, 1)})
+                session.run(["depth"], {"image": photo})
                 firsts[f"{bucket.width}x{bucket.height}"] = time.perf_counter() - begun
             figures[state] = {
                 "total_s": time.perf_counter() - started,
                 "first_request_s": firsts,
-                "later_request_ms": timed(
-                    partial(session.run, ["depth"], {"image": photo_batch(spec.buckets[0], 1)}), 5
-                ),
+                "later_request_ms": timed(partial(session.run, ["depth"], {"image": photos[spec.buckets[0]]}), 5),
             }
         return figures
 
@@ -250,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     batches = args.batches or ([1, 2] if args.dry else [1, 8, 32])
     repeats = args.repeats or (2 if args.dry else 10)
-    rows = [row for name in args.models for row in measure(name, args.dry, batches, repeats)]
+    rows, first_requests = [], {}
+    for name in args.models:
+        model_rows, model_first_requests = measure(name, args.dry, batches, repeats)
+        rows += model_rows
+        if model_first_requests is not None:
+            first_requests[name] = model_first_requests
     print(f"{'model':6} {'batch':>5}  {'path':40} {'ms':>9} {'images/s':>9} {'vs torch':>8} {'rel L2':>9}")
     for row in rows:
         for path, figures in row["paths"].items():
@@ -264,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{worker['images_per_s']:.1f} images/s, {worker['cpu_ms_per_image']:.1f} ms CPU per image, "
               f"GPU utilization median {worker['gpu_utilization_median']}")  # fmt: skip
     device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name(0)
-    for name, figures in FIRST_REQUESTS.items():
+    for name, figures in first_requests.items():
         for state, numbers in figures.items():
             print(f"TensorRT {name}, {state}: session and the first request of each bucket {numbers['total_s']:.1f} s, "
                   f"later requests {numbers['later_request_ms']:.1f} ms")  # fmt: skip
-    payload = {"device": device, "rows": rows, "worker": worker, "tensorrt_first_requests": FIRST_REQUESTS}
+    payload = {"device": device, "rows": rows, "worker": worker, "tensorrt_first_requests": first_requests}
     path = write("gpu_dry" if args.dry else "gpu", payload, folder=args.out)
     print(f"wrote {path}")
     return 0
