@@ -3,10 +3,11 @@
 Without ``--rp_serve_api`` the worker runs runpod's production job loop: it long-polls
 ``RUNPOD_WEBHOOK_GET_JOB`` (``/job-take/<worker>``, or ``/job-take-batch/<worker>?batch_size=N`` when
 there is room for several jobs), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
-and long-polls ``/job-stop/<worker>`` for cancellations. This server speaks that protocol on 127.0.0.1:
-jobs are queued with ``submit``, every result is recorded (so a test can see a job answered twice), as
-are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}`` to the same URL),
-and the number of jobs in flight is tracked. For tests and benchmarks only; the worker does not use it.
+and long-polls ``/job-stop/<worker>`` for cancellations (``cancel`` queues one). This server speaks that
+protocol on 127.0.0.1: jobs are queued with ``submit``, every result is recorded (so a test can see a job
+answered twice), as are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}``
+to the same URL), and the number of jobs in flight is tracked. For tests and benchmarks only; the worker
+does not use it.
 
 It can also misbehave as a job API might: answer a take with a raw body (``raw_takes``), hold job-takes
 open (``hang_takes``), or let a job's first job-done POST hang and drop it unrecorded (``hang_done``).
@@ -42,6 +43,7 @@ class JobApi(LoopbackServer):
         self.raw_takes: deque[bytes] = deque()  # answered, in order, to the next takes as they are
         self.hang_takes = False  # takes stay open (up to HANG seconds) without an answer
         self.hang_done: set[str] = set()  # job ids whose first job-done POST hangs, then is dropped
+        self.stops: deque[str] = deque()  # job ids the next stop-channel poll tells the worker to stop
         self.stopping = threading.Event()  # ends the hangs
         self._lock = threading.Condition()
         super().__init__(self._handler())
@@ -63,6 +65,21 @@ class JobApi(LoopbackServer):
             self.queue.append({"id": job_id, "input": job_input, **fields})
             self._lock.notify_all()
         return job_id
+
+    def cancel(self, job_id: str) -> None:
+        """Tell the worker to stop ``job_id`` (through its stop channel, as a cancelled request is)."""
+        with self._lock:
+            self.stops.append(job_id)
+            self._lock.notify_all()
+
+    def _stops(self) -> list[str]:
+        deadline = time.monotonic() + LONG_POLL
+        with self._lock:
+            while not self.stops and (remaining := deadline - time.monotonic()) > 0:
+                self._lock.wait(remaining)
+            stops = list(self.stops)
+            self.stops.clear()
+            return stops
 
     def wait_for(self, job_ids: list[str], timeout: float) -> dict[str, dict]:
         """The first result of each job; raises TimeoutError naming how many are missing."""
@@ -118,8 +135,11 @@ class JobApi(LoopbackServer):
                 url = urlparse(self.path)
                 kind = url.path.split("/")[1]
                 if kind == "job-stop":
-                    time.sleep(LONG_POLL)
-                    self.reply(204)
+                    stops = api._stops()
+                    if stops:
+                        self.reply(200, {"jobsToStop": stops})
+                    else:
+                        self.reply(204)
                     return
                 if kind not in api.takes:
                     self.reply(404)

@@ -99,6 +99,19 @@ def approximate_json_size(value: Any) -> int:
     return 24
 
 
+def worker_target(settings: Settings) -> StorageTarget | None:
+    """The worker's own bucket (``BUCKET_*``), if one is set; StorageConfigError when it is unusable."""
+    if not settings.bucket_endpoint_url:
+        return None
+    return StorageTarget.configured(
+        settings.bucket_endpoint_url,
+        settings.bucket_access_key_id or "",
+        settings.bucket_secret_access_key or "",
+        settings.bucket_name,
+        settings.bucket_region,
+    )
+
+
 class DepthService:
     def __init__(
         self,
@@ -113,15 +126,7 @@ class DepthService:
         self.fetcher = fetcher
         self.executor = ThreadPoolExecutor(PARENT_THREADS, thread_name_prefix="inputs")  # base64, headers
         self.storage = Storage(settings.bucket_prefix, settings.bucket_url_expiry, settings.upload_timeout)
-        self.storage_target = None
-        if settings.bucket_endpoint_url:
-            self.storage_target = StorageTarget.configured(  # StorageConfigError: the worker does not start
-                settings.bucket_endpoint_url,
-                settings.bucket_access_key_id or "",
-                settings.bucket_secret_access_key or "",
-                settings.bucket_name,
-                settings.bucket_region,
-            )
+        self.storage_target = worker_target(settings)  # StorageConfigError: the worker does not start
         self.workers = ImageWorkers(settings.cpu_workers)
         self.memory = WorkerMemory(
             settings.input_memory_bytes, settings.work_memory_bytes, settings.output_memory_bytes

@@ -10,6 +10,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 CGROUP = Path("/sys/fs/cgroup")
+# One lane's gateway process spends about a tenth of an image's CPU on its own threads (bench.worker):
+# eight cores of image workers keep it below saturation.
+CORES_PER_LANE = 8
 
 
 def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
@@ -107,6 +110,27 @@ class Settings:
     video_timeout: float = 900.0
     video_window: int = 8
     tensorrt_cache_dir: Path = field(default_factory=lambda: default_tensorrt_cache())
+    lanes: int = 0  # 0: one per CORES_PER_LANE CPU workers
+
+    def lane_count(self) -> int:
+        """Gateway processes behind the job intake (``gateway.serving.lanes``)."""
+        return self.lanes if self.lanes > 0 else max(1, self.cpu_workers // CORES_PER_LANE)
+
+    def lane_share(self, count: int, index: int) -> dict[str, str]:
+        """The variables that give lane ``index`` of ``count`` its share of the per-process budgets."""
+
+        def share(total: int) -> int:
+            return total // count + (index < total % count)
+
+        return {
+            "CPU_WORKERS": str(max(1, share(self.cpu_workers))),
+            "SHARED_MEMORY_SLOTS": str(max(1, share(self.shared_memory_slots))),
+            "INPUT_MEMORY_BYTES": str(self.input_memory_bytes // count),
+            "WORK_MEMORY_BYTES": str(self.work_memory_bytes // count),
+            "OUTPUT_MEMORY_BYTES": str(self.output_memory_bytes // count),
+            "VIDEO_SPOOL_BYTES": str(self.video_spool_bytes // count),
+            "LANES": "1",
+        }
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -163,4 +187,5 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "video_timeout": ("VIDEO_TIMEOUT", float),
     "video_window": ("VIDEO_WINDOW", int),
     "tensorrt_cache_dir": ("TENSORRT_CACHE_DIR", Path),
+    "lanes": ("LANES", int),
 }

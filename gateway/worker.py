@@ -22,10 +22,12 @@ import time
 import runpod
 
 from gateway.inputs.fetch import AddressPolicy, Fetcher
-from gateway.service import DepthService
+from gateway.service import DepthService, worker_target
 from gateway.serving import jobloop
 from gateway.serving.health import TritonHealth
 from gateway.serving.imagework import keep_freed_memory
+from gateway.serving.lanes import LaneJobScaler, Lanes, SharedModels
+from gateway.serving.model_lifetime import ModelLifetime
 from gateway.serving.model_names import ModelUnavailable
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import TritonModels
@@ -63,8 +65,9 @@ def quiet_runpod_logs() -> None:
     RunPodLogger().set_level(os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL") or "INFO")
 
 
-def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | None]:
-    """Connect to (or start) Triton, wait for it, and preload the default model."""
+def start_triton(settings: Settings) -> tuple[str, EmbeddedTriton | None, list[int]]:
+    """Triton's gRPC URL (started here, on loopback, unless ``TRITON_URL`` names one), the embedded
+    server if any, and the ports no image URL may reach; once Triton answers."""
     url = settings.triton_url
     blocked_ports = list(settings.triton_ports)  # never reachable through an image URL
     server = None
@@ -87,21 +90,56 @@ def build_service(settings: Settings) -> tuple[DepthService, EmbeddedTriton | No
     else:
         port = url.rsplit(":", 1)[-1]
         blocked_ports += [int(port)] if port.isdigit() else []
+    wait_for_triton(
+        TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries),
+        settings.triton_start_timeout,
+    )
+    return url, server, blocked_ports
+
+
+def build_service(settings: Settings, url: str, blocked_ports: list[int], production: bool) -> DepthService:
+    """The gateway in this process: preloads the default model and starts the image workers."""
+    started = time.monotonic()
     triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
-    wait_for_triton(triton, settings.triton_start_timeout)
     fetcher = Fetcher(
         AddressPolicy(settings.url_allowlist, blocked_ports),
         settings.max_download_bytes,
         settings.download_timeout,
         settings.downloads_per_job,
     )
-    production = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))  # runpod's job loop, not the local API
     progress = runpod.serverless.progress_update if production else None
     service = DepthService(settings, triton, fetcher, progress)
     log.info("loading %s and starting %d image workers", settings.default_model, settings.cpu_workers)
     asyncio.run(service.startup())
     log.info("ready in %.1f s", time.monotonic() - started)
-    return service, server
+    return service
+
+
+def build_lanes(settings: Settings, url: str, blocked_ports: list[int], count: int) -> Lanes:
+    """The job intake's models (the default one preloaded) and ``count`` lane processes started."""
+    worker_target(settings)  # StorageConfigError here, rather than in every lane
+    models = SharedModels(url, settings.max_loaded_models, settings.triton_timeout)
+
+    async def preload() -> None:
+        try:
+            await models.preload(settings.default_model)
+        finally:
+            await models.close()
+
+    asyncio.run(preload())
+    ports = ",".join(str(port) for port in blocked_ports)
+
+    def environment(index: int) -> dict[str, str]:
+        return {**settings.lane_share(count, index), "TRITON_URL": url, "TRITON_PORTS": ports}
+
+    lanes = Lanes(count, environment, models).start()
+    atexit.register(lanes.kill)
+    log.info("%d lanes starting, %d image workers in all", count, settings.cpu_workers)
+    return lanes
+
+
+def refuse_job(_job: dict) -> dict:
+    raise RuntimeError("jobs run in lanes")  # the lanes' job loop never calls the handler here
 
 
 def main() -> None:
@@ -109,8 +147,19 @@ def main() -> None:
     quiet_runpod_logs()
     keep_freed_memory()
     settings = Settings.from_env()
+    production = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))  # runpod's job loop, not the local API
+    count = settings.lane_count() if production else 1
+    lanes = None
     try:
-        service, server = build_service(settings)
+        url, server, blocked_ports = start_triton(settings)
+        if count > 1:
+            lanes = build_lanes(settings, url, blocked_ports, count)
+            models: ModelLifetime = lanes.models
+            config: dict = {"handler": refuse_job, "lanes": lanes}
+        else:
+            service = build_service(settings, url, blocked_ports, production)
+            models = service.triton
+            config = {"handler": service.handle_job}
     except (TritonStartError, ModelUnavailable, StorageConfigError) as error:  # one line, exit 1: replaced
         log.error("could not start: %s", error)
         sys.exit(1)
@@ -120,14 +169,12 @@ def main() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     supervisor = None
-    health = TritonHealth(
-        service.triton.url, None if server is not None else settings.triton_unreachable_exit, leave
-    ).start()
+    health = TritonHealth(url, None if server is not None else settings.triton_unreachable_exit, leave).start()
     atexit.register(health.stop)
     if server is not None:
         supervisor = TritonSupervisor(
             server,
-            models_in_use=lambda: service.triton.loaded,
+            models_in_use=lambda: models.loaded,
             on_give_up=leave,
             max_restarts=settings.triton_max_restarts,
         ).start()
@@ -136,11 +183,13 @@ def main() -> None:
     def exit_status() -> int:
         return 1 if health.gave_up or (supervisor is not None and supervisor.gave_up) else 0
 
+    def concurrency(_current: int) -> int:
+        if lanes is not None and not lanes.ready:
+            return 0  # no lane can take a job yet (starting, or all of them restarting)
+        return health.concurrency(settings.concurrency)
+
     # For the local API (--rp_serve_api); runpod's production loop installs its own, which drains first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(exit_status()))  # runs atexit (stops the embedded Triton)
-    concurrency = settings.concurrency
-    jobloop.install()
-    runpod.serverless.start(
-        {"handler": service.handle_job, "concurrency_modifier": lambda _current: health.concurrency(concurrency)}
-    )
+    jobloop.install(LaneJobScaler if lanes is not None else jobloop.EagerJobScaler)
+    runpod.serverless.start({**config, "concurrency_modifier": concurrency})
     sys.exit(exit_status())

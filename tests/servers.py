@@ -28,6 +28,7 @@ class ImageServer(LoopbackServer):
         self.hits: Counter[str] = Counter()
         self.cookies: list[str] = []  # every Cookie header received
         self.stop_event = threading.Event()
+        self.release = threading.Event()  # lets ``/held/<name>`` answer
         super().__init__(self._handler_class(), host)
 
     def add(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
@@ -68,6 +69,11 @@ class ImageServer(LoopbackServer):
                     self.send_error(404)
                     return
                 self.send_body(*server.files[name])
+
+            def route_held(self, path: str, query: dict) -> None:
+                """``/held/<name>``: the file once ``release`` is set (at most 60 s later)."""
+                server.release.wait(60)
+                self.route_files(path, query)
 
             def route_cookie(self, path: str, _query: dict) -> None:
                 """An image that also sets a cookie for the whole host."""

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import quote
 
@@ -219,15 +220,12 @@ class EagerJobScaler(JobScaler):
     # ------------------------------------------------------------------ one job
 
     async def handle_job(self, session: Any, job: dict) -> None:
-        """Run the handler on ``job`` (cancellable through the stop channel); its result is posted by a
-        task of its own, so the job's place frees as soon as the handler ends."""
+        """Run ``job`` (cancellable through the stop channel); its place frees as soon as ``answer``
+        returns, while its answer may still be on its way (it stays in the heartbeats' list until then)."""
         token = rp_scale._set_batch_id(job.get("batchId"))
         job_id = job["id"]
-        posted_later = False
         try:
-            result = await run_handler(self.config, job)
-            self._post_later(session, job_id, result)
-            posted_later = True
+            await self.answer(session, job)
             if self.config.get("refresh_worker", False):
                 self.kill_worker()
         except asyncio.CancelledError:
@@ -236,27 +234,36 @@ class EagerJobScaler(JobScaler):
         finally:
             self.jobs_queue.task_done()
             self.jobs_tasks.pop(job_id, None)
-            if not posted_later:
+            if job_id not in self._posting:
                 self.job_progress.remove(job_id)
             rp_scale._reset_batch_id(token)
             self._job_ended.set()
 
+    async def answer(self, session: Any, job: dict) -> None:
+        """Run the handler on ``job`` here; its result is posted by a task of its own."""
+        result = await run_handler(self.config, job)
+        self._post_later(session, job["id"], result)
+
     def _post_later(self, session: Any, job_id: str, result: dict) -> None:
+        self._answering(job_id, post_result(session, job_id, result))
+
+    def _answering(self, job_id: str, answer: Awaitable) -> None:
+        """``job_id``'s answer is on its way (``answer`` ends when it has arrived or was given up)."""
         self._posting.add(job_id)
         self.job_progress.add(job_id)  # in the heartbeats' list until answered
-        task = asyncio.create_task(self._post(session, job_id, result))
+        task = asyncio.ensure_future(self._answered(job_id, answer))
         self._posts.add(task)
         task.add_done_callback(self._posts.discard)
 
-    async def _post(self, session: Any, job_id: str, result: dict) -> None:
+    async def _answered(self, job_id: str, answer: Awaitable) -> None:
         try:
-            await post_result(session, job_id, result)
+            await answer
         finally:
             self._posting.discard(job_id)
             self.job_progress.remove(job_id)
             self._job_ended.set()
 
 
-def install() -> None:
-    """Make runpod's ``run_worker`` build an ``EagerJobScaler`` (it looks ``rp_scale.JobScaler`` up at run time)."""
-    rp_scale.JobScaler = EagerJobScaler
+def install(scaler: type[EagerJobScaler] = EagerJobScaler) -> None:
+    """Make runpod's ``run_worker`` build ``scaler`` (it looks ``rp_scale.JobScaler`` up at run time)."""
+    rp_scale.JobScaler = scaler

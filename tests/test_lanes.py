@@ -1,0 +1,175 @@
+"""Lanes (``LANES=2``): ``python -m gateway`` as deployed, one job intake and two lane processes, against
+the job-API stand-in and the session's real Triton.
+
+Every job is answered exactly once and with its own pixels whichever lane ran it; a job cancelled through
+the stop channel stops in the lane that runs it and is not answered, and its place frees; a lane killed
+mid-job costs only its own jobs (answered here with a clean error), the other lane's jobs finish intact,
+the lane comes back and its shared memory does not stay behind; SIGTERM drains both lanes.
+The worker runs at ``CONCURRENCY`` 2, so that a job whose place did not free would block the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devstack.jobapi import JobApi
+from gateway.serving.lanes import LANE_LOST
+from gateway.serving.shared_memory import SHM_DIR
+from gateway.serving.triton_process import EmbeddedTriton
+from tests import images
+from tests.helpers import decode_image
+from tests.servers import ImageServer, running_image_server
+from tests.test_jobloop import mixed_job, start_worker
+from tests.test_robustness import b64
+
+LANES_ENV = {"LANES": "2", "CPU_WORKERS": "2", "URL_ALLOWLIST": "127.0.0.1", "DOWNLOAD_TIMEOUT": "60"}
+SIZES = [(40, 30), (36, 28), (44, 20), (24, 32)]  # width, height: a job's depth shape names its image
+
+
+@pytest.fixture(scope="module")
+def lanes_worker(triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    api = JobApi().start()
+    log_path = tmp_path_factory.mktemp("lanes") / "worker.log"
+    process = start_worker(api, triton, log_path, concurrency=2, extra=LANES_ENV)
+    try:
+        api.wait_for([api.submit({"image_b64": b64(photo(32, 24))})], timeout=180)
+        yield api, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        api.stop()
+
+
+def photo(width: int, height: int, seed: int = 0) -> bytes:
+    noise = np.random.default_rng(seed).integers(0, 96, (height, width, 3))
+    return images.encode(
+        images.Image.fromarray((images.photo_like(width, height) // 2 + noise).astype(np.uint8)), "PNG"
+    )
+
+
+def lane_pids(log_path: Path) -> dict[int, list[int]]:
+    """Each lane's processes in the order they became ready."""
+    pids: dict[int, list[int]] = {}
+    for lane, pid in re.findall(r"lane (\d+) ready \(pid (\d+)\)", log_path.read_text()):
+        pids.setdefault(int(lane), []).append(int(pid))
+    return pids
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def held_job(server: ImageServer, name: str, size: tuple[int, int]) -> dict:
+    server.add(name, photo(*size), "image/png")
+    return {"images": [{"type": "url", "data": server.url(f"/held/{name}")}]}
+
+
+def test_every_job_is_answered_once_with_its_own_pixels_whichever_lane_ran_it(lanes_worker) -> None:
+    api, _process, log_path = lanes_worker
+    assert set(lane_pids(log_path)) == {0, 1}
+    photos = [b64(photo(width, height, seed=index)) for index, (width, height) in enumerate(SIZES)]
+    alone = {}
+    for index, encoded in enumerate(photos):  # each photo's depth, one job at a time
+        job = api.submit({"image_b64": encoded})
+        alone[index] = decode_image(api.wait_for([job], timeout=60)[job]["output"]["results"][0]["depth_png_b64"])
+    jobs = {}
+    for index in range(120):
+        if index % 3 == 0:
+            jobs[api.submit({"image_b64": photos[index % 4]})] = index % 4
+        else:
+            jobs[api.submit(mixed_job(index))] = None
+    results = api.wait_for(list(jobs), timeout=240)
+    time.sleep(1)  # a duplicate post would arrive now
+    assert all(len(api.results[job_id]) == 1 for job_id in jobs)
+    for job_id, source in jobs.items():
+        if source is None:
+            continue
+        depth = decode_image(results[job_id]["output"]["results"][0]["depth_png_b64"]).astype(np.int64)
+        assert depth.shape == alone[source].shape
+        assert np.abs(depth - alone[source]).max() <= 655  # 1 % of the PNG's range: batching may round apart
+    kinds = [index % 5 for index, source in enumerate(jobs.values()) if source is None]
+    assert kinds.count(2) > 0
+    assert any("invalid value 'bogus' for tasks.0" in r.get("error", "") for r in results.values())
+
+
+def test_a_job_cancelled_in_either_lane_stops_there_unanswered_and_frees_its_place(lanes_worker) -> None:
+    api, _process, log_path = lanes_worker
+    with running_image_server() as server:
+        held = [api.submit(held_job(server, f"c{index}.jpg", (32, 24))) for index in range(2)]
+        wait_until(lambda: all(job in api.taken_at for job in held), 30, "the held jobs were not taken")
+        time.sleep(0.5)  # in their lanes, downloading
+        for job in held:
+            api.cancel(job)
+        stopped = {}
+
+        def both_stopped() -> bool:
+            for lane, job in re.findall(r"lane (\d+) INFO job (\w+) stopped", log_path.read_text()):
+                stopped[job] = int(lane)
+            return all(job in stopped for job in held)
+
+        wait_until(both_stopped, 30, "the lanes did not stop the cancelled jobs")
+        assert {stopped[job] for job in held} == {0, 1}  # one in each lane
+        follow = [api.submit({"image_b64": b64(photo(32, 24))}) for _ in range(3)]
+        results = api.wait_for(follow, timeout=60)  # at concurrency 2: only if both places freed
+        assert all("depth_png_b64" in r["output"]["results"][0] for r in results.values())
+        assert not any(job in api.results for job in held)
+
+
+def test_a_lane_killed_mid_job_costs_only_its_own_jobs_and_comes_back(lanes_worker) -> None:
+    api, _process, log_path = lanes_worker
+    with running_image_server() as server:
+        first, second = (api.submit(held_job(server, f"k{index}.jpg", (40, 30))) for index in range(2))
+        wait_until(lambda: first in api.taken_at and second in api.taken_at, 30, "the held jobs were not taken")
+        time.sleep(0.5)
+        victim = lane_pids(log_path)[1][-1]
+        regions = list(Path(SHM_DIR).glob(f"depth-gateway-{victim}-*"))
+        assert regions, "the lane had no shared-memory region"
+        os.kill(victim, signal.SIGKILL)
+        lost = api.wait_for([second], timeout=30)[second]  # the second job went to lane 1
+        assert lost == {"error": LANE_LOST}
+        assert first not in api.results  # lane 0's job is still running
+        server.release.set()
+        kept = api.wait_for([first], timeout=60)[first]
+        assert decode_image(kept["output"]["results"][0]["depth_png_b64"]).shape == (30, 40)
+    wait_until(lambda: len(lane_pids(log_path)[1]) == 2, 120, "lane 1 did not come back")
+    assert not any(path.exists() for path in regions)
+    again = [api.submit({"image_b64": b64(photo(32, 24))}) for _ in range(6)]
+    assert all("depth_png_b64" in r["output"]["results"][0] for r in api.wait_for(again, timeout=60).values())
+    time.sleep(1)
+    assert len(api.results[first]) == 1
+    assert len(api.results[second]) == 1
+
+
+def test_sigterm_drains_both_lanes_and_they_exit(lanes_worker) -> None:
+    api, process, log_path = lanes_worker
+    jobs = [api.submit({"images": [{"type": "b64", "data": b64(photo(32, 24))}] * 4}) for _ in range(20)]
+    wait_until(lambda: any(job in api.taken_at for job in jobs), 60, "no job was taken")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0
+    taken = [job for job in jobs if job in api.taken_at]
+    for job in taken:
+        assert len(api.results[job]) == 1, job
+        assert all("depth_png_b64" in r for r in api.results[job][0]["output"]["results"])
+    answered = {
+        int(lane): int(count) for lane, count in re.findall(r"lane (\d+) answered (\d+) jobs", log_path.read_text())
+    }
+    assert set(answered) == {0, 1}
+    assert all(count > 0 for count in answered.values())
+    for pids in lane_pids(log_path).values():
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+            assert not list(Path(SHM_DIR).glob(f"depth-gateway-{pid}-*"))
