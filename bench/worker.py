@@ -1,26 +1,30 @@
 """What one worker sustains, measured as deployed: runpod's production job loop, an instant model.
 
-    python -m bench.worker [--runs 3] [--images 60] [--tiny-jobs 300] [--workloads "all five, url" 3D ...]
+    python -m bench.worker [--runs 3] [--images 60] [--tiny-jobs 300] [--lanes 1 2 3] [--workloads 3D ...]
 
 ``python -m gateway`` (no ``--rp_serve_api``) takes jobs from a loopback stand-in for Runpod's job API
 (``devstack.jobapi``) and sends inference to a real tritonserver whose model has the real config of
 Depth-Anything-V2-Small but answers at once (a smooth map computed from the image in about a
 millisecond), so only the gateway is measured; Triton runs in its own process and is excluded.
 
-Figures, each the median of ``--runs`` runs:
+One worker is started per ``--lanes`` setting (``LANES``: gateway processes behind the one job intake,
+``gateway.serving.lanes``); figures, each the median of ``--runs`` runs:
 
 - intake: tiny one-image jobs (64x64 PNG, task depth) per second, first take to last result;
-- gateway CPU per 1024x768 JPEG image (all of the worker's threads) for ``depth``, ``depth`` +
-  ``colorized``, all five tasks and 3D (``depth``, ``points``, ``mesh``), inline, and some of them with
-  ``output_mode`` url (uploaded to SeaweedFS on loopback, started by the benchmark);
-- serial CPU per image: the CPU time of the worker's busiest thread (from ``/proc/<pid>/task/*/schedstat``)
-  divided by the images: it bounds one worker whatever its core count.
+- CPU per 1024x768 JPEG image, every process of the worker (intake, lanes, image workers), for ``depth``,
+  ``depth`` + ``colorized``, all five tasks and 3D (``depth``, ``points``, ``mesh``), inline, and some of
+  them with ``output_mode`` url (uploaded to SeaweedFS on loopback, started by the benchmark);
+- serial CPU per image: the CPU time of the busiest thread of the intake and the lanes (from
+  ``/proc/<pid>/task/*/schedstat``) divided by all the worker's images: one worker cannot go faster than
+  one image per that much, whatever its core count. The intake's busiest thread alone is the path every
+  job shares (with one lane, the intake is the lane).
 
 CPU figures are also given in units of a calibration workload timed in the same run ("cal", issue 9):
 Pillow decodes the 1024x768 JPEG, converts it to 8-bit grayscale and saves it times 257 as a 16-bit PNG
 with Pillow's defaults; the least CPU time of 15 runs, taken before and after, averaged. The projection
-for a 16-core host is ``min(16 / cpu_per_image, 1 / serial_per_image)`` images/s: the cores, or the one
-thread every image passes through, whichever runs out first (an upper bound: it ignores GIL waits).
+for a host of ``cores`` cores is ``min(cores / cpu_per_image, 1 / serial_per_image)`` images/s for the
+lanes setting measured: the cores, or the busiest thread, whichever runs out first (an upper bound: it
+ignores GIL waits). A 16-core host gets 2 lanes by default and a 24-core host 3 (one per 8 CPU workers).
 Writes bench/results/worker.json (with ``--env NAME=VALUE``: worker_name-value.json, e.g. the gRPC-payload
 baseline ``--env TRITON_SHARED_MEMORY=off``).
 """
@@ -65,6 +69,10 @@ WORKLOADS = {  # name -> (tasks, output_mode); url: outputs uploaded to SeaweedF
     "3D": (THREE_D, "inline"),
     "3D, url": (THREE_D, "url"),
 }
+# An empty job-take or stop poll is held open this long by the stand-in (runpod's job API long-polls too):
+# with its default half second, the idle intake's polling alone cost ~60 ms of CPU a second here, which
+# a short batch would book to its images.
+LONG_POLL = 5.0
 TARGETS = {  # issue 9, in cal
     "cpu": {"depth": 0.27, "depth+colorized": 0.40, "all five": 0.80},
     "serial": {"depth": 0.05, "depth+colorized": 0.06, "all five": 0.10},
@@ -138,7 +146,7 @@ def process_cpu(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """The worker's image processes (its direct children; Triton runs apart)."""
+    """The direct children of ``pid``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -150,21 +158,42 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_lane(pid: int) -> bool:
+    try:
+        return b"gateway.lane" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def snapshot(pid: int) -> dict:
-    pool = children(pid)
+    """CPU so far of the worker's processes: the intake (``pid``: the only gateway process without lanes),
+    its lanes, and every other process below them (image workers, runpod's heartbeat; Triton runs apart)."""
+    lanes = [child for child in children(pid) if is_lane(child)]
+    gateways = [pid, *lanes]
+    pool = [child for gateway in gateways for child in children(gateway) if child not in lanes]
     return {
-        "gateway_threads": thread_cpu(pid),
-        "gateway_cpu": process_cpu(pid),
+        "lanes": len(lanes),
+        "threads": {(process, tid): t for process in gateways for tid, t in thread_cpu(process).items()},
+        "cpu": {process: process_cpu(process) for process in gateways},
         "pool_threads": {(child, tid): t for child in pool for tid, t in thread_cpu(child).items()},
         "pool_cpu": {child: process_cpu(child) for child in pool},
     }
 
 
+def idle_rates(pid: int, seconds: float = 5.0) -> dict[int, float]:
+    """CPU seconds per second of each of the intake's threads while no job runs: runpod's loop polls
+    (its 0.1 s wait for tasks, the stop channel, empty job-takes) whatever the load."""
+    before, started = thread_cpu(pid), time.monotonic()
+    time.sleep(seconds)
+    after, spent = thread_cpu(pid), time.monotonic() - started
+    return {tid: (t - before.get(tid, 0.0)) / spent for tid, t in after.items()}
+
+
 def run_batch(api: JobApi, pid: int, jobs: list[dict], images_per_job: int) -> dict:
-    before = snapshot(pid)
+    before, started, takes = snapshot(pid), time.monotonic(), sum(api.takes.values())
     ids = [api.submit(job) for job in jobs]
     results = api.wait_for(ids, timeout=600)
-    after = snapshot(pid)
+    after, duration = snapshot(pid), time.monotonic() - started
     failed = [r for r in results.values() if "error" in r or any("error" in i for i in r["output"]["results"])]
     if failed:
         raise RuntimeError(f"{len(failed)} jobs failed, e.g. {json.dumps(failed[0])[:300]}")
@@ -173,22 +202,28 @@ def run_batch(api: JobApi, pid: int, jobs: list[dict], images_per_job: int) -> d
     def per_image(seconds: float) -> float:
         return seconds / images * 1000
 
-    gateway_threads = {t: after["gateway_threads"][t] - before["gateway_threads"].get(t, 0.0)
-                       for t in after["gateway_threads"]}  # fmt: skip
-    pool_threads = [t - before["pool_threads"].get(key, 0.0) for key, t in after["pool_threads"].items()]
-    pool_cpu = sum(t - before["pool_cpu"].get(child, 0.0) for child, t in after["pool_cpu"].items())
-    gateway_cpu = after["gateway_cpu"] - before["gateway_cpu"]
+    def spent(kind: str) -> dict:
+        return {key: value - before[kind].get(key, 0.0) for key, value in after[kind].items()}
+
+    threads, cpu, pool_threads = spent("threads"), spent("cpu"), spent("pool_threads")
+    intake_threads = [t for (process, _tid), t in threads.items() if process == pid]
     span = max(api.done_at[i] for i in ids) - min(api.taken_at[i] for i in ids)
     return {
         "images": images,
+        "lanes": after["lanes"],
         "wall_s": span,
         "per_second": len(jobs) / span,
-        "cpu_ms_per_image": per_image(gateway_cpu + pool_cpu),
-        "serial_ms_per_image": per_image(max(gateway_threads.values())),
-        "event_loop_ms_per_image": per_image(gateway_threads[pid]),
-        "gateway_process_ms_per_image": per_image(gateway_cpu),
-        "busiest_pool_thread_ms_per_image": per_image(max(pool_threads, default=0.0)),
-        "gateway_threads_ms_per_image": sorted((per_image(t) for t in gateway_threads.values()), reverse=True)[:5],
+        "cpu_ms_per_image": per_image(sum(cpu.values()) + sum(spent("pool_cpu").values())),
+        "serial_ms_per_image": per_image(max(threads.values())),
+        "intake_serial_ms_per_image": per_image(max(intake_threads)),
+        "intake_thread_s": {str(tid): t for (process, tid), t in threads.items() if process == pid},
+        "duration_s": duration,
+        "takes_per_job": (sum(api.takes.values()) - takes) / len(jobs),
+        "event_loop_ms_per_image": per_image(threads[(pid, pid)]),
+        "gateway_process_ms_per_image": per_image(max(cpu.values())),
+        "intake_process_ms_per_image": per_image(cpu[pid]),
+        "busiest_pool_thread_ms_per_image": per_image(max(pool_threads.values(), default=0.0)),
+        "gateway_threads_ms_per_image": sorted((per_image(t) for t in threads.values()), reverse=True)[:5],
     }
 
 
@@ -214,7 +249,7 @@ def deployed_worker(
                      "BUCKET_SECRET_ACCESS_KEY": ADMIN[1], **extra}  # fmt: skip
         triton = EmbeddedTriton(repository, start_timeout=start_timeout).start()
         stack.callback(triton.stop)
-        api = JobApi().start()
+        api = JobApi(long_poll=LONG_POLL).start()
         stack.callback(api.stop)
         worker = start_worker(api, triton, root / "worker.log", extra)
         stack.callback(worker.wait, timeout=60)
@@ -222,27 +257,24 @@ def deployed_worker(
         yield api, worker
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--images", type=int, default=60, help="1024x768 images per run and workload")
-    parser.add_argument("--tiny-jobs", type=int, default=300, help="tiny jobs per intake run")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting")
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
-                        help="only these rows (the results file then says which)")  # fmt: skip
-    args = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in args.env)
+FIGURES = {  # run_batch's key (without _per_image) -> what it is
+    "cpu_ms": "CPU of every process of the worker (intake, lanes, image workers) per image",
+    "serial_ms": "the busiest thread of the intake and lanes, per image of the whole worker",
+    "intake_serial_ms": "the intake's busiest thread (the path every job shares) per image",
+    "intake_serial_net_ms": "the same, less what that thread spends idle (idle_rates) over the batch's time",
+    "gateway_process_ms": "the busiest gateway process (intake or a lane) per image of the whole worker",
+    "intake_process_ms": "the intake process per image",
+    "busiest_pool_thread_ms": "the busiest image-worker thread per image",
+}
 
-    jpeg = photo_jpeg()
-    photo_b64 = base64.b64encode(jpeg).decode()
-    tiny = io.BytesIO()
-    Image.fromarray(cv2.resize(data.astronaut(), (64, 64), interpolation=cv2.INTER_AREA)).save(tiny, "PNG")
-    tiny_b64 = base64.b64encode(tiny.getvalue()).decode()
-    cal_before = calibration(jpeg)
 
+def measure(args: argparse.Namespace, extra: dict[str, str], lanes: int, photo_b64: str, tiny_b64: str) -> dict:
+    """Every workload's runs on one worker with ``lanes`` lanes (its own Triton and bucket)."""
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        with deployed_worker(root, instant_repository(root / "repository"), extra, bucket="outputs") as (api, worker):
+        settings = {**extra, "LANES": str(lanes)}
+        repository = instant_repository(root / "repository")
+        with deployed_worker(root, repository, settings, bucket="outputs") as (api, worker):
             api.wait_for([api.submit({"image_b64": photo_b64, "tasks": ALL_TASKS})], timeout=300)  # warm-up
             intake = [
                 run_batch(api, worker.pid, [{"image_b64": tiny_b64}] * args.tiny_jobs, 1) for _ in range(args.runs)
@@ -256,60 +288,81 @@ def main() -> None:
                 for name, (tasks, mode) in WORKLOADS.items()
                 if name in args.workloads
             }  # fmt: skip
+            idle = idle_rates(worker.pid)  # after the batches: an idle spell before them slowed the first one
+    for batch in [*intake, *(run for runs in measured.values() for run in runs)]:
+        busy = [t - idle.get(int(tid), 0.0) * batch["duration_s"] for tid, t in batch["intake_thread_s"].items()]
+        batch["intake_serial_net_ms_per_image"] = max(busy) / batch["images"] * 1000
+    return {"intake": intake, "measured": measured, "intake_idle_ms_per_s": 1000 * idle.get(worker.pid, 0.0)}
+
+
+def summarize(runs: dict, cal: float, lanes: int) -> dict:
+    """Medians of one lanes setting's runs, in ms and cal, with what they bound."""
+
+    def median(batch: list[dict], key: str) -> float:
+        return statistics.median(run[key] for run in batch)
+
+    rows = {}
+    for name, batch in runs["measured"].items():
+        row = {key: median(batch, f"{key}_per_image") for key in FIGURES}
+        in_cal = ("cpu_ms", "serial_ms", "intake_serial_ms", "intake_serial_net_ms")
+        row |= {f"{key}_cal": row[key] / (cal * 1000) for key in in_cal}
+        row["images_per_s_here"] = median(batch, "per_second")
+        for cores in (16, 24):
+            row[f"projected_{cores}_core_images_per_s"] = min(cores / row["cpu_ms"], 1 / row["serial_ms"]) * 1000
+        rows[name] = row
+    return {"lanes": lanes, "intake_jobs_per_s": median(runs["intake"], "per_second"),
+            "intake_idle_ms_per_s": runs["intake_idle_ms_per_s"], "workloads": rows}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=60, help="1024x768 images per run and workload")
+    parser.add_argument("--tiny-jobs", type=int, default=300, help="tiny jobs per intake run")
+    parser.add_argument("--lanes", type=int, nargs="+", default=[1, 2, 3], help="one worker per lanes setting")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a worker setting")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                        help="only these rows (the results file then says which)")  # fmt: skip
+    args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.env)
+
+    jpeg = photo_jpeg()
+    photo_b64 = base64.b64encode(jpeg).decode()
+    tiny = io.BytesIO()
+    Image.fromarray(cv2.resize(data.astronaut(), (64, 64), interpolation=cv2.INTER_AREA)).save(tiny, "PNG")
+    tiny_b64 = base64.b64encode(tiny.getvalue()).decode()
+    cal_before = calibration(jpeg)
+    raw = {lanes: measure(args, extra, lanes, photo_b64, tiny_b64) for lanes in args.lanes}
     cal = (cal_before + calibration(jpeg)) / 2
-
-    def median(runs: list[dict], key: str) -> float:
-        return statistics.median(run[key] for run in runs)
-
-    rows = {
-        name: {
-            "cpu_ms": median(runs, "cpu_ms_per_image"),
-            "serial_ms": median(runs, "serial_ms_per_image"),
-            "cpu_cal": median(runs, "cpu_ms_per_image") / (cal * 1000),
-            "serial_cal": median(runs, "serial_ms_per_image") / (cal * 1000),
-            "gateway_process_ms": median(runs, "gateway_process_ms_per_image"),
-            "busiest_pool_thread_ms": median(runs, "busiest_pool_thread_ms_per_image"),
-            "images_per_s_here": median(runs, "per_second"),
-        }
-        for name, runs in measured.items()
-    }
-    for row in rows.values():
-        row["projected_16_core_images_per_s"] = min(16 / row["cpu_ms"], 1 / row["serial_ms"]) * 1000
-        row["projected_16_core_if_gil_bound"] = min(16 / row["cpu_ms"], 1 / row["gateway_process_ms"]) * 1000
-        row["projected_24_core_images_per_s"] = min(24 / row["cpu_ms"], 1 / row["serial_ms"]) * 1000
-    intake_rate = median(intake, "per_second")
+    settings = {lanes: summarize(runs, cal, lanes) for lanes, runs in raw.items()}
 
     print(f"calibration: {cal * 1000:.0f} ms CPU (mean of before/after); {args.runs} runs each, medians")
-    print("| figure | measured | target | met |\n|---|---:|---:|:-:|")
-    print(f"| intake, tiny one-image jobs | {intake_rate:.0f} jobs/s | >= {TARGETS['intake']} jobs/s "
-          f"| {'yes' if intake_rate >= TARGETS['intake'] else 'no'} |")  # fmt: skip
-    for kind, key in (("cpu", "gateway CPU per 1024x768 image"), ("serial", "serial CPU per image")):
+    for lanes, summary in settings.items():
+        rows = summary["workloads"]
+        print(f"\n## {lanes} lane(s): intake {summary['intake_jobs_per_s']:.0f} tiny jobs/s, "
+              f"idle intake {summary['intake_idle_ms_per_s']:.0f} ms CPU/s\n")  # fmt: skip
+        print("| workload | CPU per image | busiest thread | intake's busiest thread (less idle) | busiest process "
+              "| 16 cores | 24 cores | here |\n|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
         for name, row in rows.items():
-            value, target = row[f"{kind}_cal"], TARGETS[kind].get(name)
-            wanted, met = ("-", "-") if target is None else (f"<= {target} cal", "yes" if value <= target else "no")
-            print(f"| {key}, `{name}` | {value:.3f} cal ({row[f'{kind}_ms']:.1f} ms) | {wanted} | {met} |")
-    print("\n| workload | whole gateway process | busiest image-worker thread | 16 cores, projected | "
-          "same, if one GIL held all the gateway process's CPU | 24 cores, projected "
-          "| here (2 cores, Triton beside) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, row in rows.items():
-        print(f"| `{name}` | {row['gateway_process_ms']:.1f} ms | {row['busiest_pool_thread_ms']:.1f} ms "
-              f"| {row['projected_16_core_images_per_s']:.0f} images/s | {row['projected_16_core_if_gil_bound']:.0f} "
-              f"images/s | {row['projected_24_core_images_per_s']:.0f} images/s "
-              f"| {row['images_per_s_here']:.0f} images/s |")  # fmt: skip
+            print(f"| `{name}` | {row['cpu_ms_cal']:.3f} cal | {row['serial_ms_cal']:.3f} cal "
+                  f"| {row['intake_serial_ms_cal']:.4f} ({row['intake_serial_net_ms_cal']:.4f}) cal "
+                  f"| {row['gateway_process_ms']:.1f} ms "
+                  f"| {row['projected_16_core_images_per_s']:.0f}/s | {row['projected_24_core_images_per_s']:.0f}/s "
+                  f"| {row['images_per_s_here']:.0f}/s |")  # fmt: skip
+    print("\ntargets (issue 9, one lane):", json.dumps(TARGETS))
     payload = {
         "calibration_ms": cal * 1000,
         "runs": args.runs,
         "worker_settings": extra,
-        "intake_jobs_per_s": intake_rate,
-        "intake_runs": intake,
-        "workloads": rows,
-        "raw": measured,
+        "figures": FIGURES,
+        "lanes": settings,
+        "raw": raw,
         "targets": TARGETS,
     }
     name = "_".join(["worker", *(f"{key}-{value}".lower() for key, value in extra.items())])
-    if args.workloads != list(WORKLOADS):
-        name += "_only-" + "-".join(workload.replace(", ", "-").replace(" ", "-") for workload in args.workloads)
+    if args.workloads != list(WORKLOADS) or args.lanes != [1, 2, 3]:
+        chosen = [workload.replace(", ", "-").replace(" ", "-") for workload in args.workloads]
+        name += "_only-" + "-".join([*chosen, *(f"{lanes}lanes" for lanes in args.lanes)])
     path = write(name, payload)  # worker.json for the defaults
     print(f"wrote {path}")
 

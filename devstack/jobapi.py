@@ -26,12 +26,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from devstack.local import LOOPBACK_ONLY, LoopbackServer, QuietHandler
 
-LONG_POLL = 0.5  # seconds a job-take waits for a job before answering 204
+LONG_POLL = 0.5  # seconds an empty job-take or stop poll is held open before answering 204 (by default)
 HANG = 40.0  # seconds a hanging take or post stays open
 
 
 class JobApi(LoopbackServer):
-    def __init__(self) -> None:
+    def __init__(self, long_poll: float = LONG_POLL) -> None:
+        self.long_poll = long_poll
         self.queue: deque[dict] = deque()
         self.results: defaultdict[str, list[dict]] = defaultdict(list)
         self.progress: defaultdict[str, list[object]] = defaultdict(list)  # IN_PROGRESS posts
@@ -73,7 +74,7 @@ class JobApi(LoopbackServer):
             self._lock.notify_all()
 
     def _stops(self) -> list[str]:
-        deadline = time.monotonic() + LONG_POLL
+        deadline = time.monotonic() + self.long_poll
         with self._lock:
             while not self.stops and (remaining := deadline - time.monotonic()) > 0:
                 self._lock.wait(remaining)
@@ -94,7 +95,7 @@ class JobApi(LoopbackServer):
             return {job_id: self.results[job_id][0] for job_id in job_ids}
 
     def _take(self, count: int) -> list[dict]:
-        deadline = time.monotonic() + LONG_POLL
+        deadline = time.monotonic() + self.long_poll
         with self._lock:
             while not self.queue and (remaining := deadline - time.monotonic()) > 0:
                 self._lock.wait(remaining)

@@ -302,6 +302,27 @@ def test_a_batch_with_malformed_entries_answers_every_job_that_has_an_id(worker)
     assert log_path.read_text().count("job-take entry without a usable id skipped") == 6
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'[{"id": "a", "input": {"x": 1}}, {"id": "b", "input": {"y": NaN}}]', (["a", "b"], [], 0)),
+        (('[{"id": "a", "input": {}}, ' + raw_job("deep", DEEP_INPUT) + "]").encode(), (["a"], ["deep"], 0)),
+        (("{" + raw_job("deep", DEEP_INPUT)[1:]).encode(), ([], ["deep"], 0)),
+        (b'[{"id": "a", "input": {}}, {"id": "a", "input": {}}, 3, {"input": 1}]', (["a"], [], 3)),
+        (b'[{"id": "a"}]', ([], ["a"], 0)),
+    ],
+)
+def test_a_take_is_sorted_into_jobs_refusals_and_skips(body: bytes, expected: tuple) -> None:
+    intake = jobintake.parse_take(bytearray(body))  # as take_jobs reads it
+    assert ([job["id"] for job in intake.jobs], [job_id for job_id, _ in intake.refused], intake.skipped) == expected
+
+
+@pytest.mark.parametrize("body", [b"null", b"3", b'"text"', b"[1, 2", b"\xff\xfe", b"{} {}", b"[1] x"])
+def test_a_take_that_is_not_jobs_at_all_is_unreadable(body: bytes) -> None:
+    with pytest.raises(jobintake.Unreadable):
+        jobintake.parse_take(body)
+
+
 def test_a_hanging_result_post_takes_no_jobs_place(triton: EmbeddedTriton, tmp_path: Path) -> None:
     api = JobApi().start()
     process = start_worker(api, triton, tmp_path / "worker.log", concurrency=1)  # the slow post: the only job

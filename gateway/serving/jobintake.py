@@ -115,7 +115,7 @@ def sort_unparsed(raw: str, intake: Intake, seen: set[str]) -> None:
     intake.refused.append((identifier, "the job's input is not valid JSON or is nested too deeply"))
 
 
-def parse_take(body: bytes) -> Intake:
+def parse_take(body: bytes | bytearray) -> Intake:
     """The jobs of one job-take body (one job object, or an array of them)."""
     intake, seen = Intake(), set[str]()
     try:
@@ -164,4 +164,4 @@ async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
                 raise Unreadable(f"job-take body over {limit} bytes")
     if not body.strip():
         return Intake()
-    return parse_take(bytes(body))
+    return parse_take(body)

@@ -8,8 +8,11 @@ replaces these steps:
 - Intake. ``JobScaler.get_jobs`` sleeps a whole second whenever it runs ``CONCURRENCY`` jobs, so a worker
   took at most about ``CONCURRENCY`` jobs a second whatever its speed. Here intake waits for room (an
   event set when any job ends, with the same one-second ceiling) and asks for as many jobs as there is
-  room for at once (job-take-batch). Jobs are read and validated by ``jobintake``: a malformed entry is logged and
-  skipped, or answered with an error when it has an id; the rest of its batch runs.
+  room for at once (job-take-batch). While jobs run and less than a quarter of the room is free, it lets
+  ``TAKE_GATHER`` pass before taking, so that one job-take brings several jobs (one per job ending cost
+  the intake more than its jobs' dispatch, bench.worker). Jobs are read and validated by ``jobintake``: a
+  malformed entry is logged and skipped, or answered with an error when it has an id; the rest of its
+  batch runs.
 - Readiness. While ``concurrency_modifier`` answers 0 (the worker cannot serve: Triton is down), no job
   is taken; the queue is not resized.
 - Results. A job's result is posted by its own task with a per-attempt timeout, retries with backoff
@@ -46,6 +49,8 @@ log = logging.getLogger("gateway")
 
 ROOM_WAIT_CEILING = 1.0  # seconds; what the SDK waited unconditionally
 TAKE_GRACE = 3.0  # seconds a job-take in flight at SIGTERM may still take
+TAKE_FRACTION = 4  # with less than 1/4 of the room free and jobs running, room is gathered first ...
+TAKE_GATHER = 0.05  # ... for this many seconds: one job-take then brings several jobs
 RESULT_POST_ATTEMPT = 10.0  # seconds for one job-done POST
 RESULT_POST_DEADLINE = 60.0  # seconds for all attempts of one job's result
 INTERNAL_ERROR = "internal error while processing this job"
@@ -158,13 +163,20 @@ class EagerJobScaler(JobScaler):
 
     async def get_jobs(self, session: Any) -> None:
         """Take jobs whenever there is room and the worker can serve; wait for room otherwise."""
+        gathered = False
         while self.is_alive():
             self._job_ended.clear()
             wanted = await self.set_scale()
-            needed = wanted - self.current_occupancy()
+            occupancy = self.current_occupancy()
+            needed = wanted - occupancy
             if needed <= 0:
                 await self._wait_for_room_or_shutdown()
                 continue
+            if needed < wanted // TAKE_FRACTION and occupancy > 0 and not gathered:
+                gathered = True  # let a few more jobs end, then take for all of them at once
+                await asyncio.sleep(TAKE_GATHER)
+                continue
+            gathered = False
             await self._take(session, needed)
 
     async def _wait_for_room_or_shutdown(self) -> None:

@@ -56,6 +56,7 @@ LANE_LOST = "the worker process running this job stopped unexpectedly; the job c
 CANCEL_WAIT = 30.0  # seconds a cancelled job's place waits for its lane to stop it
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
+SOCKET_BUFFER = 4 << 20
 STOP_WAIT = 30.0  # seconds a stopped lane has to exit after its jobs are answered
 
 
@@ -121,6 +122,9 @@ class Lanes:
 
     def _spawn(self, lane: Lane) -> None:
         ours, theirs = socket.socketpair()
+        for end in (ours, theirs):  # a job (a photo's base64) in one send, not many small ones
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         env = {**os.environ, **self.environment(lane.index), LANE_FD: str(theirs.fileno()), LANE_INDEX: str(lane.index)}
         with theirs:
             lane.process = subprocess.Popen(
