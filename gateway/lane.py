@@ -40,6 +40,7 @@ class LaneJobs:
         self.link = link
         self.session = session
         self.tasks: dict[str, asyncio.Task] = {}
+        self.posting: set[str] = set()
         self.answered = 0
 
     def start(self, job: dict) -> None:
@@ -47,8 +48,9 @@ class LaneJobs:
         self.tasks[job_id] = asyncio.create_task(self._run(job))
 
     def cancel(self, job_id: str) -> None:
+        """Stop a job whose handler still runs; one whose result is being posted is left to finish."""
         task = self.tasks.get(job_id)
-        if task is not None:
+        if task is not None and job_id not in self.posting:
             task.cancel()
 
     async def _run(self, job: dict) -> None:
@@ -62,6 +64,7 @@ class LaneJobs:
                 self.link.send("ended", job_id, False)
                 return
             self.link.send("ended", job_id, True)
+            self.posting.add(job_id)
             try:
                 await post_result(self.session, job_id, result)  # type: ignore[arg-type]
                 self.answered += 1
@@ -69,6 +72,7 @@ class LaneJobs:
                 self.link.send("answered", job_id)
         finally:
             self.tasks.pop(job_id, None)
+            self.posting.discard(job_id)
             rp_scale._reset_batch_id(token)
 
     async def drain(self) -> None:

@@ -10,9 +10,13 @@ The worker runs at ``CONCURRENCY`` 2, so that a job whose place did not free wou
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +25,9 @@ import numpy as np
 import pytest
 
 from devstack.jobapi import JobApi
-from gateway.serving.lanes import LANE_LOST
+from gateway.serving.lane_link import Link
+from gateway.serving.lanes import LANE_LOST, Lanes, SharedModels
+from gateway.serving.model_lifetime import ModelLifetime
 from gateway.serving.shared_memory import SHM_DIR
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
@@ -173,3 +179,68 @@ def test_sigterm_drains_both_lanes_and_they_exit(lanes_worker) -> None:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
             assert not list(Path(SHM_DIR).glob(f"depth-gateway-{pid}-*"))
+
+
+def test_the_intake_counts_each_lanes_models_and_settles_a_dead_lanes_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intake's side of the protocol against two stand-in lanes on real socket pairs (no Triton: the
+    model lifetime's loads and unloads are replaced by recorders)."""
+    loads: list[str] = []
+
+    async def ensure_loaded(self: ModelLifetime, name: str) -> str:
+        loads.append(name)
+        return f"model {name}"
+
+    async def unload(self: ModelLifetime, name: str) -> None:
+        self.loaded.pop(name, None)
+
+    monkeypatch.setattr(ModelLifetime, "ensure_loaded", ensure_loaded)
+    monkeypatch.setattr(ModelLifetime, "unload", unload)
+
+    async def scenario() -> None:
+        models = SharedModels("127.0.0.1:9", 2, 1.0)
+        lanes = Lanes(2, lambda _index: {}, models)
+        fakes = []
+        for lane in lanes.lanes:
+            ours, theirs = socket.socketpair()
+            lane.socket = ours
+            lane.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            fakes.append(await Link.over(theirs))
+        await lanes.open()
+        assert lanes.ready == 0
+        for index, fake in enumerate(fakes):
+            fake.send("ready", 1000 + index)
+        fakes[0].send("busy", "m")
+        fakes[1].send("busy", "m")
+        fakes[1].send("busy", "n")
+        fakes[1].send("load", 7, "n", False)
+        await asyncio.sleep(0.2)
+        assert lanes.ready == 2
+        assert dict(models.in_use) == {"m": 2, "n": 1}
+        assert loads == ["n"]
+        assert await fakes[1].receive() == ("model", 7, "model n")
+        first = lanes.dispatch({"id": "a", "input": {}})
+        second = lanes.dispatch({"id": "b", "input": {}})  # the least busy lane: the other one
+        assert (await fakes[0].receive())[1]["id"] == "a"
+        assert (await fakes[1].receive())[1]["id"] == "b"
+        fakes[0].send("ended", "a", True)
+        fakes[0].send("idle", "m")
+        await asyncio.sleep(0.1)
+        assert first.ended.result() is True
+        assert not first.answered.done()
+        await models.unload("x")  # every lane hears of an unload
+        assert [await fake.receive() for fake in fakes] == [("unloaded", "x")] * 2
+        lanes.closing = True  # no restart here: this test has no lane program to start
+        lanes.lanes[1].process.kill()
+        await fakes[1].close()
+        await asyncio.sleep(0.3)
+        assert second.ended.result() is None  # answered by the intake with LANE_LOST
+        assert dict(models.in_use) == {"m": 0, "n": 0}  # the dead lane's models are no longer in use
+        assert lanes.ready == 1
+        fakes[0].send("answered", "a")
+        await asyncio.sleep(0.1)
+        assert first.answered.done()
+        lanes.lanes[0].process.kill()
+        await fakes[0].close()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(scenario())
