@@ -25,6 +25,7 @@ import ctypes
 import functools
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -131,8 +132,9 @@ def keep_freed_memory() -> None:
 
 def _start_worker() -> None:
     """In each worker process: dies with the gateway (even a SIGKILLed one, so that nothing holds on to
-    the shared memory); parallelism comes from the processes, so OpenCV runs single-threaded."""
-    die_with_parent()
+    the shared memory; SIGKILL, as a lane's workers inherit its ignored SIGTERM); parallelism comes from
+    the processes, so OpenCV runs single-threaded."""
+    die_with_parent(signal.SIGKILL)
     keep_freed_memory()
     cv2.setNumThreads(1)
 

@@ -37,10 +37,11 @@ NVIDIA_IMAGE_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """In a child process: ask Linux to SIGTERM it when its parent dies, so that it is never orphaned."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a child process: ask Linux to send it ``signum`` when its parent dies, so that it is never
+    orphaned."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, signum)
 
 
 class TritonStartError(RuntimeError):
