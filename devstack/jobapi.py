@@ -3,7 +3,8 @@
 Without ``--rp_serve_api`` the worker runs runpod's production job loop: it long-polls
 ``RUNPOD_WEBHOOK_GET_JOB`` (``/job-take/<worker>``, or ``/job-take-batch/<worker>?batch_size=N`` when
 there is room for several jobs), posts each result to ``RUNPOD_WEBHOOK_POST_OUTPUT`` (``/job-done/<worker>/<job>``)
-and long-polls ``/job-stop/<worker>`` for cancellations (``cancel`` queues one). This server speaks that
+and long-polls ``/job-stop/<worker>`` for cancellations (``cancel`` queues one); its heartbeat
+process pings ``/ping/<worker>`` with the jobs in progress when ``ping_env`` is set. This server speaks that
 protocol on 127.0.0.1: jobs are queued with ``submit``, every result is recorded (so a test can see a job
 answered twice), as are progress updates (runpod's ``progress_update`` posts ``{"status": "IN_PROGRESS"}``
 to the same URL), and the number of jobs in flight is tracked. For tests and benchmarks only; the worker
@@ -45,6 +46,7 @@ class JobApi(LoopbackServer):
         self.hang_takes = False  # takes stay open (up to HANG seconds) without an answer
         self.hang_done: set[str] = set()  # job ids whose first job-done POST hangs, then is dropped
         self.stops: deque[str] = deque()  # job ids the next stop-channel poll tells the worker to stop
+        self.pings: list[set[str]] = []  # the in-progress job ids of each heartbeat (``ping_env``)
         self.stopping = threading.Event()  # ends the hangs
         self._lock = threading.Condition()
         super().__init__(self._handler())
@@ -57,6 +59,14 @@ class JobApi(LoopbackServer):
             "RUNPOD_WEBHOOK_GET_JOB": f"{self.base}/job-take/$ID?gpu=standin",
             "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.base}/job-done/$RUNPOD_POD_ID/$ID?gpu=standin",
             "RUNPOD_POD_ID": worker_id,
+        }
+
+    def ping_env(self, interval_ms: int = 1000) -> dict[str, str]:
+        """The variables that start runpod's heartbeat process, pinging this server."""
+        return {
+            "RUNPOD_AI_API_KEY": "stand-in",
+            "RUNPOD_WEBHOOK_PING": f"{self.base}/ping/$RUNPOD_POD_ID",
+            "RUNPOD_PING_INTERVAL": str(interval_ms),
         }
 
     def submit(self, job_input: dict, job_id: str | None = None, **fields: object) -> str:
@@ -135,6 +145,11 @@ class JobApi(LoopbackServer):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 kind = url.path.split("/")[1]
+                if kind == "ping":
+                    listed = parse_qs(url.query).get("job_id", [""])[0]
+                    api.pings.append({job_id for job_id in listed.split(",") if job_id})
+                    self.reply(200, {})
+                    return
                 if kind == "job-stop":
                     stops = api._stops()
                     if stops:

@@ -4,6 +4,9 @@ Runpod's own flags pass through, e.g. ``python -m gateway --rp_serve_api --rp_ap
 Runpod's local HTTP API. The embedded Triton binds loopback only, is supervised (``gateway.serving.supervisor``)
 and stops with the worker; the worker exits with status 1 when Triton cannot be brought back.
 
+In runpod's production loop, with ``LANES`` > 1, this process is the job intake and jobs run in lane
+processes (``gateway.serving.lanes``, ``gateway.lane``).
+
 Runpod's logger logs every job's whole output at DEBUG, its default, and fixes its level when runpod is
 imported; ``quiet_runpod_logs`` sets it on the logger itself (INFO unless ``RUNPOD_LOG_LEVEL`` or
 ``RUNPOD_DEBUG_LEVEL`` asks otherwise), whatever was imported first.
@@ -116,7 +119,7 @@ def build_service(settings: Settings, url: str, blocked_ports: list[int], produc
 
 
 def build_lanes(settings: Settings, url: str, blocked_ports: list[int], count: int) -> Lanes:
-    """The job intake's models (the default one preloaded) and ``count`` lane processes started."""
+    """The job intake's models (the default one preloaded) and its ``count`` lanes."""
     worker_target(settings)  # StorageConfigError here, rather than in every lane
     models = SharedModels(url, settings.max_loaded_models, settings.triton_timeout)
 
@@ -132,9 +135,9 @@ def build_lanes(settings: Settings, url: str, blocked_ports: list[int], count: i
     def environment(index: int) -> dict[str, str]:
         return {**settings.lane_share(count, index), "TRITON_URL": url, "TRITON_PORTS": ports}
 
-    lanes = Lanes(count, environment, models).start()
+    lanes = Lanes(count, environment, models)  # started by the job loop (LaneJobScaler.run)
     atexit.register(lanes.kill)
-    log.info("%d lanes starting, %d image workers in all", count, settings.cpu_workers)
+    log.info("%d lanes, %d image workers in all", count, settings.cpu_workers)
     return lanes
 
 

@@ -11,6 +11,7 @@ The worker runs at ``CONCURRENCY`` 2, so that a job whose place did not free wou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -143,6 +144,8 @@ def test_a_lane_killed_mid_job_costs_only_its_own_jobs_and_comes_back(lanes_work
         victim = lane_pids(log_path)[1][-1]
         regions = list(Path(SHM_DIR).glob(f"depth-gateway-{victim}-*"))
         assert regions, "the lane had no shared-memory region"
+        workers = descendants(victim)
+        assert workers, "the lane had no image workers"
         os.kill(victim, signal.SIGKILL)
         lost = api.wait_for([second], timeout=30)[second]  # the second job went to lane 1
         assert lost == {"error": LANE_LOST}
@@ -150,6 +153,7 @@ def test_a_lane_killed_mid_job_costs_only_its_own_jobs_and_comes_back(lanes_work
         server.release.set()
         kept = api.wait_for([first], timeout=60)[first]
         assert decode_image(kept["output"]["results"][0]["depth_png_b64"]).shape == (30, 40)
+    wait_until(lambda: all(gone(pid) for pid in workers), 30, "the killed lane's image workers stayed")
     wait_until(lambda: len(lane_pids(log_path)[1]) == 2, 120, "lane 1 did not come back")
     assert not any(path.exists() for path in regions)
     again = [api.submit({"image_b64": b64(photo(32, 24))}) for _ in range(6)]
@@ -179,6 +183,58 @@ def test_sigterm_drains_both_lanes_and_they_exit(lanes_worker) -> None:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
             assert not list(Path(SHM_DIR).glob(f"depth-gateway-{pid}-*"))
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for a parent that is gone counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        with contextlib.suppress(FileNotFoundError):  # it exited meanwhile
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                children = [int(child) for child in (task / "children").read_text().split()]
+                found += children
+                queue += children
+    return found
+
+
+def test_heartbeats_list_every_lanes_jobs_and_lanes_outlive_a_killed_intake(
+    triton: EmbeddedTriton, tmp_path: Path
+) -> None:
+    """With runpod's heartbeat process running (it is forked from the intake), the pings list the jobs of
+    both lanes; when the intake is killed outright, each lane still finishes its job, posts the result
+    and exits (it sees the intake go: no fork holds the intake's end of its socket)."""
+    api = JobApi().start()
+    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=2, extra={**LANES_ENV, **api.ping_env()})
+    stray: list[int] = []
+    try:
+        api.wait_for([api.submit({"image_b64": b64(photo(32, 24))})], timeout=180)
+        with running_image_server() as server:
+            held = [api.submit(held_job(server, f"h{index}.png", (40, 30))) for index in range(2)]
+            wait_until(lambda: any(set(held) <= ping for ping in api.pings), 30, "no heartbeat listed both jobs")
+            lanes = [pids[-1] for pids in lane_pids(tmp_path / "worker.log").values()]
+            stray = [pid for pid in descendants(process.pid) if pid not in lanes]  # the heartbeat, image workers
+            process.kill()
+            process.wait()
+            server.release.set()
+            results = api.wait_for(held, timeout=60)
+        for job in held:
+            assert decode_image(results[job]["output"]["results"][0]["depth_png_b64"]).shape == (30, 40)
+
+        wait_until(lambda: all(gone(pid) for pid in lanes), 60, "a lane outlived its intake")
+    finally:
+        for pid in stray:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        api.stop()
 
 
 def test_the_intake_counts_each_lanes_models_and_settles_a_dead_lanes_jobs(monkeypatch: pytest.MonkeyPatch) -> None:

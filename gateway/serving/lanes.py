@@ -102,7 +102,7 @@ class Lane:
 
 
 class Lanes:
-    """The lane processes, seen from the intake's event loop (``start`` may run before it exists)."""
+    """The lane processes, seen from the intake's event loop."""
 
     def __init__(self, count: int, environment: Callable[[int], dict[str, str]], models: SharedModels) -> None:
         self.lanes = [Lane(index) for index in range(count)]
@@ -113,12 +113,6 @@ class Lanes:
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ processes
-
-    def start(self) -> Lanes:
-        """Start every lane process (they get ready once ``open`` answers their model requests)."""
-        for lane in self.lanes:
-            self._spawn(lane)
-        return self
 
     def _spawn(self, lane: Lane) -> None:
         ours, theirs = socket.socketpair()
@@ -133,8 +127,12 @@ class Lanes:
         lane.socket = ours
 
     async def open(self) -> None:
-        """Connect to the lanes started before this event loop ran."""
+        """Start the lane processes and connect to them. Not before the job loop runs: runpod forks its
+        heartbeat process first, and a fork taken after would hold the intake's ends of the lanes'
+        sockets, so that a lane would not see the intake go."""
         for lane in self.lanes:
+            if lane.socket is None:
+                self._spawn(lane)
             await self._connect(lane)
 
     async def _connect(self, lane: Lane) -> None:
