@@ -28,6 +28,7 @@ from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_image
+from tests.servers import running_image_server
 from tests.test_robustness import GOOD_IMAGE, b64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def start_worker(
 def worker(triton: EmbeddedTriton, tmp_path: Path) -> Iterator[tuple[JobApi, subprocess.Popen, Path]]:
     api = JobApi().start()
     log_path = tmp_path / "worker.log"
-    process = start_worker(api, triton, log_path, concurrency=8)
+    process = start_worker(api, triton, log_path, concurrency=8, extra={"URL_ALLOWLIST": "127.0.0.1"})
     try:
         first = api.submit({"image_b64": GOOD_IMAGE})
         api.wait_for([first], timeout=120)  # the worker is up and serving
@@ -123,6 +124,27 @@ def test_jobs_of_several_images_report_progress(worker) -> None:
     assert api.progress[single] == []
     assert len(api.results[several]) == 1
     assert len(api.results[several][0]["output"]["results"]) == 4
+
+
+def test_a_job_cancelled_through_the_stop_channel_stops_and_is_not_answered(worker) -> None:
+    api, _process, log_path = worker
+    with running_image_server() as server:
+        server.add("held.png", images.encode(images.Image.fromarray(images.photo_like(32, 24)), "PNG"), "image/png")
+        held = api.submit({"images": [{"type": "url", "data": server.url("/held/held.png")}]})
+        deadline = time.monotonic() + 30
+        while held not in api.taken_at and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # downloading, held by the server
+        api.cancel(held)
+        deadline = time.monotonic() + 30
+        while f"job {held} stopped" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"job {held} stopped" in log_path.read_text()
+        after = api.submit({"image_b64": GOOD_IMAGE})
+        assert "output" in api.wait_for([after], timeout=30)[after]
+        server.release.set()  # the download could finish now: nothing may come of it
+        time.sleep(1)
+    assert held not in api.results
 
 
 async def posted_nowhere(_session: object, _job_id: str, _result: dict) -> bool:
