@@ -225,6 +225,7 @@ def worker_figures(dry: bool, jobs: int) -> dict:
             "model": MODEL_ID,
             "precision": precision,
             "jobs": jobs,
+            "lanes": batch["lanes"],  # the default for this machine's CPUs (LANES)
             "images_per_s": batch["per_second"],
             "cpu_ms_per_image": batch["cpu_ms_per_image"],
             "serial_ms_per_image": batch["serial_ms_per_image"],

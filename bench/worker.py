@@ -210,7 +210,7 @@ def run_batch(api: JobApi, pid: int, jobs: list[dict], images_per_job: int) -> d
     span = max(api.done_at[i] for i in ids) - min(api.taken_at[i] for i in ids)
     return {
         "images": images,
-        "lanes": after["lanes"],
+        "lanes": max(1, after["lanes"]),  # with one, the intake is the lane
         "wall_s": span,
         "per_second": len(jobs) / span,
         "cpu_ms_per_image": per_image(sum(cpu.values()) + sum(spent("pool_cpu").values())),
