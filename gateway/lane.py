@@ -19,7 +19,6 @@ import runpod
 from runpod.http_client import AsyncClientSession
 from runpod.serverless.modules import rp_scale
 
-from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.jobloop import post_result, run_handler
@@ -27,7 +26,7 @@ from gateway.serving.lane_link import Link
 from gateway.serving.lane_models import LaneModels
 from gateway.serving.lanes import LANE_FD, LANE_INDEX, ignore_termination
 from gateway.settings import Settings
-from gateway.worker import quiet_runpod_logs
+from gateway.worker import quiet_runpod_logs, settings_fetcher
 
 log = logging.getLogger("gateway")
 
@@ -84,12 +83,7 @@ async def serve(settings: Settings, sock: socket.socket, index: int) -> None:
     link = await Link.over(sock)
     models = LaneModels(settings.triton_url or "", settings.max_loaded_models, settings.triton_timeout,
                         settings.triton_retries, link)  # fmt: skip
-    fetcher = Fetcher(
-        AddressPolicy(settings.url_allowlist, list(settings.triton_ports)),
-        settings.max_download_bytes,
-        settings.download_timeout,
-        settings.downloads_per_job,
-    )
+    fetcher = settings_fetcher(settings, list(settings.triton_ports))  # the intake's Triton ports, passed on
     service = DepthService(settings, models, fetcher, runpod.serverless.progress_update)
     async with AsyncClientSession() as session:
         jobs = LaneJobs(service, link, session)

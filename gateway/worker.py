@@ -100,16 +100,21 @@ def start_triton(settings: Settings) -> tuple[str, EmbeddedTriton | None, list[i
     return url, server, blocked_ports
 
 
-def build_service(settings: Settings, url: str, blocked_ports: list[int], production: bool) -> DepthService:
-    """The gateway in this process: preloads the default model and starts the image workers."""
-    started = time.monotonic()
-    triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
-    fetcher = Fetcher(
+def settings_fetcher(settings: Settings, blocked_ports: list[int]) -> Fetcher:
+    """The downloader of image and video URLs, by the worker's settings; ``blocked_ports`` are Triton's."""
+    return Fetcher(
         AddressPolicy(settings.url_allowlist, blocked_ports),
         settings.max_download_bytes,
         settings.download_timeout,
         settings.downloads_per_job,
     )
+
+
+def build_service(settings: Settings, url: str, blocked_ports: list[int], production: bool) -> DepthService:
+    """The gateway in this process: preloads the default model and starts the image workers."""
+    started = time.monotonic()
+    triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
+    fetcher = settings_fetcher(settings, blocked_ports)
     progress = runpod.serverless.progress_update if production else None
     service = DepthService(settings, triton, fetcher, progress)
     log.info("loading %s and starting %d image workers", settings.default_model, settings.cpu_workers)

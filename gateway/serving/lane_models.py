@@ -77,7 +77,7 @@ class LaneModels(TritonModels):
             await asyncio.sleep(0.2)
 
     async def unload(self, name: str) -> None:
-        self.loaded.pop(name, None)  # Triton is the intake's to change
+        self.unloaded(name)  # Triton is the intake's to change
 
     @contextlib.contextmanager
     def using(self, name: str) -> Iterator[None]:

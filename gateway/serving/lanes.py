@@ -82,6 +82,7 @@ class LaneJob:
     (cancelled: no answer), None when the lane died first; ``answered`` once the lane's post is over."""
 
     job_id: str
+    lane: Lane
     ended: asyncio.Future
     answered: asyncio.Future
 
@@ -92,6 +93,7 @@ class Lane:
     process: subprocess.Popen | None = None
     socket: socket.socket | None = None  # the intake's end until the link is opened
     link: Link | None = None
+    serving: asyncio.Task | None = None  # reads the lane's messages until its link closes, then settles it
     ready: bool = False
     jobs: dict[str, LaneJob] = field(default_factory=dict)
     busy: Counter = field(default_factory=Counter)  # models in use by its jobs
@@ -139,7 +141,7 @@ class Lanes:
         assert lane.socket is not None
         lane.link = await Link.over(lane.socket)
         lane.socket = None
-        self._background(self._serve(lane))
+        lane.serving = asyncio.ensure_future(self._serve(lane))
 
     def _background(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -151,21 +153,13 @@ class Lanes:
         return sum(lane.ready for lane in self.lanes)
 
     async def close(self) -> None:
-        """Tell every lane to stop (its jobs are over: the job loop has drained) and wait for it to exit."""
+        """Tell every lane to stop (its jobs are over: the job loop has drained) and wait until each has
+        exited (killed after ``STOP_WAIT``) and is settled (``_lost``)."""
         self.closing = True
         for lane in self.lanes:
             if lane.link is not None:
                 lane.link.send("stop")
-        loop = asyncio.get_running_loop()
-        for lane in self.lanes:
-            if lane.process is None:
-                continue
-            try:
-                await asyncio.wait_for(loop.run_in_executor(None, lane.process.wait), STOP_WAIT)
-            except TimeoutError:
-                log.error("lane %d did not exit; killed", lane.index)
-                lane.process.kill()
-                await loop.run_in_executor(None, lane.process.wait)
+        await asyncio.gather(*(lane.serving for lane in self.lanes if lane.serving is not None))
         for task in list(self._tasks):
             task.cancel()
 
@@ -185,16 +179,17 @@ class Lanes:
             raise NoLane("no lane is ready")
         lane = min(ready, key=Lane.running)
         loop = asyncio.get_running_loop()
-        entry = LaneJob(job["id"], loop.create_future(), loop.create_future())
+        entry = LaneJob(job["id"], lane, loop.create_future(), loop.create_future())
         lane.jobs[entry.job_id] = entry
         assert lane.link is not None
         lane.link.send("job", job)
         return entry
 
     def cancel(self, entry: LaneJob) -> None:
-        for lane in self.lanes:
-            if lane.jobs.get(entry.job_id) is entry and lane.link is not None:
-                lane.link.send("cancel", entry.job_id)
+        """Ask the job's lane to stop it (unless the job is no longer there)."""
+        lane = entry.lane
+        if lane.jobs.get(entry.job_id) is entry and lane.link is not None:
+            lane.link.send("cancel", entry.job_id)
 
     # ------------------------------------------------------------------ messages from a lane
 
@@ -271,6 +266,7 @@ class Lanes:
         try:
             code = await asyncio.wait_for(loop.run_in_executor(None, process.wait), STOP_WAIT)
         except TimeoutError:
+            log.error("lane %d did not exit; killed", lane.index)
             process.kill()
             code = await loop.run_in_executor(None, process.wait)
         self._forget_memory(process.pid)
