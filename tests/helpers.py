@@ -1,9 +1,11 @@
-"""Decoding helpers for asserting on gateway outputs."""
+"""Helpers for asserting on gateway outputs, and for waiting on what a running worker does."""
 
 from __future__ import annotations
 
 import base64
 import io
+import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -28,3 +30,12 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def b64decode(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition not met") -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (after {timeout:g} s)")
+        time.sleep(0.05)

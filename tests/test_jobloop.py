@@ -9,6 +9,7 @@ second whenever it ran its ``CONCURRENCY`` jobs); SIGTERM lets the jobs in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -27,7 +28,7 @@ from gateway.serving import jobintake, jobloop
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
-from tests.helpers import decode_image
+from tests.helpers import decode_image, wait_until
 from tests.servers import running_image_server
 from tests.test_robustness import GOOD_IMAGE, b64
 
@@ -53,20 +54,34 @@ def start_worker(
         )
 
 
-@pytest.fixture
-def worker(triton: EmbeddedTriton, tmp_path: Path) -> Iterator[tuple[JobApi, subprocess.Popen, Path]]:
-    api = JobApi().start()
-    log_path = tmp_path / "worker.log"
-    process = start_worker(api, triton, log_path, concurrency=8, extra={"URL_ALLOWLIST": "127.0.0.1"})
+@contextlib.contextmanager
+def serving_worker(
+    api: JobApi,
+    triton: EmbeddedTriton,
+    log_path: Path,
+    concurrency: int,
+    extra: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Iterator[subprocess.Popen]:
+    """``start_worker`` once it has answered a first job; killed afterwards if still running, and ``api``
+    stopped."""
+    process = start_worker(api, triton, log_path, concurrency, extra)
     try:
         first = api.submit({"image_b64": GOOD_IMAGE})
-        api.wait_for([first], timeout=120)  # the worker is up and serving
-        yield api, process, log_path
+        api.wait_for([first], timeout=timeout)  # the worker is up and serving
+        yield process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         api.stop()
+
+
+@pytest.fixture
+def worker(triton: EmbeddedTriton, tmp_path: Path) -> Iterator[tuple[JobApi, subprocess.Popen, Path]]:
+    api, log_path = JobApi().start(), tmp_path / "worker.log"
+    with serving_worker(api, triton, log_path, concurrency=8, extra={"URL_ALLOWLIST": "127.0.0.1"}) as process:
+        yield api, process, log_path
 
 
 def mixed_job(index: int) -> dict:
@@ -131,15 +146,10 @@ def test_a_job_cancelled_through_the_stop_channel_stops_and_is_not_answered(work
     with running_image_server() as server:
         server.add("held.png", images.encode(images.Image.fromarray(images.photo_like(32, 24)), "PNG"), "image/png")
         held = api.submit({"images": [{"type": "url", "data": server.url("/held/held.png")}]})
-        deadline = time.monotonic() + 30
-        while held not in api.taken_at and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: held in api.taken_at, 30, "the held job was not taken")
         time.sleep(0.5)  # downloading, held by the server
         api.cancel(held)
-        deadline = time.monotonic() + 30
-        while f"job {held} stopped" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert f"job {held} stopped" in log_path.read_text()
+        wait_until(lambda: f"job {held} stopped" in log_path.read_text(), 30, "the job was not stopped")
         after = api.submit({"image_b64": GOOD_IMAGE})
         assert "output" in api.wait_for([after], timeout=30)[after]
         server.release.set()  # the download could finish now: nothing may come of it

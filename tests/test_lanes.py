@@ -32,9 +32,9 @@ from gateway.serving.model_lifetime import ModelLifetime
 from gateway.serving.shared_memory import SHM_DIR
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
-from tests.helpers import decode_image
+from tests.helpers import decode_image, wait_until
 from tests.servers import ImageServer, running_image_server
-from tests.test_jobloop import mixed_job, start_worker
+from tests.test_jobloop import mixed_job, serving_worker
 from tests.test_robustness import b64
 
 LANES_ENV = {"LANES": "2", "CPU_WORKERS": "2", "URL_ALLOWLIST": "127.0.0.1", "DOWNLOAD_TIMEOUT": "60"}
@@ -43,17 +43,9 @@ SIZES = [(40, 30), (36, 28), (44, 20), (24, 32)]  # width, height: a job's depth
 
 @pytest.fixture(scope="module")
 def lanes_worker(triton: EmbeddedTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    api = JobApi().start()
-    log_path = tmp_path_factory.mktemp("lanes") / "worker.log"
-    process = start_worker(api, triton, log_path, concurrency=2, extra=LANES_ENV)
-    try:
-        api.wait_for([api.submit({"image_b64": b64(photo(32, 24))})], timeout=180)
+    api, log_path = JobApi().start(), tmp_path_factory.mktemp("lanes") / "worker.log"
+    with serving_worker(api, triton, log_path, concurrency=2, extra=LANES_ENV, timeout=180) as process:
         yield api, process, log_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        api.stop()
 
 
 def photo(width: int, height: int, seed: int = 0) -> bytes:
@@ -69,14 +61,6 @@ def lane_pids(log_path: Path) -> dict[int, list[int]]:
     for lane, pid in re.findall(r"lane (\d+) ready \(pid (\d+)\)", log_path.read_text()):
         pids.setdefault(int(lane), []).append(int(pid))
     return pids
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def held_job(server: ImageServer, name: str, size: tuple[int, int]) -> dict:
@@ -212,29 +196,27 @@ def test_heartbeats_list_every_lanes_jobs_and_lanes_outlive_a_killed_intake(
     """With runpod's heartbeat process running (it is forked from the intake), the pings list the jobs of
     both lanes; when the intake is killed outright, each lane still finishes its job, posts the result
     and exits (it sees the intake go: no fork holds the intake's end of its socket)."""
-    api = JobApi().start()
-    process = start_worker(api, triton, tmp_path / "worker.log", concurrency=2, extra={**LANES_ENV, **api.ping_env()})
+    api, log_path = JobApi().start(), tmp_path / "worker.log"
+    extra = {**LANES_ENV, **api.ping_env()}
     stray: list[int] = []
-    try:
-        api.wait_for([api.submit({"image_b64": b64(photo(32, 24))})], timeout=180)
-        with running_image_server() as server:
-            held = [api.submit(held_job(server, f"h{index}.png", (40, 30))) for index in range(2)]
-            wait_until(lambda: any(set(held) <= ping for ping in api.pings), 30, "no heartbeat listed both jobs")
-            lanes = [pids[-1] for pids in lane_pids(tmp_path / "worker.log").values()]
-            stray = [pid for pid in descendants(process.pid) if pid not in lanes]  # the heartbeat, image workers
-            process.kill()
-            process.wait()
-            server.release.set()
-            results = api.wait_for(held, timeout=60)
-        for job in held:
-            assert decode_image(results[job]["output"]["results"][0]["depth_png_b64"]).shape == (30, 40)
-
-        wait_until(lambda: all(gone(pid) for pid in lanes), 60, "a lane outlived its intake")
-    finally:
-        for pid in stray:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        api.stop()
+    with serving_worker(api, triton, log_path, concurrency=2, extra=extra, timeout=180) as process:
+        try:
+            with running_image_server() as server:
+                held = [api.submit(held_job(server, f"h{index}.png", (40, 30))) for index in range(2)]
+                wait_until(lambda: any(set(held) <= ping for ping in api.pings), 30, "no heartbeat listed both jobs")
+                lanes = [pids[-1] for pids in lane_pids(log_path).values()]
+                stray = [pid for pid in descendants(process.pid) if pid not in lanes]  # heartbeat, image workers
+                process.kill()
+                process.wait()
+                server.release.set()
+                results = api.wait_for(held, timeout=60)
+            for job in held:
+                assert decode_image(results[job]["output"]["results"][0]["depth_png_b64"]).shape == (30, 40)
+            wait_until(lambda: all(gone(pid) for pid in lanes), 60, "a lane outlived its intake")
+        finally:
+            for pid in stray:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_the_intake_counts_each_lanes_models_and_settles_a_dead_lanes_jobs(monkeypatch: pytest.MonkeyPatch) -> None:

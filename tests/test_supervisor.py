@@ -19,6 +19,7 @@ from devstack.local import post, start_gateway, wait_for_api
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton_process import BACKEND_REGION_PREFIX, EmbeddedTriton, RateLimit, free_port, mapped_shm_files
 from tests.conftest import SMALL
+from tests.helpers import wait_until
 from tests.test_robustness import GOOD_JOB
 
 
@@ -31,13 +32,6 @@ def model_states(server: EmbeddedTriton) -> dict[str, str]:
 def load(server: EmbeddedTriton, name: str) -> None:
     request = urllib.request.Request(f"{server.http_url}/v2/repository/models/{name}/load", b"", method="POST")
     urllib.request.urlopen(request, timeout=300).close()
-
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 def test_a_crashed_triton_is_restarted_with_its_models_and_its_stubs_killed(own_repository: Path) -> None:
