@@ -3,7 +3,7 @@
 It serves jobs the intake sends over its socket (``LANE_FD``) with its own ``DepthService`` (image
 workers, gRPC client and shared-memory region on the intake's Triton; models through the intake, see
 ``lane_models``) and posts each result to the job API itself, as runpod's job loop would (same URL,
-headers, retries and deadline: ``jobloop.post_result``). Its settings are the worker's, with the
+headers, retries and deadline: ``result_post.post_result``). Its settings are the worker's, with the
 per-process budgets (CPU workers, memory, shared-memory slots, video spool) the intake gave it a share of.
 """
 
@@ -21,10 +21,11 @@ from runpod.serverless.modules import rp_scale
 
 from gateway.service import DepthService
 from gateway.serving.imagework import keep_freed_memory
-from gateway.serving.jobloop import post_result, run_handler
+from gateway.serving.jobloop import run_handler
 from gateway.serving.lane_link import Link
 from gateway.serving.lane_models import LaneModels
 from gateway.serving.lanes import LANE_FD, LANE_INDEX, ignore_termination
+from gateway.serving.result_post import post_result
 from gateway.settings import Settings
 from gateway.worker import quiet_runpod_logs, settings_fetcher
 
