@@ -3,7 +3,7 @@
 It serves jobs the intake sends over its socket (``LANE_FD``) with its own ``DepthService`` (image
 workers, gRPC client and shared-memory region on the intake's Triton; models through the intake, see
 ``lane_models``) and posts each result to the job API itself, as runpod's job loop would (same URL,
-headers, retries and deadline: ``result_post.post_result``). Its settings are the worker's, with the
+headers, retries and deadline, from post threads: ``result_post``). Its settings are the worker's, with the
 per-process budgets (CPU workers, memory, shared-memory slots, video spool) the intake gave it a share of.
 """
 
@@ -16,7 +16,6 @@ import socket
 import sys
 
 import runpod
-from runpod.http_client import AsyncClientSession
 from runpod.serverless.modules import rp_scale
 
 from gateway.service import DepthService
@@ -25,7 +24,7 @@ from gateway.serving.jobloop import run_handler
 from gateway.serving.lane_link import Link
 from gateway.serving.lane_models import LaneModels
 from gateway.serving.lanes import LANE_FD, LANE_INDEX, ignore_termination
-from gateway.serving.result_post import post_result
+from gateway.serving.result_post import ResultPosts
 from gateway.settings import Settings
 from gateway.worker import quiet_runpod_logs, settings_fetcher
 
@@ -35,10 +34,10 @@ log = logging.getLogger("gateway")
 class LaneJobs:
     """The jobs running in this lane, each answered (posted) here or stopped when the intake says."""
 
-    def __init__(self, service: DepthService, link: Link, session: object) -> None:
+    def __init__(self, service: DepthService, link: Link, results: ResultPosts) -> None:
         self.config = {"handler": service.handle_job}
         self.link = link
-        self.session = session
+        self.results = results
         self.tasks: dict[str, asyncio.Task] = {}
         self.posting: set[str] = set()
         self.answered = 0
@@ -66,7 +65,7 @@ class LaneJobs:
             self.link.send("ended", job_id, True)
             self.posting.add(job_id)
             try:
-                await post_result(self.session, job_id, result)  # type: ignore[arg-type]
+                await self.results.post(job_id, result)
                 self.answered += 1
             finally:
                 self.link.send("answered", job_id)
@@ -86,8 +85,9 @@ async def serve(settings: Settings, sock: socket.socket, index: int) -> None:
                         settings.triton_retries, link)  # fmt: skip
     fetcher = settings_fetcher(settings, list(settings.triton_ports))  # the intake's Triton ports, passed on
     service = DepthService(settings, models, fetcher, runpod.serverless.progress_update)
-    async with AsyncClientSession() as session:
-        jobs = LaneJobs(service, link, session)
+    results = ResultPosts()
+    try:
+        jobs = LaneJobs(service, link, results)
         reading = asyncio.create_task(receive(link, jobs, models))
         try:
             await service.startup()
@@ -101,6 +101,8 @@ async def serve(settings: Settings, sock: socket.socket, index: int) -> None:
         await jobs.drain()
         log.info("lane %d answered %d jobs", index, jobs.answered)
         await link.close()
+    finally:
+        results.close()
 
 
 async def receive(link: Link, jobs: LaneJobs, models: LaneModels) -> None:

@@ -161,10 +161,16 @@ async def posted_nowhere(_session: object, _job_id: str, _result: dict) -> bool:
     return True
 
 
+def close_post_threads(scaler: rp_scale.JobScaler) -> None:
+    """runpod's own scaler has none; ours, run without its ``run``, has them started and not closed."""
+    if isinstance(scaler, jobloop.EagerJobScaler):
+        scaler.results.close()
+
+
 def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> tuple[int, list]:
     """Jobs taken in ``seconds`` by a scaler running at most 4 jobs, jobs of 10 ms, and every sleep it asked for."""
     real_sleep = asyncio.sleep
-    monkeypatch.setattr(jobloop, "post_result", posted_nowhere)
+    monkeypatch.setattr(result_post, "post_result", posted_nowhere)
     asked: list[float] = []
 
     async def recorded_sleep(delay: float, *args: object) -> None:
@@ -194,6 +200,7 @@ def run_scaler(scaler_class: type, monkeypatch: pytest.MonkeyPatch, seconds: flo
         await real_sleep(seconds)
         scaler.kill_worker()
         await asyncio.wait_for(asyncio.gather(*loops), 10)
+        close_post_threads(scaler)
         return taken
 
     return asyncio.run(run()), asked
@@ -214,7 +221,7 @@ def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.Monkey
 def jobs_handled_when_shutdown_meets_a_take(scaler_class: type, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Shutdown begins while a job-take is in flight, and the take returns a job only after ``run_jobs``
     has stopped: which jobs were handled?"""
-    monkeypatch.setattr(jobloop, "post_result", posted_nowhere)
+    monkeypatch.setattr(result_post, "post_result", posted_nowhere)
 
     async def run() -> list[str]:
         handled: list[str] = []
@@ -241,6 +248,7 @@ def jobs_handled_when_shutdown_meets_a_take(scaler_class: type, monkeypatch: pyt
         scaler = scaler_class({"handler": handler, "concurrency_modifier": lambda _current: 1})
         scaler.jobs_fetcher, scaler.jobs_handler = fetcher, jobs_handler
         await asyncio.wait_for(asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None)), 10)
+        close_post_threads(scaler)
         return handled
 
     return asyncio.run(run())

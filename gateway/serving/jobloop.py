@@ -15,12 +15,12 @@ replaces these steps:
   batch runs.
 - Readiness. While ``concurrency_modifier`` answers 0 (the worker cannot serve: Triton is down), no job
   is taken; the queue is not resized.
-- Results. A job's result is posted by its own task with a per-attempt timeout, retries with backoff
-  and an overall deadline (``RESULT_POST_DEADLINE``): a job-done POST that hangs takes no job's place. The
-  job stays in runpod's in-progress list (heartbeats) until its post ends; at most ``CONCURRENCY`` posts
-  wait beside the running jobs, beyond that they take jobs' places again, so memory stays bounded. The body is
-  serialized once with orjson (runpod's path formats it into debug f-strings and ``json.dumps`` on the
-  event loop: ~6 ms per MB).
+- Results. A job's result is posted by its own task, on a post thread (``result_post``), with a
+  per-attempt timeout, retries with backoff and an overall deadline (``RESULT_POST_DEADLINE``): a
+  job-done POST that hangs takes no job's place. The job stays in runpod's in-progress list (heartbeats)
+  until its post ends; at most ``CONCURRENCY`` posts wait beside the running jobs, beyond that they take
+  jobs' places again, so memory stays bounded. The body is serialized once with orjson (runpod's path
+  formats it into debug f-strings and ``json.dumps`` on the event loop: ~6 ms per MB).
 - Shutdown. SIGTERM stops intake: a job-take in flight gets ``TAKE_GRACE`` seconds to deliver what it
   has (jobs it brings are run and answered), then is abandoned; the stop channel's long poll is
   abandoned; jobs in flight finish (each bounded by its own deadlines) and their results are posted
@@ -40,7 +40,7 @@ from runpod.serverless.modules import rp_scale
 from runpod.serverless.modules.rp_scale import JobScaler
 
 from gateway.serving.jobintake import Intake, Unreadable, take_jobs
-from gateway.serving.result_post import RESULT_POST_DEADLINE, post_result
+from gateway.serving.result_post import RESULT_POST_DEADLINE, ResultPosts
 
 log = logging.getLogger("gateway")
 
@@ -84,6 +84,7 @@ class EagerJobScaler(JobScaler):
         self._posting: set[str] = set()
         self._posts: set[asyncio.Task] = set()
         self._paused = False
+        self.results = ResultPosts()
 
     # ------------------------------------------------------------------ the loop's three tasks
 
@@ -95,6 +96,7 @@ class EagerJobScaler(JobScaler):
                 if self._posts:
                     await asyncio.wait(self._posts, timeout=RESULT_POST_DEADLINE + 5)
             finally:
+                self.results.close()
                 stop_channel.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await stop_channel
@@ -176,7 +178,7 @@ class EagerJobScaler(JobScaler):
         """Queue the valid jobs and answer the refused ones; jobs brought in after shutdown began are run
         here (``run_jobs`` may have stopped draining already; runpod's own loop loses them)."""
         for job_id, error in intake.refused:
-            self._post_later(session, job_id, {"error": error})
+            self._post_later(job_id, {"error": error})
         running = set(self.jobs_tasks) | self._posting
         for job in intake.jobs:
             if job["id"] in running:
@@ -215,10 +217,10 @@ class EagerJobScaler(JobScaler):
     async def answer(self, session: Any, job: dict) -> None:
         """Run the handler on ``job`` here; its result is posted by a task of its own."""
         result = await run_handler(self.config, job)
-        self._post_later(session, job["id"], result)
+        self._post_later(job["id"], result)
 
-    def _post_later(self, session: Any, job_id: str, result: dict) -> None:
-        self._answering(job_id, post_result(session, job_id, result))
+    def _post_later(self, job_id: str, result: dict) -> None:
+        self._answering(job_id, self.results.post(job_id, result))
 
     def _answering(self, job_id: str, answer: Awaitable) -> None:
         """``job_id``'s answer is on its way (``answer`` ends when it has arrived or was given up)."""

@@ -318,7 +318,7 @@ class LaneJobScaler(EagerJobScaler):
         try:
             entry = self.lanes.dispatch(job)
         except NoLane:
-            self._post_later(session, job_id, {"error": LANE_LOST})
+            self._post_later(job_id, {"error": LANE_LOST})
             return
         try:
             posting = await asyncio.shield(entry.ended)
@@ -331,7 +331,7 @@ class LaneJobScaler(EagerJobScaler):
                 self._answering(job_id, entry.answered)
             raise
         if posting is None:
-            self._post_later(session, job_id, {"error": LANE_LOST})
+            self._post_later(job_id, {"error": LANE_LOST})
         elif posting:
             self._answering(job_id, entry.answered)
 

@@ -1,0 +1,106 @@
+"""Job-done POSTs from post threads (``gateway.serving.result_post``), against the job-API stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import threading
+
+import pytest
+from runpod.serverless.modules import rp_http
+
+from devstack.jobapi import JobApi
+from gateway.serving import result_post
+from gateway.serving.result_post import ResultPosts
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch):
+    stand_in = JobApi().start()
+    url = stand_in.env()["RUNPOD_WEBHOOK_POST_OUTPUT"].replace("$RUNPOD_POD_ID", "worker-1")
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", url)
+    yield stand_in
+    stand_in.stop()
+
+
+def post_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "result-post"]
+
+
+def test_results_are_posted_whole_from_the_post_threads_not_the_callers(
+    api: JobApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    posted_from: list[int] = []
+    real_post = result_post.post_result
+
+    async def recorded(session: object, job_id: str, result: dict) -> bool:
+        posted_from.append(threading.get_ident())
+        return await real_post(session, job_id, result)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(result_post, "post_result", recorded)
+    bodies = {f"job-{n}": base64.b64encode(os.urandom(300_000 + n)).decode() for n in range(6)}
+
+    async def run() -> list[bool]:
+        results = ResultPosts(threads=2)
+        try:
+            return await asyncio.gather(*(results.post(job, {"output": {"mesh_b64": b}}) for job, b in bodies.items()))
+        finally:
+            results.close()
+
+    assert asyncio.run(run()) == [True] * 6
+    assert {job: [r["output"]["mesh_b64"] for r in api.results[job]] for job in bodies} == {
+        job: [body] for job, body in bodies.items()
+    }  # each once, every byte
+    assert threading.get_ident() not in posted_from
+    assert len(set(posted_from)) == 2  # the fewest in flight: both threads took posts
+    assert post_threads() == []  # closed
+
+
+def test_cancelling_the_caller_cancels_its_post_and_others_still_arrive(
+    api: JobApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped = threading.Event()
+    real_post = result_post.post_result
+
+    async def post(session: object, job_id: str, result: dict) -> bool:
+        if job_id == "slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+        return await real_post(session, job_id, result)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(result_post, "post_result", post)
+
+    async def run() -> bool:
+        results = ResultPosts(threads=1)
+        try:
+            slow = asyncio.create_task(results.post("slow", {"output": {}}))
+            await asyncio.sleep(0.2)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            return await results.post("after", {"output": {"depth_min": 1.5}})
+        finally:
+            results.close()
+
+    assert asyncio.run(run()) is True
+    assert stopped.wait(5)
+    assert "slow" not in api.results
+    assert api.results["after"] == [{"output": {"depth_min": 1.5}}]
+
+
+def test_a_refused_post_is_not_retried_and_says_so(api: JobApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", rp_http.JOB_DONE_URL.replace("/job-done/", "/no-such-route/"))
+
+    async def run() -> bool:
+        results = ResultPosts(threads=1)
+        try:
+            return await results.post("refused", {"output": {}})
+        finally:
+            results.close()
+
+    assert asyncio.run(run()) is False  # a 404 is final: posting again would be refused again
+    assert "refused" not in api.results
