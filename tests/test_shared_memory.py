@@ -20,7 +20,8 @@ import pytest
 
 from devstack.local import post, running_gateway, start_gateway, wait_for_api
 from gateway.inputs.schema import DepthRequest
-from gateway.serving.imagework import Decoded, render_outputs
+from gateway.serving import imagework, shared_memory
+from gateway.serving.imagework import Decoded, ImageWorkers, render_outputs, render_parked
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SHM_DIR, SharedPhoto, Slot, slot_bytes, slots_that_fit
 from gateway.serving.shm_region import SharedTensors, is_local
@@ -207,6 +208,66 @@ def test_a_photo_parked_by_one_process_is_read_by_another_and_discarded_by_the_g
         await asyncio.sleep(0.05)  # the pool's callback reaches the loop
 
     asyncio.run(abandoned_decode())
+    assert parked_photos() == before
+
+
+def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendered in an image worker, a 3D image's outputs (over ``PARK_OUTPUTS_FROM``) are parked in shared
+    memory and read back equal, key for key and in order, to the outputs rendered in-process; nothing stays
+    in /dev/shm, whether the render's caller read them or had gone (its job cancelled)."""
+    request = DepthRequest(image_b64="x", tasks=["depth", "points", "mesh"])
+    depth = np.add.outer(np.linspace(1, 2, 300), np.linspace(0, 1, 400)).astype(np.float32)
+    photo = np.random.default_rng(7).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    decoded = Decoded(None, (400, 300), (400, 300), (400, 300), photo, None)
+    model = served(RELATIVE)
+    before = parked_photos()
+
+    async def rendered(uploaded: bool, abandon: bool = False) -> dict | None:
+        workers = ImageWorkers(1)
+        try:
+            holdings = Holdings()
+            call = workers.render(decoded, depth, request, model, None, holdings, uploaded)
+            if not abandon:
+                return await call
+            task = asyncio.ensure_future(call)
+            await asyncio.sleep(0.01)
+            task.cancel()
+            holdings.close()  # the job is gone while the worker still renders
+            await asyncio.sleep(3)
+            return None
+        finally:
+            workers._pool.shutdown()
+
+    for uploaded in (False, True):
+        expected = render_outputs(decoded, depth, request, model, None, uploaded)
+        assert sum(len(expected[key]) for key in ("depth_png_b64", "points_b64", "mesh_b64")) > (
+            imagework.PARK_OUTPUTS_FROM
+        )
+        got = asyncio.run(rendered(uploaded))
+        assert list(got) == list(expected)
+        assert got == expected
+        assert parked_photos() == before
+    assert asyncio.run(rendered(False, abandon=True)) is None
+    assert parked_photos() == before
+
+    # In this process: the segment holds them until discarded; small outputs and a full /dev/shm stay inline.
+    parked = render_parked(decoded, depth, request, model, None)
+    assert parked.parked is not None
+    assert parked_photos() - before == {parked.parked.name}
+    assert parked.fields["mesh_b64"] is None
+    assert parked.outputs() == render_outputs(decoded, depth, request, model, None)
+    parked.parked.discard()
+    assert parked_photos() == before
+    small = DepthRequest(image_b64="x", tasks=["disparity"], output_format="jpg")
+    assert render_parked(decoded, depth, small, model, None).parked is None
+
+    def full(_key: str, _size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared_memory, "allocate", full)
+    inline = render_parked(decoded, depth, request, model, None)
+    assert inline.parked is None
+    assert inline.outputs() == render_outputs(decoded, depth, request, model, None)
     assert parked_photos() == before
 
 

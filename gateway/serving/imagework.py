@@ -11,9 +11,11 @@ Two calls per image: ``decode_and_prepare`` (photo bytes -> network input, and t
 the point cloud needs its colours) and ``render_outputs`` (network depth -> the response keys). With a
 shared-memory slot (``shared_memory``), the network input and the depth stay in the slot and only the
 slot's numbers travel; otherwise they travel through the pool's pipes. A photo the outputs need is
-parked in its own segment (``SharedPhoto``) between the two calls. Every call is tracked in the image's
-``Holdings``: its slot and parked photo are given back only when the gateway is done with the image and
-no call of it is still running, so a cancelled job's late decode cannot write into another image's slot.
+parked in its own segment (``SharedPhoto``) between the two calls, and the encoded outputs, when they
+are large, in theirs (``SharedOutputs``) on their way back. Every call is tracked in the image's
+``Holdings``: its slot and parked segments are given back only when the gateway is done with the image
+and no call of it is still running, so a cancelled job's late decode cannot write into another image's
+slot, and a cancelled job's late outputs do not stay in /dev/shm.
 A crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
 is replaced; the other images are not affected.
 """
@@ -34,6 +36,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pybase64
 
 from catalogue.size import Size
 from gateway.errors import ImageError
@@ -41,16 +44,18 @@ from gateway.inputs.decode import decode_scaled, focal_length_35mm
 from gateway.inputs.network_input import network_bucket, prepare
 from gateway.inputs.schema import DepthRequest
 from gateway.outputs.encode import b64, keep
+from gateway.outputs.output_names import OUTPUTS
 from gateway.outputs.render import needs_camera, needs_photo, render
 from gateway.outputs.video import ClipEncoding, EncodedClip, encode_clip
 from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
-from gateway.serving.shared_memory import SharedPhoto, Slot
+from gateway.serving.shared_memory import SharedOutputs, SharedPhoto, Slot
 from gateway.serving.triton_process import die_with_parent
 
 log = logging.getLogger("gateway")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+PARK_OUTPUTS_FROM = 256 << 10  # bytes of encoded outputs; smaller ones travel through the pipe
 
 
 class NonFiniteDepth(Exception):
@@ -109,6 +114,44 @@ def render_outputs(
     if isinstance(decoded.photo, SharedPhoto):
         return decoded.photo.read(render_with)
     return render_with(decoded.photo)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An image's response keys from an image worker; its encoded outputs (None in ``fields``) parked
+    in shared memory when they were large and /dev/shm had room."""
+
+    fields: dict
+    parked: SharedOutputs | None
+
+    def outputs(self) -> dict:
+        """The response keys, parked outputs read back in their places."""
+        if self.parked is None:
+            return self.fields
+        parked = self.parked.read()
+        return {key: parked.get(key, value) for key, value in self.fields.items()}
+
+
+def render_parked(
+    decoded: Decoded,
+    depth: np.ndarray | None,
+    request: DepthRequest,
+    model: ServedModel,
+    slot: Slot | None,
+    uploaded: bool = False,
+) -> Rendered:
+    """``render_outputs`` in an image worker, its encoded outputs parked (``SharedOutputs``) when they
+    come to ``PARK_OUTPUTS_FROM`` bytes or more."""
+    fields = render_outputs(decoded, depth, request, model, slot, uploaded=True)
+    encoded = {key: fields[key] for key in OUTPUTS if key in fields}
+    if not uploaded:
+        encoded = {key: pybase64.b64encode(data) for key, data in encoded.items()}
+    parked = None
+    if sum(len(data) for data in encoded.values()) >= PARK_OUTPUTS_FROM:
+        parked = SharedOutputs.park(encoded, text=not uploaded)
+    for key, data in encoded.items():
+        fields[key] = None if parked is not None else data if uploaded else data.decode("ascii")
+    return Rendered(fields, parked)
 
 
 def _warm(_: int) -> int:
@@ -184,8 +227,20 @@ class ImageWorkers:
         holdings: Holdings,
         uploaded: bool = False,
     ) -> dict:
-        call = functools.partial(render_outputs, decoded, depth, request, model, slot, uploaded)
-        return await self._run(call, holdings)
+        """The image's response keys (see ``render_outputs``); parked outputs are the image's until read
+        back here or, when this call is no longer awaited, until its holdings are given back."""
+
+        def hold_outputs(rendered: Rendered) -> None:
+            if rendered.parked is not None:
+                holdings.on_give_back(rendered.parked.discard)
+
+        call = functools.partial(render_parked, decoded, depth, request, model, slot, uploaded)
+        rendered = await self._run(call, holdings, hold_outputs)
+        try:
+            return rendered.outputs()
+        finally:
+            if rendered.parked is not None:
+                rendered.parked.discard()
 
     async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> EncodedClip:
         """A video's output files, written from its spool by one worker process."""

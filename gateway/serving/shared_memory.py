@@ -7,7 +7,8 @@ holds one from decode to render. The worker process that decodes writes the netw
 slot (``Slot.write_input``), Triton reads it there and writes the depth into the slot's second part,
 and the worker process that renders reads the depth there (``Slot.read_output``): what crosses processes
 is a ``Slot``, a few numbers. A photo the outputs need is parked in its own segment (``SharedPhoto``)
-between the two workers. Who may touch a slot or photo when is ``ownership``'s rule.
+between the two workers, and an image's encoded outputs in theirs (``SharedOutputs``) from the worker
+that renders them to the gateway. Who may touch a slot, photo or outputs when is ``ownership``'s rule.
 
 Sizing: a slot holds the default model's largest default bucket (3 bytes in and 4 bytes out per pixel,
 3.4 MB for Depth-Anything at 518); ``slots_that_fit`` keeps the region under half of the free
@@ -73,12 +74,8 @@ class SharedPhoto:
     @classmethod
     def park(cls, photo: np.ndarray) -> SharedPhoto | None:
         """The photo copied into a new segment; None when /dev/shm has no room for it."""
-        segment = shared_memory.SharedMemory(create=True, size=max(photo.nbytes, 1))
-        try:
-            allocate(segment.name, segment.size)
-        except OSError:
-            segment.close()
-            segment.unlink()
+        segment = new_segment(photo.nbytes)
+        if segment is None:
             return None
         np.ndarray(photo.shape, np.uint8, buffer=segment.buf)[...] = photo
         segment.close()
@@ -93,10 +90,70 @@ class SharedPhoto:
             segment.close()  # ``use``'s result must not keep a view of the pixels
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            segment = shared_memory.SharedMemory(self.name)
+        unlink(self.name)
+
+
+class SharedOutputs:
+    """An image's encoded outputs (base64 text inline, or the bytes to upload), parked in one segment by
+    the image worker that rendered them and read once by the gateway, which then ``discard``s it.
+
+    Through the pool's pipe, multiprocessing reads a result 64 kB at a time, each read into a fresh
+    buffer as large as what remains: the 8 MB of a 3D image's PLY and GLB cost the gateway's receiving
+    thread 10-19 ms (``bench.worker``), against about 2 ms mapped and copied from here."""
+
+    def __init__(self, name: str, spans: dict[str, tuple[int, int]], text: bool) -> None:
+        self.name = name
+        self.spans = spans  # key -> (offset, length)
+        self.text = text
+
+    @classmethod
+    def park(cls, outputs: dict[str, bytes], text: bool) -> SharedOutputs | None:
+        """The outputs copied into a new segment; None when /dev/shm has no room for them. ``text``: they
+        are ASCII (base64) and are read back as ``str``."""
+        segment = new_segment(sum(len(data) for data in outputs.values()))
+        if segment is None:
+            return None
+        spans, offset = {}, 0
+        for key, data in outputs.items():
+            segment.buf[offset : offset + len(data)] = data
+            spans[key] = (offset, len(data))
+            offset += len(data)
+        segment.close()
+        return cls(segment.name, spans, text)
+
+    def read(self) -> dict[str, str | bytes]:
+        """Every output, copied out of the segment (``str`` when ``text``)."""
+        segment = shared_memory.SharedMemory(self.name)
+        try:
+            view = segment.buf
+            if self.text:
+                return {key: str(view[at : at + size], "ascii") for key, (at, size) in self.spans.items()}
+            return {key: bytes(view[at : at + size]) for key, (at, size) in self.spans.items()}
+        finally:
             segment.close()
-            segment.unlink()
+
+    def discard(self) -> None:
+        unlink(self.name)
+
+
+def new_segment(size: int) -> shared_memory.SharedMemory | None:
+    """A new segment with its pages allocated (see ``allocate``); None when /dev/shm has no room."""
+    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
+    try:
+        allocate(segment.name, segment.size)
+    except OSError:
+        segment.close()
+        segment.unlink()
+        return None
+    return segment
+
+
+def unlink(name: str) -> None:
+    """Remove segment ``name`` (gone already: nothing to do)."""
+    with contextlib.suppress(FileNotFoundError):
+        segment = shared_memory.SharedMemory(name)
+        segment.close()
+        segment.unlink()
 
 
 _attached: dict[str, shared_memory.SharedMemory] = {}
