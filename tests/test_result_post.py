@@ -31,11 +31,11 @@ def post_threads() -> list[threading.Thread]:
 def test_results_are_posted_whole_from_the_post_threads_not_the_callers(
     api: JobApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    posted_from: list[int] = []
+    posted_from: dict[str, int] = {}
     real_post = result_post.post_result
 
     async def recorded(session: object, job_id: str, result: dict) -> bool:
-        posted_from.append(threading.get_ident())
+        posted_from[job_id] = threading.get_ident()
         return await real_post(session, job_id, result)  # type: ignore[arg-type]
 
     monkeypatch.setattr(result_post, "post_result", recorded)
@@ -44,16 +44,25 @@ def test_results_are_posted_whole_from_the_post_threads_not_the_callers(
     async def run() -> list[bool]:
         results = ResultPosts(threads=2)
         try:
-            return await asyncio.gather(*(results.post(job, {"output": {"mesh_b64": b}}) for job, b in bodies.items()))
+            posts = (results.post(job, {"output": {"mesh_b64": body}}) for job, body in bodies.items())
+            at_once = await asyncio.gather(*posts)
+            one_by_one = [await results.post(f"next-{n}", {"output": {}}) for n in range(4)]
+            return at_once + one_by_one
         finally:
             results.close()
 
-    assert asyncio.run(run()) == [True] * 6
+    assert asyncio.run(run()) == [True] * 10
     assert {job: [r["output"]["mesh_b64"] for r in api.results[job]] for job in bodies} == {
         job: [body] for job, body in bodies.items()
     }  # each once, every byte
-    assert threading.get_ident() not in posted_from
-    assert len(set(posted_from)) == 2  # the fewest in flight: both threads took posts
+    assert threading.get_ident() not in posted_from.values()
+
+    def shares(jobs: list[str]) -> list[int]:
+        threads = [posted_from[job] for job in jobs]
+        return sorted(threads.count(thread) for thread in set(threads))
+
+    assert shares(list(bodies)) == [3, 3]  # the fewest in flight
+    assert shares([f"next-{n}" for n in range(4)]) == [2, 2]  # none in flight: in turn
     assert post_threads() == []  # closed
 
 

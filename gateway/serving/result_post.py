@@ -71,6 +71,7 @@ class PostThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.in_flight = 0
+        self.posts = 0
         self._session: aiohttp.ClientSession | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), name="result-post", daemon=True)
@@ -93,6 +94,7 @@ class PostThread:
         """``post(session)`` on this thread's loop; cancelling the caller cancels it there."""
         assert self._session is not None
         self.in_flight += 1
+        self.posts += 1
         try:
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(post(self._session), self.loop))
         finally:
@@ -106,7 +108,7 @@ class PostThread:
 
 class ResultPosts:
     """Job results posted from ``threads`` threads (started at the first post), each post on the one with
-    the fewest in flight. Use from one event loop."""
+    the fewest in flight (of those, the one that took the fewest). Use from one event loop."""
 
     def __init__(self, threads: int = POST_THREADS) -> None:
         self.threads = threads
@@ -116,7 +118,7 @@ class ResultPosts:
         """``post_result`` for ``job_id``, on a post thread."""
         if not self._threads:
             self._threads = [PostThread() for _ in range(self.threads)]
-        thread = min(self._threads, key=lambda candidate: candidate.in_flight)
+        thread = min(self._threads, key=lambda candidate: (candidate.in_flight, candidate.posts))
         return await thread.run(lambda session: post_result(session, job_id, result))
 
     def close(self, timeout: float = 5.0) -> None:
