@@ -8,14 +8,14 @@ runs gRPC threads). The gateway process keeps what must stay in one place: the b
 header checks and the job's budget (``decode.open_image`` + ``budget``), Triton, and the job loop.
 
 Two calls per image: ``decode_and_prepare`` (photo bytes -> network input, and the photo itself only when
-the point cloud needs its colours) and ``render_outputs`` (network depth -> the response keys). With a
-shared-memory slot (``shared_memory``), the network input and the depth stay in the slot and only the
-slot's numbers travel; otherwise they travel through the pool's pipes. A photo the outputs need is
-parked in its own segment (``SharedPhoto``) between the two calls, and the encoded outputs, when they
-are large, in theirs (``SharedOutputs``) on their way back. Every call is tracked in the image's
-``Holdings``: its slot and parked segments are given back only when the gateway is done with the image
-and no call of it is still running, so a cancelled job's late decode cannot write into another image's
-slot, and a cancelled job's late outputs do not stay in /dev/shm.
+the point cloud needs its colours) and ``render_parked`` (``render_outputs``: network depth -> the
+response keys). With a shared-memory slot (``shared_memory``), the network input and the depth stay in
+the slot and only the slot's numbers travel; otherwise they travel through the pool's pipes. A photo
+the outputs need is parked in its own segment (``SharedPhoto``) between the two calls, and the encoded
+outputs, when they are large, in theirs (``SharedOutputs``) on their way back. Every call is tracked in
+the image's ``Holdings``: its slot and parked segments are given back only when the gateway is done with
+the image and no call of it is still running, so a cancelled job's late decode cannot write into another
+image's slot, and a cancelled job's late outputs do not stay in /dev/shm.
 A crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
 is replaced; the other images are not affected.
 """
