@@ -236,11 +236,12 @@ class ImageWorkers:
 
         call = functools.partial(render_parked, decoded, depth, request, model, slot, uploaded)
         rendered = await self._run(call, holdings, hold_outputs)
-        try:
-            return rendered.outputs()
+        if rendered.parked is None:
+            return rendered.fields
+        try:  # megabytes to copy: in a thread, off the event loop (an unlinked segment stays readable)
+            return await asyncio.to_thread(rendered.outputs)
         finally:
-            if rendered.parked is not None:
-                rendered.parked.discard()
+            rendered.parked.discard()
 
     async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> EncodedClip:
         """A video's output files, written from its spool by one worker process."""
