@@ -7,7 +7,8 @@ timeouts, 429 and 5xx) and an overall deadline: a job-done POST that hangs takes
 ``ResultPosts`` runs those posts on ``POST_THREADS`` threads, each with its own event loop and HTTP
 session; the job loop only waits for them. A 3D job's body is about 8 MB of base64: serializing it and
 sending it (orjson, aiohttp's join of headers and body, asyncio's send buffer, the kernel's copy) held
-the job loop's thread about 11 ms per post (``bench.worker``), most of it in calls that release the GIL.
+the job loop's thread about 11 ms per post (``bench.worker``), much of it the kernel's copy, which
+releases the GIL.
 """
 
 from __future__ import annotations
