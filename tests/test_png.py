@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -35,6 +37,23 @@ def test_round_trip_is_exact(array: np.ndarray) -> None:
     with_pillow = Image.open(io.BytesIO(data))
     with_pillow.load()  # checks the CRCs and the zlib stream
     assert np.array_equal(np.asarray(with_pillow).reshape(array.shape).astype(array.dtype), array)
+
+
+def test_chunks_are_framed_with_their_crcs() -> None:
+    array = rng.integers(0, 65536, (40, 30), dtype=np.uint16)
+    data = encode_png(array)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, kinds = 8, []
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        kinds.append(kind)
+        at += 12 + length
+    assert at == len(data)
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+    assert struct.unpack(">IIBB", data[16:26]) == (30, 40, 16, 0)  # width, height, bit depth, grayscale
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,14 @@
 libpng (behind OpenCV and Pillow) tries every row filter and runs zlib; on a 1024x768 depth map that costs
 40-50 ms of one core. Here every row uses the "Up" filter (one vectorized subtraction, which suits smooth
 depth maps and renderings of them) and ISA-L's deflate at level 1: about 7 ms, with files smaller than
-Pillow's defaults for 16-bit depth. The output is plain PNG (any decoder reads it; the tests check
-round trips through OpenCV and Pillow).
+Pillow's defaults for 16-bit depth. The CRCs are ISA-L's too (a tenth of zlib's time on a 1.8 MB body).
+The output is plain PNG (any decoder reads it; the tests check round trips through OpenCV and Pillow, and
+every chunk's CRC).
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 from isal import isal_zlib
@@ -20,8 +20,9 @@ _FILTER_UP = 2
 _COLOR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (grayscale, truecolour)
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+def _chunk(kind: bytes, body: bytes) -> list[bytes]:
+    """One chunk's parts (length, type, body, CRC), for one join: the body, up to megabytes, is copied once."""
+    return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", isal_zlib.crc32(body, isal_zlib.crc32(kind)))]
 
 
 def encode_png(array: np.ndarray, level: int = 1) -> bytes:
@@ -39,4 +40,4 @@ def encode_png(array: np.ndarray, level: int = 1) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
     header = struct.pack(">IIBBBBB", width, height, array.dtype.itemsize * 8, _COLOR_TYPES[channels], 0, 0, 0)
     data = isal_zlib.compress(filtered.data, level)
-    return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    return b"".join([_SIGNATURE, *_chunk(b"IHDR", header), *_chunk(b"IDAT", data), *_chunk(b"IEND", b"")])
