@@ -350,11 +350,19 @@ def test_a_batch_with_malformed_entries_answers_every_job_that_has_an_id(worker)
         (("{" + raw_job("deep", DEEP_INPUT)[1:]).encode(), ([], ["deep"], 0)),
         (b'[{"id": "a", "input": {}}, {"id": "a", "input": {}}, 3, {"input": 1}]', (["a"], [], 3)),
         (b'[{"id": "a"}]', ([], ["a"], 0)),
+        (b'[{"id": "a", "input": {"s": "\\ud800"}}, {"id": "b", "input": {"x": 1e400}}]', (["a", "b"], [], 0)),
     ],
 )
 def test_a_take_is_sorted_into_jobs_refusals_and_skips(body: bytes, expected: tuple) -> None:
     intake = jobintake.parse_take(bytearray(body))  # as take_jobs reads it
     assert ([job["id"] for job in intake.jobs], [job_id for job_id, _ in intake.refused], intake.skipped) == expected
+
+
+def test_a_take_reads_as_json_reads_it() -> None:
+    jobs = [{"id": f"j{n}", "input": {"image_b64": GOOD_IMAGE, "x": [n, 0.1, -0.0, None, True]}} for n in range(3)]
+    body = json.dumps(jobs)
+    for text in (body, body.replace('"x"', '"s": "\\udc00", "x"')):  # fast path, then the fallback's
+        assert jobintake.parse_take(text.encode()).jobs == json.loads(text)
 
 
 @pytest.mark.parametrize("body", [b"null", b"3", b'"text"', b"[1, 2", b"\xff\xfe", b"{} {}", b"[1] x"])
