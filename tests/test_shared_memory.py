@@ -9,6 +9,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -209,6 +211,33 @@ def test_a_photo_parked_by_one_process_is_read_by_another_and_discarded_by_the_g
 
     asyncio.run(abandoned_decode())
     assert parked_photos() == before
+
+
+PARK_AND_DIE = """
+import os, signal, sys
+from gateway.serving.shared_memory import SharedPhoto, new_segment
+import numpy as np
+kept = new_segment([b"x" * 100, bytearray(50)])
+gone = SharedPhoto.park(np.zeros((4, 5, 3), np.uint8))
+gone.discard()
+gone.discard()
+print(kept, gone.name, flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("end", ["kill", "exit"])
+def test_a_segment_its_process_left_behind_is_removed_by_the_resource_tracker(end: str) -> None:
+    """Parked segments are registered with multiprocessing's resource tracker as a ``SharedMemory`` is: a
+    process killed (or ended) while holding one leaves nothing in /dev/shm; one discarded, even twice, is
+    forgotten by the tracker without a complaint."""
+    done = subprocess.run([sys.executable, "-c", PARK_AND_DIE, end], capture_output=True, text=True, timeout=60)
+    kept, gone = done.stdout.split()
+    assert not os.path.exists(os.path.join(SHM_DIR, gone))
+    wait_until(lambda: not os.path.exists(os.path.join(SHM_DIR, kept)), timeout=10)
+    assert "Traceback" not in done.stderr  # the tracker's complaint about an unknown name
+    assert "There appear to be 1 leaked shared_memory" in done.stderr  # kept, and not the discarded one
 
 
 def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch: pytest.MonkeyPatch) -> None:

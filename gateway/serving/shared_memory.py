@@ -18,11 +18,11 @@ a writer.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import TypeVar
 
 import numpy as np
@@ -74,20 +74,19 @@ class SharedPhoto:
     @classmethod
     def park(cls, photo: np.ndarray) -> SharedPhoto | None:
         """The photo copied into a new segment; None when /dev/shm has no room for it."""
-        segment = new_segment(photo.nbytes)
-        if segment is None:
-            return None
-        np.ndarray(photo.shape, np.uint8, buffer=segment.buf)[...] = photo
-        segment.close()
-        return cls(segment.name, photo.shape)
+        name = new_segment([np.ascontiguousarray(photo)])
+        return None if name is None else cls(name, photo.shape)
 
     def read(self, use: Callable[[np.ndarray], T]) -> T:
-        """``use(photo)`` on the parked pixels, mapped only for that call."""
-        segment = shared_memory.SharedMemory(self.name)
+        """``use(photo)`` on a copy of the parked pixels (read as a file: the kernel's copy, no mapping)."""
+        photo = np.empty(self.shape, np.uint8)
+        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDONLY)
         try:
-            return use(np.ndarray(self.shape, np.uint8, buffer=segment.buf))
+            if os.preadv(fd, [photo], 0) != photo.nbytes:
+                raise OSError(f"shared photo {self.name} is shorter than written")
         finally:
-            segment.close()  # ``use``'s result must not keep a view of the pixels
+            os.close(fd)
+        return use(photo)
 
     def discard(self) -> None:
         unlink(self.name)
@@ -110,16 +109,14 @@ class SharedOutputs:
     def park(cls, outputs: dict[str, bytes], text: bool) -> SharedOutputs | None:
         """The outputs copied into a new segment; None when /dev/shm has no room for them. ``text``: they
         are ASCII (base64) and are read back as ``str``."""
-        segment = new_segment(sum(len(data) for data in outputs.values()))
-        if segment is None:
+        name = new_segment(list(outputs.values()))
+        if name is None:
             return None
         spans, offset = {}, 0
         for key, data in outputs.items():
-            segment.buf[offset : offset + len(data)] = data
             spans[key] = (offset, len(data))
             offset += len(data)
-        segment.close()
-        return cls(segment.name, spans, text)
+        return cls(name, spans, text)
 
     def read(self) -> dict[str, str | bytes]:
         """Every output, copied out of the segment (``str`` when ``text``). Read as a file: the copy is
@@ -139,24 +136,41 @@ class SharedOutputs:
         unlink(self.name)
 
 
-def new_segment(size: int) -> shared_memory.SharedMemory | None:
-    """A new segment with its pages allocated (see ``allocate``); None when /dev/shm has no room."""
-    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
+def new_segment(parts: Sequence[bytes | bytearray | memoryview | np.ndarray]) -> str | None:
+    """The name of a new segment holding ``parts`` one after another; None when /dev/shm has no room.
+
+    Made with file calls: the pages are allocated first (see ``allocate``) and ``pwritev`` copies into
+    them in the kernel. Through ``SharedMemory`` (map, then copy with a page fault per 4 kB; mapped again
+    to unlink) parking and discarding an image's 2.8 MB of outputs cost 1.7 ms of CPU against 0.8 ms.
+    It is registered with multiprocessing's resource tracker as a ``SharedMemory`` is, so a killed
+    gateway leaves nothing behind.
+    """
+    size = sum(memoryview(part).nbytes for part in parts)
+    name = f"psm_{secrets.token_hex(8)}"  # SharedMemory's own naming
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        allocate(segment.name, segment.size)
-    except OSError:
-        segment.close()
-        segment.unlink()
-        return None
-    return segment
+        try:
+            allocate(name, max(size, 1))
+        except OSError:
+            os.unlink(path)
+            return None
+        if os.pwritev(fd, parts, 0) != size:
+            os.unlink(path)
+            raise OSError(f"could not write {size} bytes to {path}")
+    finally:
+        os.close(fd)
+    resource_tracker.register(f"/{name}", "shared_memory")
+    return name
 
 
 def unlink(name: str) -> None:
     """Remove segment ``name`` (gone already: nothing to do)."""
-    with contextlib.suppress(FileNotFoundError):
-        segment = shared_memory.SharedMemory(name)
-        segment.close()
-        segment.unlink()
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        return
+    resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 _attached: dict[str, shared_memory.SharedMemory] = {}
