@@ -166,7 +166,8 @@ def keep_freed_memory() -> None:
     of a 1024x768 map spent 6.7 of 8.9 ms in 3,400 page faults. Kept in the heap (allocations up to
     64 MB, up to 128 MB of free heap kept), ``bench.cpu_postprocess`` against ``--glibc-malloc``: normals
     16.5 -> 8.4 ms with its PNG, point cloud 21.0 -> 13.7 ms, all five tasks 59 -> 42 ms per image. What
-    stays is bounded by the process's peak use.
+    stays is bounded by the process's peak use. The heap is the main thread's; other threads use it
+    when the process runs with one arena (``gateway.allocator``).
     """
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)

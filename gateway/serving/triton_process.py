@@ -33,6 +33,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from gateway.allocator import as_before
+
 NVIDIA_IMAGE_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 PR_SET_PDEATHSIG = 1
 
@@ -166,7 +168,7 @@ class EmbeddedTriton:
         return (self.grpc_port, self.http_port)
 
     def command_and_env(self) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ)
+        env = as_before(dict(os.environ))  # the gateway's one-arena allocator setting is its own
         args = [
             f"--model-repository={self.repository}",
             "--model-control-mode=explicit",
