@@ -13,6 +13,11 @@ replaces these steps:
   the intake more than its jobs' dispatch, bench.worker). Jobs are read and validated by ``jobintake``: a
   malformed entry is logged and skipped, or answered with an error when it has an id; the rest of its
   batch runs.
+- Dispatch. ``JobScaler.run_jobs`` wakes every 0.1 s, and with jobs running waits on all of them at
+  each wake (a callback added to and removed from every running job, each time any job ends). Here
+  jobs start when one is queued or one ends (an event), and each job leaves the running set by its own
+  done-callback; with nothing to do the loop wakes once a second (``ROOM_WAIT_CEILING``), to notice a
+  shutdown signalled between the event loop's wake-ups.
 - Readiness. While ``concurrency_modifier`` answers 0 (the worker cannot serve: Triton is down), no job
   is taken; the queue is not resized.
 - Results. A job's result is posted by its own task, on a post thread (``result_post``), with a
@@ -81,6 +86,7 @@ class EagerJobScaler(JobScaler):
         super().__init__(config)
         self.jobs_fetcher = take_jobs
         self._job_ended = asyncio.Event()
+        self._dispatch = asyncio.Event()  # a job was queued or ended, or the worker is stopping
         self._posting: set[str] = set()
         self._posts: set[asyncio.Task] = set()
         self._paused = False
@@ -100,6 +106,28 @@ class EagerJobScaler(JobScaler):
                 stop_channel.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await stop_channel
+
+    def kill_worker(self) -> None:
+        super().kill_worker()
+        self._dispatch.set()
+
+    async def run_jobs(self, session: Any) -> None:
+        """Start queued jobs while there is room, until the worker stops and the queue is empty; then
+        wait for the running jobs (a failure other than a stop is logged)."""
+        running: set[asyncio.Task] = set()
+        while self.is_alive() or not self.jobs_queue.empty():
+            while len(running) < self.current_concurrency and not self.jobs_queue.empty():
+                job = self.jobs_queue.get_nowait()
+                task = asyncio.create_task(self.handle_job(session, job))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                self.jobs_tasks[job["id"]] = task
+            self._dispatch.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dispatch.wait(), ROOM_WAIT_CEILING)
+        for outcome in await asyncio.gather(*running, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("a job failed while the worker stopped: %s", type(outcome).__name__)
 
     def current_occupancy(self) -> int:
         """Jobs queued or running; results waiting for their post count only beyond ``CONCURRENCY``."""
@@ -186,6 +214,7 @@ class EagerJobScaler(JobScaler):
                 continue
             await self.jobs_queue.put(job)
             self.job_progress.add(job["id"])
+            self._dispatch.set()
         if intake.jobs and not self.is_alive():
             tasks = []
             while not self.jobs_queue.empty():
@@ -213,6 +242,7 @@ class EagerJobScaler(JobScaler):
                 self.job_progress.remove(job_id)
             rp_scale._reset_batch_id(token)
             self._job_ended.set()
+            self._dispatch.set()
 
     async def answer(self, session: Any, job: dict) -> None:
         """Run the handler on ``job`` here; its result is posted by a task of its own."""
