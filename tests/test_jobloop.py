@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,6 +217,42 @@ def test_runpods_own_intake_sleeps_a_second_when_full(monkeypatch: pytest.Monkey
     """The control: the same run through runpod's JobScaler asks for 1 s sleeps (the defect fixed above)."""
     _taken, asked = run_scaler(rp_scale.JobScaler, monkeypatch)
     assert 1 in asked
+
+
+def dispatcher_wakes_when_idle(scaler_class: type, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How often ``run_jobs`` woke (its sleeps and waits) in one second with no job at all."""
+    monkeypatch.setattr(result_post, "post_result", posted_nowhere)
+    wakes = 0
+    real_sleep, real_wait_for = asyncio.sleep, asyncio.wait_for
+
+    def counted(real):
+        async def call(*args, **kwargs):
+            nonlocal wakes
+            if "run_jobs" in {frame.name for frame in traceback.extract_stack(limit=4)}:
+                wakes += 1
+            return await real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(asyncio, "sleep", counted(real_sleep))
+    monkeypatch.setattr(asyncio, "wait_for", counted(real_wait_for))
+
+    async def run() -> None:
+        scaler = scaler_class({"handler": lambda job: job, "concurrency_modifier": lambda _current: 4})
+        loop = asyncio.create_task(scaler.run_jobs(None))
+        await real_sleep(1.0)
+        scaler.kill_worker()
+        await real_wait_for(loop, 10)
+        close_post_threads(scaler)
+
+    asyncio.run(run())
+    return wakes
+
+
+def test_the_dispatcher_waits_for_work_instead_of_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert dispatcher_wakes_when_idle(jobloop.EagerJobScaler, monkeypatch) <= 2  # its 1 s ceiling
+    monkeypatch.undo()
+    assert dispatcher_wakes_when_idle(rp_scale.JobScaler, monkeypatch) >= 8  # runpod's: every 0.1 s
 
 
 def jobs_handled_when_shutdown_meets_a_take(scaler_class: type, monkeypatch: pytest.MonkeyPatch) -> list[str]:
