@@ -239,10 +239,17 @@ class ImageWorkers:
         rendered = await self._run(call, holdings, hold_outputs)
         if rendered.parked is None:
             return rendered.fields
-        try:  # megabytes to copy: in a thread, off the event loop (an unlinked segment stays readable)
-            return await asyncio.to_thread(rendered.outputs)
-        finally:
-            rendered.parked.discard()
+        parked = rendered.parked
+
+        def read_and_discard() -> dict:
+            try:
+                return rendered.outputs()
+            finally:
+                parked.discard()  # the kernel frees megabytes of pages: not on the event loop either
+
+        # Megabytes to copy: in a thread, off the event loop. The thread ends the segment even when this
+        # call is cancelled meanwhile (and the image's holdings discard it again, which does nothing).
+        return await asyncio.to_thread(read_and_discard)
 
     async def encode_clip(self, job: ClipEncoding, holdings: Holdings) -> EncodedClip:
         """A video's output files, written from its spool by one worker process."""
