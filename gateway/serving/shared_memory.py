@@ -18,6 +18,8 @@ a writer.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -78,15 +80,21 @@ class SharedPhoto:
         return None if name is None else cls(name, photo.shape)
 
     def read(self, use: Callable[[np.ndarray], T]) -> T:
-        """``use(photo)`` on a copy of the parked pixels (read as a file: the kernel's copy, no mapping)."""
-        photo = np.empty(self.shape, np.uint8)
+        """``use(photo)`` on the parked pixels, mapped read-only for that call (no copy: the pixels count
+        once in the image's working memory)."""
+        size = int(np.prod(self.shape))
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDONLY)
         try:
-            if os.preadv(fd, [photo], 0) != photo.nbytes:
-                raise OSError(f"shared photo {self.name} is shorter than written")
+            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        return use(photo)
+        try:
+            return use(np.ndarray(self.shape, np.uint8, buffer=mapped))
+        finally:
+            # ``use``'s result must not keep a view of the pixels; after an error, a traceback may (the
+            # mapping then goes when it does).
+            with contextlib.suppress(BufferError):
+                mapped.close()
 
     def discard(self) -> None:
         unlink(self.name)
