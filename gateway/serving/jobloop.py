@@ -85,7 +85,7 @@ class EagerJobScaler(JobScaler):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.jobs_fetcher = take_jobs
-        self._job_ended = asyncio.Event()
+        self._job_ended = asyncio.Event()  # a job or a post ended, or the worker is stopping
         self._dispatch = asyncio.Event()  # a job was queued or ended, or the worker is stopping
         self._posting: set[str] = set()
         self._posts: set[asyncio.Task] = set()
@@ -108,8 +108,16 @@ class EagerJobScaler(JobScaler):
                     await stop_channel
 
     def kill_worker(self) -> None:
+        """Stop, and wake the intake and the dispatcher, which wait for ``_job_ended`` and ``_dispatch``."""
         super().kill_worker()
+        self._job_ended.set()
         self._dispatch.set()
+
+    @staticmethod
+    async def _woken(event: asyncio.Event) -> None:
+        """Until ``event`` is set, or ``ROOM_WAIT_CEILING`` seconds have passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), ROOM_WAIT_CEILING)
 
     async def run_jobs(self, session: Any) -> None:
         """Start queued jobs while there is room, until the worker stops and the queue is empty; then
@@ -123,8 +131,7 @@ class EagerJobScaler(JobScaler):
                 task.add_done_callback(running.discard)
                 self.jobs_tasks[job["id"]] = task
             self._dispatch.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dispatch.wait(), ROOM_WAIT_CEILING)
+            await self._woken(self._dispatch)
         for outcome in await asyncio.gather(*running, return_exceptions=True):
             if isinstance(outcome, Exception):
                 log.error("a job failed while the worker stopped: %s", type(outcome).__name__)
@@ -161,7 +168,7 @@ class EagerJobScaler(JobScaler):
             occupancy = self.current_occupancy()
             needed = wanted - occupancy
             if needed <= 0:
-                await self._wait_for_room_or_shutdown()
+                await self._woken(self._job_ended)  # room, or shutdown
                 continue
             if needed < wanted // TAKE_FRACTION and occupancy > 0 and not gathered:
                 gathered = True  # let a few more jobs end, then take for all of them at once
@@ -169,14 +176,6 @@ class EagerJobScaler(JobScaler):
                 continue
             gathered = False
             await self._take(session, needed)
-
-    async def _wait_for_room_or_shutdown(self) -> None:
-        waits = [asyncio.ensure_future(self._job_ended.wait()), asyncio.ensure_future(self._shutdown_event.wait())]
-        try:
-            await asyncio.wait(waits, timeout=ROOM_WAIT_CEILING, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
 
     async def _take(self, session: Any, needed: int) -> None:
         take = asyncio.ensure_future(self.jobs_fetcher(session, needed))
