@@ -2,7 +2,8 @@
 
 The exporter copies this file to ``<model>/1/model.py`` for Triton builds that have only the Python
 backend (such as the ``tritonserver`` in the nvidia-pytriton wheel). It uses the CUDA provider when the
-instance is on a GPU and onnxruntime has it, the CPU provider otherwise. Requests that Triton's dynamic
+instance is on a GPU and onnxruntime has it (and then fails to load rather than fall back to the CPU), the
+CPU provider otherwise. Requests that Triton's dynamic
 batcher hands over together are concatenated per shape and run as one batch.
 """
 
@@ -20,10 +21,16 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        on_gpu = args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers()
+        if on_gpu:
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, as no torch import loads them here
             device = {"device_id": int(args.get("model_instance_device_id", 0))}
             providers = [("CUDAExecutionProvider", device), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(path, providers=providers)
+        if on_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
+            # onnxruntime falls back to the CPU when the CUDA provider fails to load; a GPU instance that ran
+            # there would answer far slower, so it fails to load instead, with onnxruntime's reason logged.
+            raise RuntimeError("onnxruntime's CUDA provider did not load for this GPU instance (see the log above)")
 
     def execute(self, requests: list) -> list:
         images = [pb_utils.get_input_tensor_by_name(request, "image").as_numpy() for request in requests]

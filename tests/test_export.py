@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,31 @@ def torch_reference(checkpoint: Path, model_id: str, images: np.ndarray) -> np.n
     model = AutoModelForDepthEstimation.from_pretrained(checkpoint, dtype=torch.float32)
     with torch.no_grad():
         return ServingGraph(model, get_spec(model_id))(torch.from_numpy(images)).numpy()
+
+
+def python_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The exported ``model.py`` imported as Triton's Python backend would, with a stand-in for its utils
+    module (only ``initialize`` is called, which uses none of it)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("exported_model", model_dir / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel()
+
+
+def test_python_model_on_a_gpu_instance_fails_to_load_without_cuda(
+    repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime falls back to the CPU when the CUDA provider does not load: a GPU instance refuses that
+    (here onnxruntime's CPU build is told it has CUDA), while a CPU instance loads and runs on the CPU."""
+    model_dir = repository / get_spec(RELATIVE_ID).triton_name
+    args = {"model_repository": str(model_dir), "model_version": "1", "model_instance_device_id": "0"}
+    model = python_model(model_dir, monkeypatch)
+    model.initialize({**args, "model_instance_kind": "CPU"})
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="CUDA provider did not load"):
+        python_model(model_dir, monkeypatch).initialize({**args, "model_instance_kind": "GPU"})
 
 
 @pytest.mark.parametrize("model_id", TINY_MODELS)
