@@ -185,6 +185,34 @@ def test_the_default_export_fuses_every_layers_attention(repository: Path, model
     assert report["fused_attention"] == {"nodes": 4, "layers": 4}
 
 
+def test_the_fp16_graph_is_the_same_where_onnxruntime_has_cuda(
+    tmp_path: Path, checkpoints: dict[str, Path], repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exported FP16 graph must not depend on the exporting machine: where onnxruntime reports CUDA,
+    its optimizer would first run an onnxruntime pass (on an H200 that folded a cast into an FP32 weight;
+    on the CPU provider it breaks the attention fusion). The same nodes and weights as without CUDA."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    argv = [
+        RELATIVE_ID,
+        "--checkpoint",
+        str(checkpoints[RELATIVE_ID]),
+        "--repository",
+        str(tmp_path),
+        "--backend",
+        "python",
+    ]
+    assert export_main(argv) == 0
+    name = get_spec(RELATIVE_ID).triton_name
+    with_cuda, without = (onnx.load(str(root / name / "1" / "model.onnx")).graph for root in (tmp_path, repository))
+    assert [(n.op_type, n.domain) for n in with_cuda.node] == [(n.op_type, n.domain) for n in without.node]
+    assert [(t.name, t.data_type, t.raw_data) for t in with_cuda.initializer] == [
+        (t.name, t.data_type, t.raw_data) for t in without.initializer
+    ]
+
+
 def test_committed_configs_match_the_generator(tmp_path: Path) -> None:
     assert export_main(["all", "--repository", str(tmp_path), "--config-only"]) == 0
     committed = ROOT / "model_repository"
