@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,7 +231,21 @@ def run_batch(api: JobApi, pid: int, jobs: list[dict], images_per_job: int) -> d
 def start_worker(api: JobApi, triton: EmbeddedTriton, log_path: Path, extra: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, **api.env(), "TRITON_URL": triton.grpc_url, "DEPTH_MODEL": MODEL_ID, **extra}
     with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    fail_waits_when_it_exits(api, worker, log_path)
+    return worker
+
+
+def fail_waits_when_it_exits(api: JobApi, worker: subprocess.Popen, log_path: Path) -> None:
+    """Once ``worker`` exits, a batch waiting for its answers fails at once with the end of its log,
+    instead of at the wait's timeout (a worker that dies at import would otherwise hold a run 10 minutes)."""
+
+    def watch() -> None:
+        status = worker.wait()
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        api.fail(f"the worker exited with status {status}; the end of its log:\n{tail}")
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
 
 
 @contextlib.contextmanager

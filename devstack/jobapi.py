@@ -48,6 +48,7 @@ class JobApi(LoopbackServer):
         self.stops: deque[str] = deque()  # job ids the next stop-channel poll tells the worker to stop
         self.pings: list[set[str]] = []  # the in-progress job ids of each heartbeat (``ping_env``)
         self.stopping = threading.Event()  # ends the hangs
+        self.failure: str | None = None  # set by ``fail``: every wait_for raises it
         self._lock = threading.Condition()
         super().__init__(self._handler())
 
@@ -93,16 +94,25 @@ class JobApi(LoopbackServer):
             return stops
 
     def wait_for(self, job_ids: list[str], timeout: float) -> dict[str, dict]:
-        """The first result of each job; raises TimeoutError naming how many are missing."""
+        """The first result of each job; raises TimeoutError naming how many are missing, or what ``fail``
+        was told."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while any(job_id not in self.results for job_id in job_ids):
+                if self.failure is not None:
+                    raise RuntimeError(self.failure)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     missing = sum(job_id not in self.results for job_id in job_ids)
                     raise TimeoutError(f"{missing} of {len(job_ids)} jobs unanswered after {timeout:g} s")
                 self._lock.wait(remaining)
             return {job_id: self.results[job_id][0] for job_id in job_ids}
+
+    def fail(self, reason: str) -> None:
+        """Make every ``wait_for``, now and later, raise ``reason`` (the worker that would answer is gone)."""
+        with self._lock:
+            self.failure = reason
+            self._lock.notify_all()
 
     def _take(self, count: int) -> list[dict]:
         deadline = time.monotonic() + self.long_poll
