@@ -242,7 +242,10 @@ def fail_waits_when_it_exits(api: JobApi, worker: subprocess.Popen, log_path: Pa
 
     def watch() -> None:
         status = worker.wait()
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        try:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        except OSError:  # its folder removed at the end of a run
+            tail = "(no log)"
         api.fail(f"the worker exited with status {status}; the end of its log:\n{tail}")
 
     threading.Thread(target=watch, name="worker-watch", daemon=True).start()

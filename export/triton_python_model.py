@@ -3,8 +3,8 @@
 The exporter copies this file to ``<model>/1/model.py`` for Triton builds that have only the Python
 backend (such as the ``tritonserver`` in the nvidia-pytriton wheel). It uses the CUDA provider when the
 instance is on a GPU and onnxruntime has it (and then fails to load rather than fall back to the CPU), the
-CPU provider otherwise. Requests that Triton's dynamic
-batcher hands over together are concatenated per shape and run as one batch.
+CPU provider otherwise. Requests that Triton's dynamic batcher hands over together are concatenated per
+shape and run as one batch.
 """
 
 from __future__ import annotations
