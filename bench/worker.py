@@ -8,7 +8,9 @@ Depth-Anything-V2-Small but answers at once (a smooth map computed from the imag
 millisecond), so only the gateway is measured; Triton runs in its own process and is excluded.
 
 One worker is started per ``--lanes`` setting (``LANES``: gateway processes behind the one job intake,
-``gateway.serving.lanes``); figures, each the median of ``--runs`` runs:
+``gateway.serving.lanes``); figures, each the median of ``--runs`` runs. The runs are rounds: every
+workload once per round, so that this machine's drift over a run reaches them alike, and a url row's
+``cpu_over_inline`` is the median of its rounds' ratios to the inline row of the same tasks.
 
 - intake: tiny one-image jobs (64x64 PNG, task depth) per second, first take to last result;
 - CPU per 1024x768 JPEG image, every process of the worker (intake, lanes, image workers), for ``depth``,
@@ -297,15 +299,12 @@ def measure(args: argparse.Namespace, extra: dict[str, str], lanes: int, photo_b
             intake = [
                 run_batch(api, worker.pid, [{"image_b64": tiny_b64}] * args.tiny_jobs, 1) for _ in range(args.runs)
             ]
-            measured = {
-                name: [
-                    run_batch(api, worker.pid, [{"image_b64": photo_b64, "tasks": tasks, "output_mode": mode}]
-                              * args.images, 1)
-                    for _ in range(args.runs)
-                ]
-                for name, (tasks, mode) in WORKLOADS.items()
-                if name in args.workloads
-            }  # fmt: skip
+            measured: dict[str, list[dict]] = {name: [] for name in WORKLOADS if name in args.workloads}
+            for _round in range(args.runs):
+                for name, batches in measured.items():
+                    tasks, mode = WORKLOADS[name]
+                    job = {"image_b64": photo_b64, "tasks": tasks, "output_mode": mode}
+                    batches.append(run_batch(api, worker.pid, [job] * args.images, 1))
             idle = idle_rates(worker.pid)  # after the batches: an idle spell before them slowed the first one
     for batch in [*intake, *(run for runs in measured.values() for run in runs)]:
         busy = [t - idle.get(int(tid), 0.0) * batch["duration_s"] for tid, t in batch["intake_thread_s"].items()]
@@ -327,6 +326,11 @@ def summarize(runs: dict, cal: float, lanes: int) -> dict:
         row["images_per_s_here"] = median(batch, "per_second")
         for cores in (16, 24):
             row[f"projected_{cores}_core_images_per_s"] = min(cores / row["cpu_ms"], 1 / row["serial_ms"]) * 1000
+        inline = runs["measured"].get(name.removesuffix(", url")) if name.endswith(", url") else None
+        if inline:  # the same round's inline batch of the same tasks
+            pairs = zip(batch, inline, strict=True)
+            row["cpu_over_inline"] = statistics.median(url["cpu_ms_per_image"] / same["cpu_ms_per_image"]
+                                                       for url, same in pairs)  # fmt: skip
         rows[name] = row
     return {"lanes": lanes, "intake_jobs_per_s": median(runs["intake"], "per_second"),
             "intake_idle_ms_per_s": runs["intake_idle_ms_per_s"], "workloads": rows}  # fmt: skip
@@ -359,10 +363,13 @@ def main() -> None:
         rows = summary["workloads"]
         print(f"\n## {lanes} lane(s): intake {summary['intake_jobs_per_s']:.0f} tiny jobs/s, "
               f"idle intake {summary['intake_idle_ms_per_s']:.0f} ms CPU/s\n")  # fmt: skip
-        print("| workload | CPU per image | busiest thread | intake's busiest thread (less idle) | busiest process "
-              "| 16 cores | 24 cores | here |\n|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+        print(
+            "| workload | CPU per image | url / inline | busiest thread | intake's busiest thread (less idle) "
+            "| busiest process | 16 cores | 24 cores | here |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         for name, row in rows.items():
-            print(f"| `{name}` | {row['cpu_ms_cal']:.3f} cal | {row['serial_ms_cal']:.3f} cal "
+            ratio = f"{row['cpu_over_inline']:.2f}x" if "cpu_over_inline" in row else "-"
+            print(f"| `{name}` | {row['cpu_ms_cal']:.3f} cal | {ratio} | {row['serial_ms_cal']:.3f} cal "
                   f"| {row['intake_serial_ms_cal']:.4f} ({row['intake_serial_net_ms_cal']:.4f}) cal "
                   f"| {row['gateway_process_ms']:.1f} ms "
                   f"| {row['projected_16_core_images_per_s']:.0f}/s | {row['projected_24_core_images_per_s']:.0f}/s "
