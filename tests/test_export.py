@@ -192,10 +192,8 @@ def test_the_fp16_graph_is_the_same_where_onnxruntime_has_cuda(
     """The exported FP16 graph must not depend on the exporting machine: where onnxruntime reports CUDA,
     its optimizer would first run an onnxruntime pass (on an H200 that folded a cast into an FP32 weight;
     on the CPU provider it breaks the attention fusion). The same nodes and weights as without CUDA."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
     argv = [
         RELATIVE_ID,
         "--checkpoint",
