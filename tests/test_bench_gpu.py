@@ -6,13 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
-
-from bench.worker import fail_waits_when_it_exits
-from devstack.jobapi import JobApi
 from tests.conftest import ROOT
 
 
@@ -70,24 +65,3 @@ def test_the_tensorrt_first_request_check_uses_the_exported_configs_own_options(
              "trt_timing_cache_enable", "trt_timing_cache_path", "trt_profile_min_shapes", "trt_profile_opt_shapes",
              "trt_profile_max_shapes"}  # fmt: skip
     assert set(options) == known
-
-
-def test_a_batch_fails_at_once_when_its_worker_exits(tmp_path: Path) -> None:
-    """A worker that dies (here at its start, as one missing a package did on a lent GPU machine) fails the
-    wait for its jobs at once, with its exit status and the end of its log, not at the wait's timeout."""
-    log = tmp_path / "worker.log"
-    log.write_text("Traceback (most recent call last):\nModuleNotFoundError: No module named 'typing_inspection'\n")
-    api = JobApi().start()
-    try:
-        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
-        fail_waits_when_it_exits(api, worker, log)
-        job = api.submit({"image_b64": "unused"})
-        started = time.monotonic()
-        with pytest.raises(RuntimeError, match="exited with status 3") as failure:
-            api.wait_for([job], timeout=120)
-        assert time.monotonic() - started < 60
-        assert "No module named 'typing_inspection'" in str(failure.value)
-        with pytest.raises(RuntimeError, match="exited with status 3"):  # and so does every later wait
-            api.wait_for([api.submit({"image_b64": "unused"})], timeout=120)
-    finally:
-        api.stop()
