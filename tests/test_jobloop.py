@@ -21,7 +21,9 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
 from devstack.jobapi import JobApi
@@ -406,6 +408,58 @@ def test_a_take_reads_as_json_reads_it() -> None:
 def test_a_take_that_is_not_jobs_at_all_is_unreadable(body: bytes) -> None:
     with pytest.raises(jobintake.Unreadable):
         jobintake.parse_take(body)
+
+
+def test_a_take_body_is_read_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``take_jobs`` against a loopback job API: a declared length over the bound is refused before the
+    body is read, an endless chunked body is cut at the bound, a blank body is no jobs, a good one is read."""
+    limit = 4096
+    monkeypatch.setattr(jobintake, "TAKE_BYTES_PER_JOB", limit)
+    job = {"id": "j1", "input": {"image_b64": "x" * 100}}
+
+    async def take(request: web.Request) -> web.StreamResponse:
+        kind = request.query["kind"]
+        if kind == "declared":
+            return web.Response(body=b" " * (limit + 1), content_type="application/json")
+        if kind == "blank":
+            return web.Response(body=b" \n\t ", content_type="application/json")
+        if kind == "good":
+            return web.json_response([job])
+        response = web.StreamResponse()  # chunked, with no end: only the bound stops the read
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b"[" * 512)
+        return response
+
+    async def scenario() -> list:
+        app = web.Application()
+        app.router.add_get("/job-take/worker", take)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        outcomes: list = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for kind in ("declared", "chunked", "blank", "good"):
+                    monkeypatch.setattr(rp_job, "JOB_GET_URL", f"http://127.0.0.1:{port}/job-take/worker?kind={kind}")
+                    try:
+                        intake = await asyncio.wait_for(jobintake.take_jobs(session, 1), 20)
+                        outcomes.append([job["id"] for job in intake.jobs])
+                    except jobintake.Unreadable as error:
+                        outcomes.append(str(error))
+        finally:
+            await runner.cleanup()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [
+        f"job-take body of {limit + 1} bytes, over {limit}",
+        f"job-take body over {limit} bytes",
+        [],
+        ["j1"],
+    ]
 
 
 def test_a_hanging_result_post_takes_no_jobs_place(triton: EmbeddedTriton, tmp_path: Path) -> None:

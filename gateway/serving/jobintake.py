@@ -170,11 +170,14 @@ async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
         limit = TAKE_BYTES_PER_JOB * max(count, 1)
         if response.content_length is not None and response.content_length > limit:
             raise Unreadable(f"job-take body of {response.content_length} bytes, over {limit}")
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(1 << 20):
-            body += chunk
-            if len(body) > limit:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():  # as it arrives: one join below, no regrowing buffer
+            size += len(chunk)
+            if size > limit:
                 raise Unreadable(f"job-take body over {limit} bytes")
-    if not body.strip():
+            chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body or body.isspace():  # isspace stops at the first other byte (strip copied the whole body)
         return Intake()
     return parse_take(body)
