@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from devstack.jobapi import JobApi
-from gateway.serving.lane_link import Link
+from gateway.serving.lane_link import MAX_MESSAGE, Link
 from gateway.serving.lanes import LANE_LOST, Lanes, SharedModels
 from gateway.serving.model_lifetime import ModelLifetime
 from gateway.serving.shared_memory import SHM_DIR
@@ -282,3 +284,66 @@ def test_the_intake_counts_each_lanes_models_and_settles_a_dead_lanes_jobs(monke
         await asyncio.sleep(0.2)
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- the link's framing
+
+
+def test_the_link_carries_messages_whole_however_the_bytes_arrive(caplog: pytest.LogCaptureFixture) -> None:
+    """Many messages in one read, one message over many reads (a job's photo), in order; a frame that
+    cannot be read closes the link after the messages before it, with the reason logged."""
+    photo_text = "A" * (3 << 20)  # a job far above the split size and the socket's chunks
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        link = await Link.over(ours)
+        raw = theirs.makefile("wb")
+        small = [("ended", f"job-{n}", True) for n in range(50)]
+        raw.write(b"".join(frame(message) for message in small))  # one write: one or a few reads
+        raw.flush()
+        big = frame(("job", {"id": "big", "input": {"image_b64": photo_text}}))
+        for start in range(0, len(big), 7001):  # an odd step: a header split across two reads too
+            raw.write(big[start : start + 7001])
+            raw.flush()
+            await asyncio.sleep(0)
+        assert [await link.receive() for _ in small] == small
+        assert await link.receive() == ("job", {"id": "big", "input": {"image_b64": photo_text}})
+        raw.write(frame(("answered", "a")) + struct.pack("!I", 5) + b"\x80junk" + frame(("answered", "b")))
+        raw.flush()
+        assert await link.receive() == ("answered", "a")
+        assert await asyncio.wait_for(link.receive(), 5) is None  # the junk closed it; "b" is never read
+        raw.close()
+        theirs.close()
+        await link.close()
+
+    with caplog.at_level("ERROR", logger="gateway"):
+        asyncio.run(scenario())
+    assert "an unreadable lane message" in caplog.text
+
+
+def test_a_link_whose_other_end_goes_answers_none_and_its_send_is_dropped() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        link, other = await Link.over(ours), await Link.over(theirs)
+        other.send("ready", 7)
+        big = ("job", {"id": "x", "input": {"image_b64": "B" * 200_000}})
+        other.send(*big)  # split behind its header
+        assert await link.receive() == ("ready", 7)
+        assert await link.receive() == big
+        await other.close()
+        assert await asyncio.wait_for(link.receive(), 5) is None
+        link.send("stop")  # the other end is gone: nothing is raised
+        await link.close()
+        ours, theirs = socket.socketpair()  # a length past the bound: closed at once, nothing buffered for it
+        link = await Link.over(ours)
+        theirs.sendall(struct.pack("!I", MAX_MESSAGE + 1) + b"x" * 1000)
+        assert await asyncio.wait_for(link.receive(), 5) is None
+        theirs.close()
+        await link.close()
+
+    asyncio.run(scenario())
+
+
+def frame(message: tuple) -> bytes:
+    data = pickle.dumps(message)
+    return struct.pack("!I", len(data)) + data

@@ -15,45 +15,106 @@ Lane to intake: ``("ready", pid)``, ``("ended", job_id, posting)``, ``("answered
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import logging
 import pickle
 import socket
 import struct
 
+log = logging.getLogger("gateway")
+
 HEADER = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30  # a job's body is bounded far below this by the job intake
+SPLIT_AT = 1 << 16  # a larger message is written behind its header, not copied into one buffer with it
 
 
-class Link:
-    """One end of a lane's socket pair, used from one event loop."""
+class Link(asyncio.Protocol):
+    """One end of a lane's socket pair, used from one event loop.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    Messages are cut from the bytes as they arrive (``data_received``) and queued, so that a read that
+    brings several of them wakes ``receive`` once; a frame that cannot be read closes the link (both ends
+    are this worker's own code: it is a bug, and the other end is then treated as gone).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._messages: collections.deque[tuple] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._closed = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def over(cls, sock: socket.socket) -> Link:
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
-        return cls(reader, writer)
+        _transport, link = await asyncio.get_running_loop().create_unix_connection(cls, sock=sock)
+        return link
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + length
+            if length > MAX_MESSAGE:
+                self._broken(f"a lane message of {length} bytes")
+                return
+            if len(buffer) < end:
+                break
+            with memoryview(buffer) as view:
+                try:
+                    self._messages.append(pickle.loads(view[start + HEADER.size : end]))
+                except Exception as error:  # whatever unpickling raised, the link is broken
+                    self._broken(f"an unreadable lane message ({type(error).__name__})")
+                    return
+            start = end
+        del buffer[:start]
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._wake()
+
+    # ------------------------------------------------------------------ the link
+
+    def _broken(self, what: str) -> None:
+        log.error("%s; the link is closed", what)
+        self._buffer.clear()
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def send(self, *message: object) -> None:
         """Queue ``message`` for the other end; dropped when the link is already closed."""
-        if self.writer.is_closing():
+        if self.transport is None or self.transport.is_closing():
             return
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.writer.write(HEADER.pack(len(data)) + data)
+        if len(data) < SPLIT_AT:
+            self.transport.write(HEADER.pack(len(data)) + data)
+        else:  # a job: no copy of its photo to put four bytes in front of it
+            self.transport.write(HEADER.pack(len(data)))
+            self.transport.write(data)
 
     async def receive(self) -> tuple | None:
         """The next message, or None when the other end closed the link (or died)."""
-        try:
-            (length,) = HEADER.unpack(await self.reader.readexactly(HEADER.size))
-            if length > MAX_MESSAGE:
-                raise ValueError(f"lane message of {length} bytes")
-            return pickle.loads(await self.reader.readexactly(length))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
+        while not self._messages:
+            if self._closed.done():
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._messages.popleft()
 
     async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
+        if self.transport is None:
+            return
+        self.transport.close()
+        await self._closed
