@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -88,7 +89,7 @@ class EagerJobScaler(JobScaler):
         self._job_ended = asyncio.Event()  # a job or a post ended, or the worker is stopping
         self._dispatch = asyncio.Event()  # a job was queued or ended, or the worker is stopping
         self._posting: set[str] = set()
-        self._posts: set[asyncio.Task] = set()
+        self._posts: set[asyncio.Future] = set()
         self._paused = False
         self.results = ResultPosts()
 
@@ -117,7 +118,8 @@ class EagerJobScaler(JobScaler):
     async def _woken(event: asyncio.Event) -> None:
         """Until ``event`` is set, or ``ROOM_WAIT_CEILING`` seconds have passed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), ROOM_WAIT_CEILING)
+            async with asyncio.timeout(ROOM_WAIT_CEILING):  # no task of its own per wait, as wait_for makes
+                await event.wait()
 
     async def run_jobs(self, session: Any) -> None:
         """Start queued jobs while there is room, until the worker stops and the queue is empty; then
@@ -205,6 +207,7 @@ class EagerJobScaler(JobScaler):
         """Queue the valid jobs and answer the refused ones; jobs brought in after shutdown began are run
         here (``run_jobs`` may have stopped draining already; runpod's own loop loses them)."""
         for job_id, error in intake.refused:
+            self.job_progress.add(job_id)  # in the heartbeats' list until answered, as a job that runs is
             self._post_later(job_id, {"error": error})
         running = set(self.jobs_tasks) | self._posting
         for job in intake.jobs:
@@ -252,20 +255,20 @@ class EagerJobScaler(JobScaler):
         self._answering(job_id, self.results.post(job_id, result))
 
     def _answering(self, job_id: str, answer: Awaitable) -> None:
-        """``job_id``'s answer is on its way (``answer`` ends when it has arrived or was given up)."""
+        """``job_id``'s answer is on its way (``answer`` ends when it has arrived or was given up). The job
+        is in the heartbeats' list (since ``_accept``) and stays there until then."""
         self._posting.add(job_id)
-        self.job_progress.add(job_id)  # in the heartbeats' list until answered
-        task = asyncio.ensure_future(self._answered(job_id, answer))
-        self._posts.add(task)
-        task.add_done_callback(self._posts.discard)
+        future = asyncio.ensure_future(answer)  # a lane's future stays itself: no task per job to wait on it
+        self._posts.add(future)
+        future.add_done_callback(functools.partial(self._answered, job_id))
 
-    async def _answered(self, job_id: str, answer: Awaitable) -> None:
-        try:
-            await answer
-        finally:
-            self._posting.discard(job_id)
-            self.job_progress.remove(job_id)
-            self._job_ended.set()
+    def _answered(self, job_id: str, future: asyncio.Future) -> None:
+        self._posts.discard(future)
+        self._posting.discard(job_id)
+        self.job_progress.remove(job_id)
+        self._job_ended.set()
+        if not future.cancelled() and future.exception() is not None:
+            log.error("posting the result of job %s failed: %r", job_id, future.exception())
 
 
 def install(scaler: type[EagerJobScaler] = EagerJobScaler) -> None:
