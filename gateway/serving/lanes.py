@@ -96,11 +96,15 @@ class Lane:
     serving: asyncio.Task | None = None  # reads the lane's messages until its link closes, then settles it
     ready: bool = False
     jobs: dict[str, LaneJob] = field(default_factory=dict)
+    running: int = 0  # its jobs whose ``ended`` is not set yet
     busy: Counter = field(default_factory=Counter)  # models in use by its jobs
     restart_delay: float = RESTART_DELAY
 
-    def running(self) -> int:
-        return sum(not job.ended.done() for job in self.jobs.values())
+    def end(self, entry: LaneJob, posting: bool | None) -> None:
+        """``entry`` (one of its jobs) has ended: ``posting`` as ``LaneJob.ended`` says."""
+        if not entry.ended.done():
+            entry.ended.set_result(posting)
+            self.running -= 1
 
 
 class Lanes:
@@ -177,10 +181,11 @@ class Lanes:
         ready = [lane for lane in self.lanes if lane.ready]
         if not ready:
             raise NoLane("no lane is ready")
-        lane = min(ready, key=Lane.running)
+        lane = min(ready, key=lambda candidate: candidate.running)
         loop = asyncio.get_running_loop()
         entry = LaneJob(job["id"], lane, loop.create_future(), loop.create_future())
         lane.jobs[entry.job_id] = entry
+        lane.running += 1
         assert lane.link is not None
         lane.link.send("job", job)
         return entry
@@ -222,8 +227,7 @@ class Lanes:
             return
         if not posting:
             del lane.jobs[job_id]
-        if not entry.ended.done():
-            entry.ended.set_result(posting)
+        lane.end(entry, posting)
 
     async def _load(self, lane: Lane, kind: str, request: int, name: str, missing: bool = False) -> None:
         try:
@@ -248,7 +252,7 @@ class Lanes:
         was_ready, lane.ready = lane.ready, False
         for entry in lane.jobs.values():
             if not entry.ended.done():
-                entry.ended.set_result(None)
+                lane.end(entry, None)
             elif not entry.answered.done():
                 log.error("lane %d stopped while posting the result of job %s; it may not have arrived",
                           lane.index, entry.job_id)  # fmt: skip
