@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -328,7 +328,10 @@ def test_the_sdk_internals_the_adapter_relies_on_are_there() -> None:
     assert callable(rp_scale._reset_batch_id)
     scaler = jobloop.EagerJobScaler({"handler": lambda job: job})
     assert scaler.jobs_fetcher is jobintake.take_jobs
-    for name in ("jobs_queue", "job_progress", "jobs_tasks", "_shutdown_event", "jobs_fetcher_timeout"):
+    assert scaler.stop_signals_fetcher is jobintake.take_stop_signals
+    assert rp_job._job_stop_url() is None or "/job-stop/" in rp_job._job_stop_url()
+    timeouts = ("jobs_fetcher_timeout", "stop_signals_fetcher_timeout")
+    for name in ("jobs_queue", "job_progress", "jobs_tasks", "_shutdown_event", *timeouts):
         assert hasattr(scaler, name), name
 
 
@@ -410,55 +413,105 @@ def test_a_take_that_is_not_jobs_at_all_is_unreadable(body: bytes) -> None:
         jobintake.parse_take(body)
 
 
+async def endless_json(request: web.Request) -> web.StreamResponse:
+    """A chunked JSON answer with no end: only the reader's bound stops it."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await response.write(b"[" * 512)
+    return response
+
+
+def ask_job_api(path: str, answer: Callable, kinds: list[str], fetch: Callable) -> list:
+    """``fetch(session)`` once per kind against a loopback job API whose ``path`` calls ``answer(request,
+    kind)``, the job-take URL pointing at it; what each returned or the message of what it raised."""
+
+    async def scenario() -> list:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await answer(request, request.query["kind"])
+
+        app = web.Application()
+        app.router.add_get(path, handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        outcomes: list = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for kind in kinds:
+                    rp_job.JOB_GET_URL = f"http://127.0.0.1:{port}/job-take/worker?kind={kind}"
+                    try:
+                        outcomes.append(await asyncio.wait_for(fetch(session), 20))
+                    except jobintake.Unreadable as error:
+                        outcomes.append(f"Unreadable: {error}")
+                    except rp_scale.TooManyRequests:
+                        outcomes.append("TooManyRequests")
+        finally:
+            await runner.cleanup()
+        return outcomes
+
+    return asyncio.run(scenario())
+
+
 def test_a_take_body_is_read_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``take_jobs`` against a loopback job API: a declared length over the bound is refused before the
-    body is read, an endless chunked body is cut at the bound, a blank body is no jobs, a good one is read."""
+    """A declared length over the bound is refused before the body is read, an endless chunked body is
+    cut at the bound, a blank body is no jobs, a good one is read."""
     limit = 4096
     monkeypatch.setattr(jobintake, "TAKE_BYTES_PER_JOB", limit)
+    monkeypatch.setattr(rp_job, "JOB_GET_URL", rp_job.JOB_GET_URL)
     job = {"id": "j1", "input": {"image_b64": "x" * 100}}
 
-    async def take(request: web.Request) -> web.StreamResponse:
-        kind = request.query["kind"]
+    async def take(request: web.Request, kind: str) -> web.StreamResponse:
         if kind == "declared":
             return web.Response(body=b" " * (limit + 1), content_type="application/json")
         if kind == "blank":
             return web.Response(body=b" \n\t ", content_type="application/json")
         if kind == "good":
             return web.json_response([job])
-        response = web.StreamResponse()  # chunked, with no end: only the bound stops the read
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            while True:
-                await response.write(b"[" * 512)
-        return response
+        return await endless_json(request)
 
-    async def scenario() -> list:
-        app = web.Application()
-        app.router.add_get("/job-take/worker", take)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        outcomes: list = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                for kind in ("declared", "chunked", "blank", "good"):
-                    monkeypatch.setattr(rp_job, "JOB_GET_URL", f"http://127.0.0.1:{port}/job-take/worker?kind={kind}")
-                    try:
-                        intake = await asyncio.wait_for(jobintake.take_jobs(session, 1), 20)
-                        outcomes.append([job["id"] for job in intake.jobs])
-                    except jobintake.Unreadable as error:
-                        outcomes.append(str(error))
-        finally:
-            await runner.cleanup()
-        return outcomes
+    async def fetch(session: aiohttp.ClientSession) -> list[str]:
+        return [job["id"] for job in (await jobintake.take_jobs(session, 1)).jobs]
 
-    assert asyncio.run(scenario()) == [
-        f"job-take body of {limit + 1} bytes, over {limit}",
-        f"job-take body over {limit} bytes",
+    assert ask_job_api("/job-take/worker", take, ["declared", "chunked", "blank", "good"], fetch) == [
+        f"Unreadable: job-take body of {limit + 1} bytes, over {limit}",
+        f"Unreadable: job-take body over {limit} bytes",
         [],
         ["j1"],
+    ]
+
+
+def test_a_stop_channel_answer_is_read_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop channel's answers as runpod reads them (ids that are strings; none for 204, another
+    content type, a body that is not an object with a list; 429 raised), with the body bounded: an endless
+    answer is cut at ``STOP_BYTES`` (runpod's reader would hold it all)."""
+    monkeypatch.setattr(rp_job, "JOB_GET_URL", rp_job.JOB_GET_URL)
+    limit = jobintake.STOP_BYTES
+
+    async def stop(request: web.Request, kind: str) -> web.StreamResponse:
+        answers = {
+            "none": web.Response(status=204),
+            "ids": web.json_response({"jobsToStop": ["a", 3, None, "b"]}),
+            "text": web.Response(text='{"jobsToStop": ["a"]}'),
+            "declared": web.Response(body=b" " * (limit + 1), content_type="application/json"),
+            "deep": web.Response(body=b"[" * 5000 + b"]" * 5000, content_type="application/json"),
+            "no list": web.json_response({"jobsToStop": "a"}),
+            "busy": web.Response(status=429),
+        }
+        return answers[kind] if kind in answers else await endless_json(request)
+
+    kinds = ["none", "ids", "text", "declared", "endless", "deep", "no list", "busy"]
+    assert ask_job_api("/job-stop/worker", stop, kinds, jobintake.take_stop_signals) == [
+        [],
+        ["a", "b"],
+        [],
+        f"Unreadable: stop-channel body of {limit + 1} bytes, over {limit}",
+        f"Unreadable: stop-channel body over {limit} bytes",
+        [],
+        [],
+        "TooManyRequests",
     ]
 
 

@@ -1,4 +1,5 @@
-"""Jobs from the job API, validated before the job loop sees them. Pure apart from ``take_jobs``' GET.
+"""Jobs and stop signals from the job API, validated before the job loop sees them. Pure apart from the
+GETs of ``take_jobs`` and ``take_stop_signals`` (each body read within a size bound).
 
 runpod's ``get_job`` hands the loop whatever the job-take answer holds: an entry without ``id`` or one
 that is not an object crashes the loop (the worker exits, the whole batch unanswered), and a batch
@@ -9,7 +10,8 @@ API accepts either way); what orjson refuses is parsed again by ``json``, so a b
 reads it (NaN, lone surrogates, depth). When that parser refuses it too (too deep), its top level is split
 by a scanner that does not recurse and each job is parsed on its own, so one bad job costs only itself.
 Each entry ends as a job to run, a job to answer with an error (it has an id, the rest is wrong), or a
-logged skip (no usable id: nothing can be answered).
+logged skip (no usable id: nothing can be answered). runpod's ``get_stop_signals`` reads the stop
+channel's answer whole into memory; ``take_stop_signals`` reads it the same way within ``STOP_BYTES``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger("gateway")
 
 MAX_ID_CHARS = 256
 TAKE_BYTES_PER_JOB = 32 << 20  # a job's body is at most 20 MB on the platform (/runsync), plus its fields
+STOP_BYTES = 1 << 20  # a stop-channel answer: job ids (thousands of them at MAX_ID_CHARS)
 TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)  # strings skipped whole, in C
 
 
@@ -159,6 +162,20 @@ def parse_take(body: bytes | bytearray) -> Intake:
     return intake
 
 
+async def read_bounded(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The response's body, refused (Unreadable) once it declares or brings more than ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise Unreadable(f"{what} body of {response.content_length} bytes, over {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():  # as it arrives: one join below, no regrowing buffer
+        size += len(chunk)
+        if size > limit:
+            raise Unreadable(f"{what} body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
     """One job-take (batch when ``count`` > 1) as runpod's ``get_job`` sends it, with the body bounded."""
     async with session.get(rp_job._job_get_url(count)) as response:
@@ -167,17 +184,36 @@ async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
         if response.status == 429:
             raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
         response.raise_for_status()
-        limit = TAKE_BYTES_PER_JOB * max(count, 1)
-        if response.content_length is not None and response.content_length > limit:
-            raise Unreadable(f"job-take body of {response.content_length} bytes, over {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():  # as it arrives: one join below, no regrowing buffer
-            size += len(chunk)
-            if size > limit:
-                raise Unreadable(f"job-take body over {limit} bytes")
-            chunks.append(chunk)
-    body = b"".join(chunks)
+        body = await read_bounded(response, TAKE_BYTES_PER_JOB * max(count, 1), "job-take")
     if not body or body.isspace():  # isspace stops at the first other byte (strip copied the whole body)
         return Intake()
     return parse_take(body)
+
+
+async def take_stop_signals(session: aiohttp.ClientSession) -> list[str]:
+    """The job ids the stop channel says to stop, read as runpod's ``get_stop_signals`` reads them (204: none;
+    429: TooManyRequests; a body that is not a JSON object with a ``jobsToStop`` list: none, logged; ids that
+    are not strings dropped), with the body bounded (``STOP_BYTES``; runpod read it whole)."""
+    url = rp_job._job_stop_url()
+    if url is None:
+        return []
+    async with session.get(url) as response:
+        if response.status == 204:
+            return []
+        if response.status == 429:
+            raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
+        response.raise_for_status()
+        if response.content_type != "application/json":
+            log.warning("stop-channel answer of type %.100s ignored", response.content_type)
+            return []
+        body = await read_bounded(response, STOP_BYTES, "stop-channel")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        log.warning("stop-channel answer that is not JSON ignored")
+        return []
+    job_ids = payload.get("jobsToStop", []) if isinstance(payload, dict) else None
+    if not isinstance(job_ids, list):
+        log.warning("stop-channel answer without a jobsToStop list ignored")
+        return []
+    return [job_id for job_id in job_ids if isinstance(job_id, str)]

@@ -2,8 +2,8 @@
 take it down.
 
 runpod 1.12's ``JobScaler`` (pinned; ``tests/test_jobloop.py`` fails on an SDK whose internals moved)
-keeps its stop channel (per-job cancellation), heartbeats and SIGTERM handling; ``EagerJobScaler``
-replaces these steps:
+keeps its stop channel (per-job cancellation; each answer read by ``jobintake.take_stop_signals``, within
+a size bound), heartbeats and SIGTERM handling; ``EagerJobScaler`` replaces these steps:
 
 - Intake. ``JobScaler.get_jobs`` sleeps a whole second whenever it runs ``CONCURRENCY`` jobs, so a worker
   took at most about ``CONCURRENCY`` jobs a second whatever its speed. Here intake waits for room (an
@@ -42,10 +42,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 from runpod.http_client import AsyncClientSession
-from runpod.serverless.modules import rp_scale
+from runpod.serverless.modules import rp_job, rp_scale
 from runpod.serverless.modules.rp_scale import JobScaler
 
-from gateway.serving.jobintake import Intake, Unreadable, take_jobs
+from gateway.serving.jobintake import Intake, Unreadable, take_jobs, take_stop_signals
 from gateway.serving.result_post import RESULT_POST_DEADLINE, ResultPosts
 
 log = logging.getLogger("gateway")
@@ -86,6 +86,7 @@ class EagerJobScaler(JobScaler):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.jobs_fetcher = take_jobs
+        self.stop_signals_fetcher = take_stop_signals
         self._job_ended = asyncio.Event()  # a job or a post ended, or the worker is stopping
         self._dispatch = asyncio.Event()  # a job was queued or ended, or the worker is stopping
         self._posting: set[str] = set()
@@ -107,6 +108,14 @@ class EagerJobScaler(JobScaler):
                 stop_channel.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await stop_channel
+
+    async def monitor_stop_signals(self, session: Any) -> None:
+        """runpod's stop-channel loop, with ``take_stop_signals`` reading each answer; none when the
+        stop channel cannot be derived from the job-take URL (runpod checks that only for its own reader)."""
+        if rp_job._job_stop_url() is None:
+            log.warning("no stop channel can be derived from the job-take URL; per-job stop is disabled")
+            return
+        await super().monitor_stop_signals(session)
 
     def kill_worker(self) -> None:
         """Stop, and wake the intake and the dispatcher, which wait for ``_job_ended`` and ``_dispatch``."""
