@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import threading
 
+import aiohttp
 import pytest
+from aiohttp import web
 from runpod.serverless.modules import rp_http
 
 from devstack.jobapi import JobApi
@@ -113,3 +116,37 @@ def test_a_refused_post_is_not_retried_and_says_so(api: JobApi, monkeypatch: pyt
 
     assert asyncio.run(run()) is False  # a 404 is final: posting again would be refused again
     assert "refused" not in api.results
+
+
+def test_a_job_done_answer_is_read_within_its_bound_and_its_status_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job API whose job-done answers never end: an accepted result counts, a refused one is not retried
+    (read whole, each such answer held its post until the attempt timed out, then it was tried again)."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=int(request.query["status"]))
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b"x" * 65536)
+        return response
+
+    async def scenario() -> list[bool]:
+        app = web.Application()
+        app.router.add_post("/job-done/worker/{job}", endless)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        outcomes = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for status in (200, 400):
+                    url = f"http://127.0.0.1:{port}/job-done/worker/$ID?status={status}"
+                    monkeypatch.setattr(rp_http, "JOB_DONE_URL", url)
+                    outcomes.append(await result_post.post_result(session, "j1", {"output": {}}, 6, attempt_timeout=2))
+        finally:
+            await runner.cleanup()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [True, False]  # unbounded, the first read ran to each attempt's timeout

@@ -2,7 +2,9 @@
 
 ``post_result`` sends one job's result as runpod's ``rp_http.send_result`` does (same URL and headers),
 serialized once with orjson, with a per-attempt timeout, retries with backoff (connection errors,
-timeouts, 429 and 5xx) and an overall deadline: a job-done POST that hangs takes no job's place.
+timeouts, 429 and 5xx) and an overall deadline: a job-done POST that hangs takes no job's place. The
+answer's status decides; its body is read only within ``ANSWER_BYTES`` (an endless one had held the post
+until its timeout, all of it in memory).
 
 ``ResultPosts`` runs those posts on ``POST_THREADS`` threads, each with its own event loop and HTTP
 session; the job loop only waits for them. A 3D job's body is about 8 MB of base64: serializing it and
@@ -14,6 +16,7 @@ releases the GIL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -25,11 +28,14 @@ import orjson
 from runpod.http_client import AsyncClientSession
 from runpod.serverless.modules import rp_http
 
+from gateway.serving.jobintake import Unreadable, read_bounded
+
 log = logging.getLogger("gateway")
 
 RESULT_POST_ATTEMPT = 10.0  # seconds for one job-done POST
 RESULT_POST_DEADLINE = 60.0  # seconds for all attempts of one job's result
 POST_THREADS = 2
+ANSWER_BYTES = 64 << 10  # of a job-done answer read (its status is what counts)
 
 
 async def post_result(
@@ -50,7 +56,8 @@ async def post_result(
         try:
             async with asyncio.timeout(min(attempt_timeout, remaining)):
                 async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
+                    with contextlib.suppress(Unreadable):  # not used; read (the connection is kept) within a bound
+                        await read_bounded(response, ANSWER_BYTES, "job-done answer")
                     if response.status < 300:
                         return True
                     outcome = f"HTTP {response.status}"
