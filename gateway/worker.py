@@ -26,7 +26,7 @@ import runpod
 
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService, worker_target
-from gateway.serving import jobloop
+from gateway.serving import heartbeat, jobloop
 from gateway.serving.health import TritonHealth
 from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.lanes import LaneJobScaler, Lanes, SharedModels
@@ -199,5 +199,6 @@ def main() -> None:
     # For the local API (--rp_serve_api); runpod's production loop installs its own, which drains first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(exit_status()))  # runs atexit (stops the embedded Triton)
     jobloop.install(LaneJobScaler if lanes is not None else jobloop.EagerJobScaler)
+    heartbeat.install()
     runpod.serverless.start({**config, "concurrency_modifier": concurrency})
     sys.exit(exit_status())

@@ -16,18 +16,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import aiohttp
 import pytest
 from aiohttp import web
-from runpod.serverless.modules import rp_http, rp_job, rp_scale
+from runpod.serverless.modules import rp_http, rp_job, rp_ping, rp_scale
+from runpod.serverless.modules.worker_state import PingJobMirror
 
 from devstack.jobapi import JobApi
-from gateway.serving import jobintake, jobloop, result_post
+from devstack.local import LoopbackServer, QuietHandler
+from gateway.serving import heartbeat, jobintake, jobloop, result_post
 from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
@@ -329,6 +333,10 @@ def test_the_sdk_internals_the_adapter_relies_on_are_there() -> None:
     scaler = jobloop.EagerJobScaler({"handler": lambda job: job})
     assert scaler.jobs_fetcher is jobintake.take_jobs
     assert scaler.stop_signals_fetcher is jobintake.take_stop_signals
+    beat = rp_ping.Heartbeat()  # heartbeat.send_ping replaces its _send_ping and reads these
+    for name in ("_send_ping", "_mirror", "_session", "PING_URL", "PING_INTERVAL"):
+        assert hasattr(beat, name), name
+    assert isinstance(rp_ping.runpod_version, str)
     assert rp_job._job_stop_url() is None or "/job-stop/" in rp_job._job_stop_url()
     timeouts = ("jobs_fetcher_timeout", "stop_signals_fetcher_timeout")
     for name in ("jobs_queue", "job_progress", "jobs_tasks", "_shutdown_event", *timeouts):
@@ -594,3 +602,36 @@ def test_no_jobs_are_taken_while_triton_is_down_and_a_lasting_outage_ends_the_wo
             process.wait()
         triton.stop()
         api.stop()
+
+
+def test_a_heartbeat_answer_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runpod's heartbeat against a ping endpoint whose answer never ends: the ping is sent with the jobs
+    in progress and returns (runpod's own read the body until the endpoint stopped, growing as it read)."""
+    pings: list[str] = []
+
+    class Endless(QuietHandler):
+        def do_GET(self) -> None:
+            pings.append(self.path)
+            self.send_response(200)
+            self.end_headers()  # no length: the body ends when the connection does
+            with contextlib.suppress(OSError):
+                for _ in range(6000):  # 64 kB every 10 ms for a minute, unless the client closes first
+                    self.wfile.write(b"x" * 65536)
+                    time.sleep(0.01)
+
+    server = LoopbackServer(Endless).start()
+    try:
+        monkeypatch.setenv("RUNPOD_WEBHOOK_PING", f"{server.base}/ping/worker")
+        monkeypatch.setattr(rp_ping.Heartbeat, "_send_ping", rp_ping.Heartbeat._send_ping)  # restored after
+        heartbeat.install()
+        beat = rp_ping.Heartbeat()
+        beat._mirror = PingJobMirror()
+        beat._mirror.set("job-a,job-b")
+        sender = threading.Thread(target=beat._send_ping, daemon=True)
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "the ping is still reading its answer"
+    finally:
+        server.stop()
+    assert len(pings) == 1
+    assert parse_qs(urlparse(pings[0]).query)["job_id"] == ["job-a,job-b"]
