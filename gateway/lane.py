@@ -15,7 +15,6 @@ import os
 import socket
 import sys
 
-import runpod
 from runpod.serverless.modules import rp_scale
 
 from gateway.service import DepthService
@@ -84,8 +83,8 @@ async def serve(settings: Settings, sock: socket.socket, index: int) -> None:
     models = LaneModels(settings.triton_url or "", settings.max_loaded_models, settings.triton_timeout,
                         settings.triton_retries, link)  # fmt: skip
     fetcher = settings_fetcher(settings, list(settings.triton_ports))  # the intake's Triton ports, passed on
-    service = DepthService(settings, models, fetcher, runpod.serverless.progress_update)
-    results = ResultPosts()
+    results = ResultPosts()  # results and progress updates
+    service = DepthService(settings, models, fetcher, results.progress_update)
     try:
         jobs = LaneJobs(service, link, results)
         reading = asyncio.create_task(receive(link, jobs, models))

@@ -32,6 +32,7 @@ from gateway.serving.imagework import keep_freed_memory
 from gateway.serving.lanes import LaneJobScaler, Lanes, SharedModels
 from gateway.serving.model_lifetime import ModelLifetime
 from gateway.serving.model_names import ModelUnavailable
+from gateway.serving.result_post import ResultPosts
 from gateway.serving.supervisor import TritonSupervisor
 from gateway.serving.triton import TritonModels
 from gateway.serving.triton_process import EmbeddedTriton, TritonStartError, point_tensorrt_cache
@@ -110,13 +111,13 @@ def settings_fetcher(settings: Settings, blocked_ports: list[int]) -> Fetcher:
     )
 
 
-def build_service(settings: Settings, url: str, blocked_ports: list[int], production: bool) -> DepthService:
-    """The gateway in this process: preloads the default model and starts the image workers."""
+def build_service(settings: Settings, url: str, blocked_ports: list[int], results: ResultPosts | None) -> DepthService:
+    """The gateway in this process: preloads the default model and starts the image workers; progress
+    updates go out through ``results`` (runpod's production loop; none with the local API)."""
     started = time.monotonic()
     triton = TritonModels(url, settings.max_loaded_models, settings.triton_timeout, settings.triton_retries)
     fetcher = settings_fetcher(settings, blocked_ports)
-    progress = runpod.serverless.progress_update if production else None
-    service = DepthService(settings, triton, fetcher, progress)
+    service = DepthService(settings, triton, fetcher, results.progress_update if results is not None else None)
     log.info("loading %s and starting %d image workers", settings.default_model, settings.cpu_workers)
     asyncio.run(service.startup())
     log.info("ready in %.1f s", time.monotonic() - started)
@@ -165,9 +166,10 @@ def main() -> None:
             models: ModelLifetime = lanes.models
             config: dict = {"handler": refuse_job, "lanes": lanes}
         else:
-            service = build_service(settings, url, blocked_ports, production)
+            results = ResultPosts() if production else None  # the job loop's, for results and progress
+            service = build_service(settings, url, blocked_ports, results)
             models = service.triton
-            config = {"handler": service.handle_job}
+            config = {"handler": service.handle_job, "results": results}
     except (TritonStartError, ModelUnavailable, StorageConfigError) as error:  # one line, exit 1: replaced
         log.error("could not start: %s", error)
         sys.exit(1)

@@ -89,7 +89,8 @@ output that does not fit is the video's error, which says to use a bucket. Limit
 {max_frames} (longer clips are cut and say so), `MAX_VIDEO_PIXELS` {max_pixels} per frame (checked from
 the header before decoding, and by FFmpeg on every frame), `VIDEO_SPOOL_BYTES` {spool} (disk for the
 aligned frames; the clip is cut to fit), `VIDEO_TIMEOUT` {timeout:g} s for the whole job. Progress:
-`frames 240/900` through runpod's `progress_update` every few seconds.
+`frames 240/900` every few seconds, as a progress update (the `IN_PROGRESS` post of runpod's
+`progress_update`, which `/status` shows; posted before the job's result).
 """
 
 

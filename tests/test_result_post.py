@@ -150,3 +150,35 @@ def test_a_job_done_answer_is_read_within_its_bound_and_its_status_decides(monke
         return outcomes
 
     assert asyncio.run(scenario()) == [True, False]  # unbounded, the first read ran to each attempt's timeout
+
+
+def test_progress_updates_go_from_the_post_threads_and_before_their_jobs_result(
+    api: JobApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runpod's ``progress_update`` shape through ``ResultPosts``: every update of a job has arrived when its
+    result does; an update the job API never answers holds the result at most ``PROGRESS_DEADLINE``."""
+    monkeypatch.setattr(result_post, "PROGRESS_DEADLINE", 1.0)
+    seen_with_result: dict[str, list] = {}
+    real_done = api._done
+
+    def recorded(job_id: str, result: dict) -> None:
+        seen_with_result[job_id] = sorted(api.progress[job_id])  # the updates that had arrived by then
+        real_done(job_id, result)
+
+    monkeypatch.setattr(api, "_done", recorded)
+
+    async def run() -> list[bool]:
+        results = ResultPosts(threads=2)
+        try:
+            for n in range(1, 4):
+                results.progress_update({"id": "job-a"}, f"{n}/3 images")
+            first = await results.post("job-a", {"output": {"n": 1}})
+            api.hang_done.add("job-b")  # its first post (the update) hangs and is dropped
+            results.progress_update({"id": "job-b"}, "1/2 images")
+            return [first, await results.post("job-b", {"output": {"n": 2}})]
+        finally:
+            results.close()
+
+    assert asyncio.run(run()) == [True, True]
+    assert seen_with_result == {"job-a": ["1/3 images", "2/3 images", "3/3 images"], "job-b": []}
+    assert api.results["job-b"] == [{"output": {"n": 2}}]

@@ -92,7 +92,7 @@ class EagerJobScaler(JobScaler):
         self._posting: set[str] = set()
         self._posts: set[asyncio.Future] = set()
         self._paused = False
-        self.results = ResultPosts()
+        self.results: ResultPosts = config.get("results") or ResultPosts()  # the service's progress goes here too
 
     # ------------------------------------------------------------------ the loop's three tasks
 

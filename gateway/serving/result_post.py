@@ -7,7 +7,9 @@ answer's status decides; its body is read only within ``ANSWER_BYTES`` (an endle
 until its timeout, all of it in memory).
 
 ``ResultPosts`` runs those posts on ``POST_THREADS`` threads, each with its own event loop and HTTP
-session; the job loop only waits for them. A 3D job's body is about 8 MB of base64: serializing it and
+session; the job loop only waits for them. Progress updates (runpod's ``progress_update``, which started a
+thread, an event loop and an HTTP session for each update) go the same way, and a job's result is posted
+after its updates in flight. A 3D job's body is about 8 MB of base64: serializing it and
 sending it (orjson, aiohttp's join of headers and body, asyncio's send buffer, the kernel's copy) held
 the job loop's thread about 11 ms per post (``bench.worker``), much of it the kernel's copy, which
 releases the GIL.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -35,6 +38,7 @@ log = logging.getLogger("gateway")
 RESULT_POST_ATTEMPT = 10.0  # seconds for one job-done POST
 RESULT_POST_DEADLINE = 60.0  # seconds for all attempts of one job's result
 POST_THREADS = 2
+PROGRESS_DEADLINE = 5.0  # seconds for a progress update, all attempts
 ANSWER_BYTES = 64 << 10  # of a job-done answer read (its status is what counts)
 
 
@@ -44,6 +48,7 @@ async def post_result(
     result: dict,
     deadline: float = RESULT_POST_DEADLINE,
     attempt_timeout: float = RESULT_POST_ATTEMPT,
+    what: str = "result",
 ) -> bool:
     """POST ``result`` to runpod's job-done URL for ``job_id`` (as ``rp_http.send_result`` does), retrying
     connection errors, timeouts, 429 and 5xx with backoff until ``deadline`` seconds have passed."""
@@ -69,7 +74,7 @@ async def post_result(
             outcome = type(error).__name__
         attempt += 1
         await asyncio.sleep(min(0.5 * 2**attempt, 5.0, max(ends - time.monotonic(), 0)))
-    log.error("could not post the result of job %s (%s, %d attempts)", job_id, outcome, attempt + 1)
+    log.error("could not post the %s of job %s (%s, %d attempts)", what, job_id, outcome, attempt + 1)
     return False
 
 
@@ -115,19 +120,43 @@ class PostThread:
 
 
 class ResultPosts:
-    """Job results posted from ``threads`` threads (started at the first post), each post on the one with
-    the fewest in flight (of those, the one that took the fewest). Use from one event loop."""
+    """Job results and progress updates posted from ``threads`` threads (started at the first post), each
+    post on the one with the fewest in flight (of those, the one that took the fewest). Use from one event
+    loop."""
 
     def __init__(self, threads: int = POST_THREADS) -> None:
         self.threads = threads
         self._threads: list[PostThread] = []
+        self._updates: dict[str, set[asyncio.Future]] = {}  # progress posts in flight, per job
 
     async def post(self, job_id: str, result: dict) -> bool:
-        """``post_result`` for ``job_id``, on a post thread."""
+        """``post_result`` for ``job_id``, on a post thread, after the job's progress updates in flight."""
+        if updates := self._updates.get(job_id):
+            await asyncio.wait(set(updates))  # each within PROGRESS_DEADLINE: none arrives after the result
+        return await self._run(lambda session: post_result(session, job_id, result))
+
+    def progress_update(self, job: dict, progress: object) -> None:
+        """runpod's ``progress_update(job, progress)``: ``{"status": "IN_PROGRESS", "output": progress}`` to
+        the job-done URL, best effort (``PROGRESS_DEADLINE``), from a post thread rather than a thread and
+        HTTP session of its own per update as runpod's does; the job's result waits for it."""
+        job_id, update = job["id"], {"status": "IN_PROGRESS", "output": progress}
+        task = asyncio.ensure_future(
+            self._run(lambda session: post_result(session, job_id, update, PROGRESS_DEADLINE, what="progress"))
+        )
+        self._updates.setdefault(job_id, set()).add(task)
+        task.add_done_callback(functools.partial(self._updated, job_id))
+
+    def _updated(self, job_id: str, task: asyncio.Future) -> None:
+        updates = self._updates.get(job_id, set())
+        updates.discard(task)
+        if not updates:
+            self._updates.pop(job_id, None)
+
+    async def _run(self, post: Callable[[aiohttp.ClientSession], Awaitable[bool]]) -> bool:
         if not self._threads:
             self._threads = [PostThread() for _ in range(self.threads)]
         thread = min(self._threads, key=lambda candidate: (candidate.in_flight, candidate.posts))
-        return await thread.run(lambda session: post_result(session, job_id, result))
+        return await thread.run(post)
 
     def close(self, timeout: float = 5.0) -> None:
         for thread in self._threads:
