@@ -45,7 +45,8 @@ class Intake:
 
 
 class Unreadable(ValueError):
-    """The job-take body is not JSON of the expected shape at all."""
+    """A job API answer that cannot be read: over its size bound, or (a job-take) not JSON of the expected
+    shape at all."""
 
 
 def children(text: str) -> list[tuple[str | None, str]]:
@@ -162,6 +163,14 @@ def parse_take(body: bytes | bytearray) -> Intake:
     return intake
 
 
+def raise_for_status(response: aiohttp.ClientResponse) -> None:
+    """runpod's handling of an error status: 429 as its ``TooManyRequests`` (the loop backs off), others
+    as aiohttp's."""
+    if response.status == 429:
+        raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
+    response.raise_for_status()
+
+
 async def read_bounded(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
     """The response's body, refused (Unreadable) once it declares or brings more than ``limit`` bytes."""
     if response.content_length is not None and response.content_length > limit:
@@ -181,9 +190,7 @@ async def take_jobs(session: aiohttp.ClientSession, count: int) -> Intake:
     async with session.get(rp_job._job_get_url(count)) as response:
         if response.status in (204, 400):  # no jobs; 400 is FlashBoot's "nothing for you"
             return Intake()
-        if response.status == 429:
-            raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
-        response.raise_for_status()
+        raise_for_status(response)
         body = await read_bounded(response, TAKE_BYTES_PER_JOB * max(count, 1), "job-take")
     if not body or body.isspace():  # isspace stops at the first other byte (strip copied the whole body)
         return Intake()
@@ -200,9 +207,7 @@ async def take_stop_signals(session: aiohttp.ClientSession) -> list[str]:
     async with session.get(url) as response:
         if response.status == 204:
             return []
-        if response.status == 429:
-            raise TooManyRequests(response.request_info, response.history, status=429, message=response.reason)
-        response.raise_for_status()
+        raise_for_status(response)
         if response.content_type != "application/json":
             log.warning("stop-channel answer of type %.100s ignored", response.content_type)
             return []
