@@ -12,10 +12,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
+
+from aiohttp import web
 
 from devstack.local import LoopbackServer, QuietHandler
 
@@ -263,3 +265,18 @@ class HostileEndpoint(LoopbackServer):
                 self.answer({"id": job_id, "status": "IN_QUEUE"})
 
         return Handler
+
+
+@asynccontextmanager
+async def aiohttp_server(routes: list[web.RouteDef]) -> AsyncIterator[str]:
+    """``routes`` served by aiohttp on a free loopback port of the running event loop (for answers that
+    stream without end); its base URL."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -36,7 +36,7 @@ from gateway.serving.triton_process import EmbeddedTriton
 from tests import images
 from tests.conftest import RELATIVE_ID
 from tests.helpers import decode_image, wait_until
-from tests.servers import running_image_server
+from tests.servers import aiohttp_server, running_image_server
 from tests.test_robustness import GOOD_IMAGE, b64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,25 +436,16 @@ def ask_job_api(path: str, answer: Callable, kinds: list[str], fetch: Callable) 
         async def handle(request: web.Request) -> web.StreamResponse:
             return await answer(request, request.query["kind"])
 
-        app = web.Application()
-        app.router.add_get(path, handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
         outcomes: list = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                for kind in kinds:
-                    rp_job.JOB_GET_URL = f"http://127.0.0.1:{port}/job-take/worker?kind={kind}"
-                    try:
-                        outcomes.append(await asyncio.wait_for(fetch(session), 20))
-                    except jobintake.Unreadable as error:
-                        outcomes.append(f"Unreadable: {error}")
-                    except rp_scale.TooManyRequests:
-                        outcomes.append("TooManyRequests")
-        finally:
-            await runner.cleanup()
+        async with aiohttp_server([web.get(path, handle)]) as base, aiohttp.ClientSession() as session:
+            for kind in kinds:
+                rp_job.JOB_GET_URL = f"{base}/job-take/worker?kind={kind}"
+                try:
+                    outcomes.append(await asyncio.wait_for(fetch(session), 20))
+                except jobintake.Unreadable as error:
+                    outcomes.append(f"Unreadable: {error}")
+                except rp_scale.TooManyRequests:
+                    outcomes.append("TooManyRequests")
         return outcomes
 
     return asyncio.run(scenario())

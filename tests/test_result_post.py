@@ -16,6 +16,7 @@ from runpod.serverless.modules import rp_http
 from devstack.jobapi import JobApi
 from gateway.serving import result_post
 from gateway.serving.result_post import ResultPosts
+from tests.servers import aiohttp_server
 
 
 @pytest.fixture
@@ -132,21 +133,12 @@ def test_a_job_done_answer_is_read_within_its_bound_and_its_status_decides(monke
         return response
 
     async def scenario() -> list[bool]:
-        app = web.Application()
-        app.router.add_post("/job-done/worker/{job}", endless)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
         outcomes = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                for status in (200, 400):
-                    url = f"http://127.0.0.1:{port}/job-done/worker/$ID?status={status}"
-                    monkeypatch.setattr(rp_http, "JOB_DONE_URL", url)
-                    outcomes.append(await result_post.post_result(session, "j1", {"output": {}}, 6, attempt_timeout=2))
-        finally:
-            await runner.cleanup()
+        routes = [web.post("/job-done/worker/{job}", endless)]
+        async with aiohttp_server(routes) as base, aiohttp.ClientSession() as session:
+            for status in (200, 400):
+                monkeypatch.setattr(rp_http, "JOB_DONE_URL", f"{base}/job-done/worker/$ID?status={status}")
+                outcomes.append(await result_post.post_result(session, "j1", {"output": {}}, 6, attempt_timeout=2))
         return outcomes
 
     assert asyncio.run(scenario()) == [True, False]  # unbounded, the first read ran to each attempt's timeout
