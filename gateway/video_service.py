@@ -351,7 +351,7 @@ def mime_keys(files: dict[str, str]) -> dict[str, str]:
 
 
 def _base64_of(path: str) -> str:
-    return pybase64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return pybase64.b64encode_as_string(Path(path).read_bytes())
 
 
 class VideoJob:

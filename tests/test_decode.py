@@ -14,7 +14,7 @@ from skimage import data
 from catalogue.size import Size
 from gateway.errors import ImageError
 from gateway.inputs.decode import decode_base64, decode_image, decode_scaled, open_image
-from gateway.inputs.decode_limits import tiff_block_count
+from gateway.inputs.decode_limits import jpeg_marker_count, tiff_block_count
 from tests import images
 
 LIMIT = 50_000_000
@@ -82,9 +82,11 @@ def test_base64_forms() -> None:
     text = base64.b64encode(data).decode()
     assert decode_base64(text, 10**6) == data
     assert decode_base64(f"data:image/jpeg;base64,{text}", 10**6) == data
+    assert decode_base64(f" \nDATA:Image/JPEG;Base64,{text}\n", 10**6) == data  # case and outer spaces, as before
     for bad, message in [
         ("not base64!", "invalid base64"),
         ("data:text/plain;base64,aGk=", "unsupported data URI"),
+        ("  Data:image/png,aGk=", "unsupported data URI"),
         ("", "empty image data"),
         (text, "base64 image too large"),
     ]:
@@ -100,6 +102,15 @@ def test_a_scan_bomb_is_refused_before_decoding() -> None:
     with pytest.raises(ImageError, match=r"JPEG has too many scans: 300\d, at most 100"):
         decode_image(bomb, LIMIT)
     assert time.process_time() - started < 0.05
+
+
+def test_marker_count_finds_every_start_of_scan() -> None:
+    """Counted as ``bytes.count`` counts them (FF DA cannot overlap itself), on bytes full of FF and DA."""
+    rng = np.random.default_rng(7)
+    for size in (0, 1, 2, 3, 1000, 65_537):
+        data = rng.choice(np.array([0xFF, 0xDA, 0x00, 0xD8], np.uint8), size).tobytes()
+        assert jpeg_marker_count(data, 0xDA) == data.count(b"\xff\xda")
+    assert jpeg_marker_count(b"\xff\xda\xff\xda\xda\xff", 0xDA) == 2
 
 
 def test_progressive_jpegs_within_the_scan_limit_decode() -> None:

@@ -32,9 +32,13 @@ _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 def decode_base64(text: str, max_chars: int) -> bytes:
     """Raw base64 or a ``data:image/...;base64,`` URI to bytes."""
-    payload = _DATA_URI.sub("", text.strip(), count=1)
-    if text.strip().lower().startswith("data:") and payload == text.strip():
-        raise ImageError("unsupported data URI: expected data:image/...;base64,")
+    text = text.strip()  # the same object when there is nothing to strip: no copy of a large image
+    payload = text
+    if text[:5].lower() == "data:":  # only the head is looked at (lower-casing all of it copied it)
+        found = _DATA_URI.match(text)
+        if found is None:
+            raise ImageError("unsupported data URI: expected data:image/...;base64,")
+        payload = text[found.end() :]
     if len(payload) > max_chars:
         raise ImageError(f"base64 image too large: {len(payload)} characters, at most {max_chars}")
     try:

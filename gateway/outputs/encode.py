@@ -51,7 +51,7 @@ def encode_npz(depth: np.ndarray) -> bytes:
 
 
 def b64(data: bytes | bytearray) -> str:
-    return pybase64.b64encode(data).decode("ascii")  # SIMD base64: twice the stdlib's speed
+    return pybase64.b64encode_as_string(data)  # SIMD base64 written straight into the str: no second copy
 
 
 def keep(data: bytes) -> bytes:
