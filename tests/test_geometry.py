@@ -340,3 +340,13 @@ def test_a_bad_camera_is_a_clean_request_error(
 def test_near_must_be_before_far(run_job, photo_urls: dict[str, str]) -> None:
     job = {"image_url": photo_urls["coffee"], "tasks": ["points"], "near": 5, "far": 2}
     assert run_job(job) == {"error": "far (2) must be larger than near (5)"}
+
+
+@pytest.mark.parametrize("shape", [(768, 1024), (2, 5), (5, 2), (3, 3), (1, 7), (7, 1), (1, 1)])
+def test_gradient_is_numpys(shape: tuple[int, int]) -> None:
+    z = np.random.default_rng(3).random(shape, dtype=np.float32) * 10
+    for axis in (0, 1):
+        expected = np.gradient(z, axis=axis) if shape[axis] > 1 else np.zeros_like(z)
+        got = geometry.gradient(z, axis)
+        assert got.dtype == np.float32
+        assert np.array_equal(got, expected)  # bit for bit
