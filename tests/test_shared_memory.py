@@ -19,6 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pybase64
 import pytest
 
 from devstack.local import post, running_gateway, start_gateway, wait_for_api
@@ -26,7 +27,7 @@ from gateway.inputs.schema import DepthRequest
 from gateway.serving import imagework, shared_memory
 from gateway.serving.imagework import Decoded, ImageWorkers, render_outputs, render_parked
 from gateway.serving.ownership import Holdings
-from gateway.serving.shared_memory import SHM_DIR, SharedPhoto, Slot, slot_bytes, slots_that_fit
+from gateway.serving.shared_memory import SHM_DIR, SharedOutputs, SharedPhoto, Slot, slot_bytes, slots_that_fit
 from gateway.serving.shm_region import SharedTensors, is_local
 from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
@@ -228,6 +229,7 @@ PARK_AND_DIE = """
 import os, signal, sys
 from gateway.serving.shared_memory import SharedPhoto, new_segment
 import numpy as np
+import pybase64
 kept = new_segment([b"x" * 100, bytearray(50)])
 gone = SharedPhoto.park(np.zeros((4, 5, 3), np.uint8))
 gone.discard()
@@ -347,3 +349,22 @@ def test_slots_cross_processes_and_wait_out_a_possible_late_write() -> None:
         assert files_of(shared.key) == []
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_parked_outputs_read_back_whole_or_not_at_all(text: bool) -> None:
+    """Each output comes back in its place (``str`` for text); a segment cut short since it was written is
+    an OSError, never a SIGBUS from reading a mapping past the file's end."""
+    rng = np.random.default_rng(11)
+    outputs = {name: pybase64.b64encode(rng.bytes(size)) for name, size in [("a", 3000), ("b", 0), ("c", 70_001)]}
+    parked = SharedOutputs.park(outputs, text=text)
+    assert parked is not None
+    try:
+        got = parked.read()
+        assert got == {name: data.decode() if text else data for name, data in outputs.items()}
+        assert all(isinstance(value, str if text else bytes) for value in got.values())
+        os.truncate(os.path.join(SHM_DIR, parked.name), len(outputs["a"]) + 10)
+        with pytest.raises(OSError, match="shorter than written"):
+            parked.read()
+    finally:
+        parked.discard()

@@ -127,18 +127,34 @@ class SharedOutputs:
         return cls(name, spans, text)
 
     def read(self) -> dict[str, str | bytes]:
-        """Every output, copied out of the segment (``str`` when ``text``). Read as a file: the copy is
-        the kernel's, without the GIL (mapped, it held the GIL with a page fault per 4 kB)."""
+        """Every output, copied out of the segment: ``bytes`` read as a file (the kernel's copy, without
+        the GIL); ``str`` (``text``) decoded straight from the mapped segment, its pages faulted in by
+        ``mmap`` itself (``MAP_POPULATE``, without the GIL). Reading text as bytes first and decoding
+        them copied it twice: 0.91 -> 0.66 ms of CPU for the 5.4 MB of base64 of all five 2D tasks
+        (``bench/lane_copies.py``)."""
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDONLY)
         try:
+            if self.text:
+                return self._decoded(fd)
             outputs = {key: os.pread(fd, size, at) for key, (at, size) in self.spans.items()}
         finally:
             os.close(fd)
         if any(len(outputs[key]) != size for key, (_at, size) in self.spans.items()):
             raise OSError(f"shared outputs {self.name} are shorter than written")
-        if self.text:
-            return {key: data.decode("ascii") for key, data in outputs.items()}
         return outputs
+
+    def _decoded(self, fd: int) -> dict[str, str | bytes]:
+        end = max((at + size for at, size in self.spans.values()), default=0)
+        if os.fstat(fd).st_size < end:  # mapped past its end, a read would raise SIGBUS
+            raise OSError(f"shared outputs {self.name} are shorter than written")
+        if end == 0:
+            return {key: "" for key in self.spans}
+        mapped = mmap.mmap(fd, end, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        try:
+            with memoryview(mapped) as view:
+                return {key: str(view[at : at + size], "ascii") for key, (at, size) in self.spans.items()}
+        finally:
+            mapped.close()
 
     def discard(self) -> None:
         unlink(self.name)
