@@ -268,10 +268,10 @@ class HostileEndpoint(LoopbackServer):
 
 
 @asynccontextmanager
-async def aiohttp_server(routes: list[web.RouteDef]) -> AsyncIterator[str]:
+async def aiohttp_server(routes: list[web.RouteDef], max_body: int = 1 << 20) -> AsyncIterator[str]:
     """``routes`` served by aiohttp on a free loopback port of the running event loop (for answers that
-    stream without end); its base URL."""
-    app = web.Application()
+    stream without end, or requests to look at); its base URL. Request bodies up to ``max_body`` bytes."""
+    app = web.Application(client_max_size=max_body)
     app.add_routes(routes)
     runner = web.AppRunner(app)
     await runner.setup()

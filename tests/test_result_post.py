@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import threading
 
@@ -142,6 +143,37 @@ def test_a_job_done_answer_is_read_within_its_bound_and_its_status_decides(monke
         return outcomes
 
     assert asyncio.run(scenario()) == [True, False]  # unbounded, the first read ran to each attempt's timeout
+
+
+@pytest.mark.parametrize("size", [1000, 3 * result_post.BODY_PIECE + 12345])
+def test_a_result_arrives_whole_with_its_length_and_again_on_a_retry(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body over ``BODY_PIECE`` goes out in pieces: still one body with its Content-Length (not chunked),
+    the same bytes on every attempt (the first answered 503)."""
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", "unset")
+    arrived: list[tuple[bytes, str | None, str | None]] = []
+
+    async def done(request: web.Request) -> web.Response:
+        arrived.append(
+            (await request.read(), request.headers.get("Content-Length"), request.headers.get("Transfer-Encoding"))
+        )
+        return web.Response(status=503 if len(arrived) == 1 else 200)
+
+    result = {"output": {"depth_png_b64": base64.b64encode(os.urandom(size * 3 // 4)).decode()}}
+
+    async def scenario() -> bool:
+        async with aiohttp_server([web.post("/job-done/worker/{job}", done)], max_body=16 << 20) as base:
+            monkeypatch.setattr(rp_http, "JOB_DONE_URL", f"{base}/job-done/worker/$ID?x=1")
+            async with aiohttp.ClientSession() as session:
+                return await result_post.post_result(session, "j1", result, 20, attempt_timeout=5)
+
+    assert asyncio.run(scenario())
+    assert len(arrived) == 2
+    for body, length, encoding in arrived:
+        assert json.loads(body) == result
+        assert length == str(len(body))
+        assert encoding is None
 
 
 def test_progress_updates_go_from_the_post_threads_and_before_their_jobs_result(
