@@ -303,6 +303,7 @@ def test_mixed_sources_in_order_with_broken_entries(
     assert results[1]["error"] == "image download failed with HTTP status 404"
     assert set(results[3]) == {"index", "input", "error"}
     assert "not an image" in results[3]["error"]
+    assert results[3]["input"] == {"kind": "b64", "bytes": len(b"not an image")}  # its bytes, decoded before the header
 
 
 @pytest.mark.parametrize(
