@@ -192,3 +192,14 @@ def test_image_workers_reuse_freed_memory_instead_of_page_faulting_it_back() -> 
     glibc_defaults, kept = faults("defaults"), faults("kept")
     assert glibc_defaults > 10 * 700  # ten normals maps: several fresh 3 MB arrays each
     assert kept < glibc_defaults / 5
+
+
+@pytest.mark.parametrize("name", pp.COLORMAPS)
+def test_colorize_is_the_colormap_looked_up_per_pixel_in_rgb_order(name: str) -> None:
+    unit = np.random.default_rng(5).random((37, 53), dtype=np.float32)
+    unit[0, :3] = (0.0, 1.0, 0.5)
+    rgb = pp.colorize(unit, name)
+    index = np.rint(unit * 255).astype(np.intp)
+    assert np.array_equal(rgb, pp.colormap_lut(name)[index])
+    top = np.round(np.array(colormaps["gray" if name == "gray" else name](1.0)[:3]) * 255)
+    assert rgb[0, 1].tolist() == top.astype(int).tolist()  # matplotlib's own colour for 1.0: R, G, B in order
