@@ -106,7 +106,7 @@ class SharedOutputs:
 
     Through the pool's pipe, multiprocessing reads a result 64 kB at a time, each read into a fresh
     buffer as large as what remains: the 8 MB of a 3D image's PLY and GLB cost the gateway's receiving
-    thread 10-19 ms (``bench.worker``), against about 3 ms read from here (``pread``, in a thread)."""
+    thread 10-19 ms (``bench.worker``), against about 3 ms read from here, in a thread (``read``)."""
 
     def __init__(self, name: str, spans: dict[str, tuple[int, int]], text: bool) -> None:
         self.name = name
