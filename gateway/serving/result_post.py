@@ -71,9 +71,10 @@ async def post_result(
     connection errors, timeouts, 429 and 5xx with backoff until ``deadline`` seconds have passed."""
     url = rp_http.JOB_DONE_URL.replace("$ID", quote(job_id, safe="")) + "&isStream=false"
     body = orjson.dumps(result)
-    headers = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded", "X-Request-ID": job_id}
-    if len(body) > BODY_PIECE:
-        headers["Content-Length"] = str(len(body))  # sent as it is, not chunked
+    headers = {
+        "charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded", "X-Request-ID": job_id,
+        "Content-Length": str(len(body)),  # given, so that a body in pieces is still sent as it is, not chunked
+    }  # fmt: skip
     ends = time.monotonic() + deadline
     attempt, outcome = 0, "no attempt"
     while (remaining := ends - time.monotonic()) > 0:
