@@ -151,7 +151,6 @@ def test_a_result_arrives_whole_with_its_length_and_again_on_a_retry(
 ) -> None:
     """A body over ``BODY_PIECE`` goes out in pieces: still one body with its Content-Length (not chunked),
     the same bytes on every attempt (the first answered 503)."""
-    monkeypatch.setattr(rp_http, "JOB_DONE_URL", "unset")
     arrived: list[tuple[bytes, str | None, str | None]] = []
 
     async def done(request: web.Request) -> web.Response:
