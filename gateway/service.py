@@ -32,7 +32,7 @@ from gateway.inputs.schema import DepthRequest, ImageSource, ParsedRequest, Requ
 from gateway.outputs.output_names import OUTPUTS, content_type, file_name, url_key
 from gateway.outputs.render import needs_photo
 from gateway.served_model import ServedModel
-from gateway.serving.imagework import Decoded, ImageWorkers, NonFiniteDepth
+from gateway.serving.imagework import Decoded, HandedOutputs, ImageWorkers, NonFiniteDepth, ParkedOutput, handed_in
 from gateway.serving.memory import WorkerMemory
 from gateway.serving.model_names import ModelUnavailable
 from gateway.serving.ownership import Holdings
@@ -81,6 +81,7 @@ class JobContext:
     budget: JobBudget
     downloads: asyncio.Semaphore  # the job's download limit
     output_bytes: int = 0
+    handed: set[HandedOutputs] = dataclasses.field(default_factory=set)  # parked outputs it owns (url mode)
 
 
 def _decoded_and_opened(text: str, settings: Settings) -> tuple[bytes, Image.Image | ImageError]:
@@ -103,6 +104,8 @@ def approximate_json_size(value: Any) -> int:
         return len(value) + 2
     if isinstance(value, bytes):  # an output that will be uploaded: its bytes are what is held
         return len(value)
+    if isinstance(value, ParkedOutput):
+        return value.size
     if isinstance(value, dict):
         return 2 + sum(len(str(key)) + 4 + approximate_json_size(item) for key, item in value.items())
     if isinstance(value, list | tuple):
@@ -196,6 +199,8 @@ class DepthService:
             return await self._deliver(response, request, target, job_id)
         finally:
             self.memory.outputs.release(job.output_bytes)
+            for handed in job.handed:
+                handed.discard()  # gone already when every output was read; not when the job ended first
 
     def _response(
         self, results: list[dict], request: DepthRequest, model: ServedModel, dtype: str, started: float
@@ -298,6 +303,8 @@ class DepthService:
                     data = result[key]  # bytes in url mode; base64 text when auto found it too large
                     if isinstance(data, str):
                         data = await self._cpu(pybase64.b64decode, data)
+                    elif isinstance(data, ParkedOutput):
+                        data = data.read  # in the upload's thread
                     objects.append((object_key, data, content_type(key, result)))
                     owners.append((result, key))
         outcomes = await self.storage.upload(target, objects) if objects else []
@@ -434,6 +441,7 @@ class DepthService:
                 decoded = await self.workers.decode(data, self.settings.max_pixels, request, model, slot, holdings)
                 clock.lap("decode")  # and resize to the network
             outputs = await self._infer_and_render(model, decoded, request, slot, holdings, clock)
+            job.handed |= handed_in(outputs)
             clock.lap("render")
             self._keep_outputs(outputs, reserved_output, job)
         except ImageError as error:

@@ -34,6 +34,7 @@ import re
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
@@ -49,6 +50,7 @@ from gateway.errors import ImageError
 from gateway.inputs.fetch import AddressPolicy
 
 log = logging.getLogger("gateway")
+Body = bytes | Callable[[], bytes]  # an object's bytes, or what reads them (called in the upload's thread)
 S3_CONFIG_FIELDS = ("endpointUrl", "accessId", "accessSecret", "bucketName")
 S3_CONFIG_OPTIONAL = ("region",)
 CREDENTIAL_ERRORS = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "Forbidden"}
@@ -328,15 +330,16 @@ class Storage:
         """``<prefix>/<job id>/<file name>``, the file name being ``<index>_<output>.<ext>``."""
         return f"{self.prefix}/{job_id}/{file_name}" if self.prefix else f"{job_id}/{file_name}"
 
-    async def upload(self, target: StorageTarget, objects: list[tuple[str, bytes, str]]) -> list[str | ImageError]:
+    async def upload(self, target: StorageTarget, objects: list[tuple[str, Body, str]]) -> list[str | ImageError]:
         """Upload ``(key, data, content type)`` objects in the target's threads, at most ``UPLOAD_THREADS``
-        of this job's at once; a presigned URL or the error, per object. What a stalled endpoint still holds
-        at the deadline ends with its timeouts; objects not started by then never are."""
+        of this job's at once; a presigned URL or the error, per object. ``data`` is the bytes, or what
+        reads them in the upload's thread. What a stalled endpoint still holds at the deadline ends with
+        its timeouts; objects not started by then never are."""
         loop = asyncio.get_running_loop()
         client = self._client(target)
         turns = asyncio.Semaphore(UPLOAD_THREADS)
 
-        async def put(key: str, data: bytes, content_type: str) -> str:
+        async def put(key: str, data: Body, content_type: str) -> str:
             async with turns:
                 return await loop.run_in_executor(client.threads, self._put, client, key, data, content_type)
 
@@ -346,9 +349,10 @@ class Storage:
         except TimeoutError:
             return [ImageError(f"the upload to storage did not finish within {self.timeout:g} s")] * len(objects)
 
-    def _put(self, client: S3Client, key: str, data: bytes, content_type: str) -> str:
+    def _put(self, client: S3Client, key: str, data: Body, content_type: str) -> str:
+        body = data() if callable(data) else data
         try:
-            client.send("PUT", client.signed("PUT", key, PUT_URL_EXPIRY, content_type), data, content_type)
+            client.send("PUT", client.signed("PUT", key, PUT_URL_EXPIRY, content_type), body, content_type)
         except (StorageAnswer, HTTPError) as error:
             raise self._diagnosed(client, error) from None
         return client.signed("GET", key, self.url_expiry)

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from bench.seaweed import ADMIN, Weed
+from gateway import storage
 from gateway.inputs.fetch import AddressPolicy, Fetcher
 from gateway.service import DepthService
 from gateway.serving.shared_memory import SHM_DIR
@@ -152,8 +153,11 @@ async def cancel_at(stage: str, service: DepthService, server: ImageServer, byst
 
 
 def test_a_job_cancelled_at_any_stage_never_puts_its_pixels_into_another_image(
-    triton, image_server: ImageServer, bucket: Weed, tmp_path: Path
+    triton, image_server: ImageServer, bucket: Weed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One upload of a job at a time: cancelled in its first upload, the victim leaves outputs that no upload
+    # has read yet in their parked segment, which the job itself must then discard.
+    monkeypatch.setattr(storage, "UPLOAD_THREADS", 1)
     settings = Settings(
         default_model=RELATIVE_ID,
         triton_url=triton.grpc_url,

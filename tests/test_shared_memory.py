@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import pytest
 from devstack.local import post, running_gateway, start_gateway, wait_for_api
 from gateway.inputs.schema import DepthRequest
 from gateway.serving import imagework, shared_memory
-from gateway.serving.imagework import Decoded, ImageWorkers, render_outputs, render_parked
+from gateway.serving.imagework import Decoded, ImageWorkers, ParkedOutput, handed_in, render_outputs, render_parked
 from gateway.serving.ownership import Holdings
 from gateway.serving.shared_memory import SHM_DIR, SharedOutputs, SharedPhoto, Slot, slot_bytes, slots_that_fit
 from gateway.serving.shm_region import SharedTensors, is_local
@@ -256,7 +256,10 @@ def test_a_segment_its_process_left_behind_is_removed_by_the_resource_tracker(en
 def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rendered in an image worker, a 3D image's outputs (over ``PARK_OUTPUTS_FROM``) are parked in shared
     memory and read back equal, key for key and in order, to the outputs rendered in-process; nothing stays
-    in /dev/shm, whether the render's caller read them or had gone (its job cancelled)."""
+    in /dev/shm, whether the render's caller read them or had gone (its job cancelled). Outputs to upload
+    are handed over parked: each is read where it is uploaded (here, each in a thread of its own), and the
+    segment is gone after the last read; until then it stays, whatever the image's holdings do, and a job
+    that ends first discards it."""
     request = DepthRequest(image_b64="x", tasks=["depth", "points", "mesh"])
     depth = np.add.outer(np.linspace(1, 2, 300), np.linspace(0, 1, 400)).astype(np.float32)
     photo = np.random.default_rng(7).integers(0, 256, (300, 400, 3), dtype=np.uint8)
@@ -270,7 +273,9 @@ def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch
             holdings = Holdings()
             call = workers.render(decoded, depth, request, model, None, holdings, uploaded)
             if not abandon:
-                return await call
+                got = await call
+                holdings.close()  # the image is done: its slot and working memory go back, not handed outputs
+                return got
             task = asyncio.ensure_future(call)
             await asyncio.sleep(0.01)
             task.cancel()
@@ -280,17 +285,37 @@ def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch
         finally:
             workers._pool.shutdown()
 
-    for uploaded in (False, True):
-        expected = render_outputs(decoded, depth, request, model, None, uploaded)
-        assert sum(len(expected[key]) for key in ("depth_png_b64", "points_b64", "mesh_b64")) > (
-            imagework.PARK_OUTPUTS_FROM
-        )
-        got = asyncio.run(rendered(uploaded))
-        assert list(got) == list(expected)
-        assert got == expected
-        assert parked_photos() == before
-    assert asyncio.run(rendered(False, abandon=True)) is None
+    expected = render_outputs(decoded, depth, request, model, None)
+    got = asyncio.run(rendered(False))
+    assert list(got) == list(expected)
+    assert got == expected
     assert parked_photos() == before
+
+    expected = render_outputs(decoded, depth, request, model, None, uploaded=True)
+    outputs = ("depth_png_b64", "points_b64", "mesh_b64")
+    assert sum(len(expected[key]) for key in outputs) > imagework.PARK_OUTPUTS_FROM
+    for read in (outputs, outputs[:2]):
+        got = asyncio.run(rendered(True))
+        assert list(got) == list(expected)
+        assert {key: value for key, value in got.items() if key not in outputs} == {
+            key: value for key, value in expected.items() if key not in outputs
+        }
+        (handed,) = handed_in(got)
+        assert all(isinstance(got[key], ParkedOutput) and got[key].size == len(expected[key]) for key in outputs)
+        assert len(parked_photos() - before) == 1  # still there after the image's holdings were given back
+        with ThreadPoolExecutor(len(read)) as threads:
+            assert list(threads.map(ParkedOutput.read, [got[key] for key in read])) == [expected[key] for key in read]
+        if read == outputs:
+            assert parked_photos() == before  # the last read discarded it
+        else:
+            assert len(parked_photos() - before) == 1  # an output not read yet: still there
+            handed.discard()  # the job ended first
+            assert parked_photos() == before
+            with pytest.raises(FileNotFoundError):
+                got["mesh_b64"].read()
+    for uploaded in (False, True):
+        assert asyncio.run(rendered(uploaded, abandon=True)) is None
+        assert parked_photos() == before
 
     # In this process: the segment holds them until discarded; small outputs and a full /dev/shm stay inline.
     parked = render_parked(decoded, depth, request, model, None)

@@ -35,11 +35,13 @@ from devstack.jobapi import JobApi
 from devstack.local import LoopbackServer, QuietHandler, post, running_gateway
 from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
+from gateway.serving.imagework import PARK_OUTPUTS_FROM
 from gateway.serving.triton_process import EmbeddedTriton
 from gateway.storage import MAX_CLIENTS, Storage, StorageConfigError, StorageTarget, check_endpoint
 from tests import images
 from tests.conftest import RELATIVE_ID, ROOT
 from tests.servers import running_image_server
+from tests.test_cancellation import parked_photos as parked_segments
 from tests.test_jobloop import start_worker
 from tests.test_robustness import GOOD_IMAGE
 
@@ -98,23 +100,44 @@ def photo_job(photo_urls: dict[str, str], **fields) -> dict:
     return {"image_url": photo_urls["coffee"], "tasks": ALL_TASKS, "include_raw": True, **fields}
 
 
+def assert_uploaded_as_inline(inline: dict, linked: dict, linked_id: str) -> int:
+    """Every output of a one-image job's ``inline`` output is an object of the url-mode job ``linked_id``
+    with the same bytes and Content-Type, in its output (``linked``) only as its URL; the bytes in all."""
+    assert inline["output_mode"] == "inline"
+    assert linked["output_mode"] == "url"
+    (expected,), (result,) = inline["results"], linked["results"]
+    present = [key for key in OUTPUTS if key in expected]
+    assert len(present) == 8  # every task, and the raw depth
+    total = 0
+    for key in present:
+        assert key not in result
+        data, mime = download(result[url_key(key)])
+        assert data == base64.b64decode(expected[key]), key
+        assert mime == (expected[OUTPUTS[key][1]] if OUTPUTS[key][1] else "application/octet-stream")
+        total += len(data)
+    assert f"/depth-outputs/depth/{linked_id}/0_depth.png" in result["depth_png_url"]
+    return total
+
+
 def test_url_mode_objects_are_exactly_the_inline_outputs(storage_gateway) -> None:
     url, _log = storage_gateway
     job = {"image_b64": GOOD_IMAGE, "tasks": ALL_TASKS, "include_raw": True}  # small enough for inline
     inline = post(url, {**job, "output_mode": "inline"})
     linked = post(url, {**job, "output_mode": "url"})
     assert inline["status"] == linked["status"] == "COMPLETED", (inline, linked)
-    assert inline["output"]["output_mode"] == "inline"
-    assert linked["output"]["output_mode"] == "url"
-    (expected,), (result,) = inline["output"]["results"], linked["output"]["results"]
-    present = [key for key in OUTPUTS if key in expected]
-    assert len(present) == 8  # every task, and the raw depth
-    for key in present:
-        assert key not in result
-        data, mime = download(result[url_key(key)])
-        assert data == base64.b64decode(expected[key]), key
-        assert mime == (expected[OUTPUTS[key][1]] if OUTPUTS[key][1] else "application/octet-stream")
-    assert f"/depth-outputs/depth/{linked['id']}/0_depth.png" in result["depth_png_url"]
+    assert_uploaded_as_inline(inline["output"], linked["output"], linked["id"])
+
+
+def test_parked_outputs_are_uploaded_exactly_and_then_gone(storage_worker, photo_urls: dict[str, str]) -> None:
+    """A photo's outputs large enough to stay parked in shared memory until each is read by its upload
+    (the production job loop, no result limit): the same bytes as inline, and no segment left behind."""
+    api, _log = storage_worker
+    before = parked_segments()
+    inline, linked = (api.submit(photo_job(photo_urls, output_mode=mode)) for mode in ("inline", "url"))
+    replies = api.wait_for([inline, linked], 120)
+    uploaded = assert_uploaded_as_inline(replies[inline]["output"], replies[linked]["output"], linked)
+    assert uploaded >= PARK_OUTPUTS_FROM
+    assert parked_segments() == before
 
 
 def test_auto_switches_to_urls_at_the_size_limit(storage_gateway, photo_urls: dict[str, str]) -> None:

@@ -12,7 +12,8 @@ the point cloud needs its colours) and ``render_parked`` (``render_outputs``: ne
 response keys). With a shared-memory slot (``shared_memory``), the network input and the depth stay in
 the slot and only the slot's numbers travel; otherwise they travel through the pool's pipes. A photo
 the outputs need is parked in its own segment (``SharedPhoto``) between the two calls, and the encoded
-outputs, when they are large, in theirs (``SharedOutputs``) on their way back. Every call is tracked in
+outputs, when they are large, in theirs (``SharedOutputs``) on their way back (outputs to upload stay
+there until the thread that uploads each reads it, ``HandedOutputs``). Every call is tracked in
 the image's ``Holdings``: its slot and parked segments are given back only when the gateway is done with
 the image and no call of it is still running, so a cancelled job's late decode cannot write into another
 image's slot, and a cancelled job's late outputs do not stay in /dev/shm.
@@ -28,6 +29,7 @@ import functools
 import logging
 import multiprocessing
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -132,6 +134,51 @@ class Rendered:
         return {key: parked.get(key, value) for key, value in self.fields.items()}
 
 
+class HandedOutputs:
+    """An image's parked outputs handed to the job that uploads them (url mode). Each output is read by
+    the thread that uploads it (``take``) and the segment is discarded after the last read, or by
+    ``discard`` when the job ends first (cancelled, failed, out of time): the bytes are copied once, in
+    the upload's thread, with no hand-off through the event loop to read them first."""
+
+    def __init__(self, parked: SharedOutputs) -> None:
+        self._parked = parked
+        self._left = set(parked.spans)
+        self._lock = threading.Lock()  # upload threads take outputs of one segment at once
+
+    def outputs(self) -> dict[str, ParkedOutput]:
+        return {key: ParkedOutput(self, key, size) for key, (_at, size) in self._parked.spans.items()}
+
+    def take(self, key: str) -> bytes:
+        try:
+            return self._parked.read_one(key)
+        finally:
+            with self._lock:
+                self._left.discard(key)
+                last = not self._left
+            if last:
+                self._parked.discard()
+
+    def discard(self) -> None:
+        self._parked.discard()
+
+
+@dataclass(frozen=True)
+class ParkedOutput:
+    """One output of ``HandedOutputs``, in its image's result until it is uploaded."""
+
+    handed: HandedOutputs
+    key: str
+    size: int
+
+    def read(self) -> bytes:
+        return self.handed.take(self.key)
+
+
+def handed_in(fields: dict) -> set[HandedOutputs]:
+    """The parked segments that an image's response keys refer to."""
+    return {value.handed for value in fields.values() if isinstance(value, ParkedOutput)}
+
+
 def render_parked(
     decoded: Decoded,
     depth: np.ndarray | None,
@@ -229,17 +276,24 @@ class ImageWorkers:
         uploaded: bool = False,
     ) -> dict:
         """The image's response keys (see ``render_outputs``); parked outputs are the image's until read
-        back here or, when this call is no longer awaited, until its holdings are given back."""
+        back here or, when this call is no longer awaited, until its holdings are given back. Outputs to be
+        ``uploaded`` stay parked: they come back as ``ParkedOutput``s, whose segment (``handed_in``) the
+        caller owns from then on."""
+        handed_over = False
 
         def hold_outputs(rendered: Rendered) -> None:
-            if rendered.parked is not None:
-                holdings.on_give_back(rendered.parked.discard)
+            parked = rendered.parked
+            if parked is not None:
+                holdings.on_give_back(lambda: None if handed_over else parked.discard())
 
         call = functools.partial(render_parked, decoded, depth, request, model, slot, uploaded)
         rendered = await self._run(call, holdings, hold_outputs)
         if rendered.parked is None:
             return rendered.fields
         parked = rendered.parked
+        if uploaded:
+            handed_over = True
+            return {**rendered.fields, **HandedOutputs(parked).outputs()}
 
         def read_and_discard() -> dict:
             try:

@@ -102,7 +102,8 @@ class SharedPhoto:
 
 class SharedOutputs:
     """An image's encoded outputs (base64 text inline, or the bytes to upload), parked in one segment by
-    the image worker that rendered them and read once by the gateway, which then ``discard``s it.
+    the image worker that rendered them and read once by the gateway (all at once, or each output by the
+    thread that uploads it), which then ``discard``s it.
 
     Through the pool's pipe, multiprocessing reads a result 64 kB at a time, each read into a fresh
     buffer as large as what remains: the 8 MB of a 3D image's PLY and GLB cost the gateway's receiving
@@ -142,6 +143,18 @@ class SharedOutputs:
         if any(len(outputs[key]) != size for key, (_at, size) in self.spans.items()):
             raise OSError(f"shared outputs {self.name} are shorter than written")
         return outputs
+
+    def read_one(self, key: str) -> bytes:
+        """One output's bytes, read as a file (by the thread that uploads it, in url mode)."""
+        at, size = self.spans[key]
+        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, at)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise OSError(f"shared outputs {self.name} are shorter than written")
+        return data
 
     def _decoded(self, fd: int) -> dict[str, str | bytes]:
         end = max((at + size for at, size in self.spans.values()), default=0)
