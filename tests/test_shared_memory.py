@@ -18,6 +18,7 @@ import urllib.request
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pybase64
 import pytest
@@ -80,6 +81,31 @@ def outputs(reply: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("timings", "elapsed_sec")} for r in reply["output"]["results"]]
 
 
+def differences(got: list[dict], expected: list[dict]) -> str:
+    """Which images and keys differ, with both values (outputs by their length and decoded pixels), so
+    that a failure says what went wrong: an image's own values off by rounding, or another image's."""
+    lines = []
+    for got_one, expected_one in zip(got, expected, strict=True):
+        for key in sorted(set(got_one) | set(expected_one)):
+            a, b = got_one.get(key), expected_one.get(key)
+            if a == b:
+                continue
+            if isinstance(a, str) and isinstance(b, str) and key.endswith("_b64"):
+                pixels = [
+                    cv2.imdecode(np.frombuffer(pybase64.b64decode(v), np.uint8), cv2.IMREAD_UNCHANGED) for v in (a, b)
+                ]
+                same_shape = pixels[0] is not None and pixels[1] is not None and pixels[0].shape == pixels[1].shape
+                gap = (
+                    int(np.abs(pixels[0].astype(int) - pixels[1].astype(int)).max()) if same_shape else "shapes differ"
+                )
+                lines.append(
+                    f"image {expected_one.get('index')} {key}: {len(a)} against {len(b)} chars, pixels differ by {gap}"
+                )
+            else:
+                lines.append(f"image {expected_one.get('index')} {key}: {a!r:.200} against {b!r:.200}")
+    return "\n".join(lines)
+
+
 def test_shared_memory_serves_the_same_outputs_and_cleans_up(triton: EmbeddedTriton, tmp_path: Path) -> None:
     env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE}
     with running_gateway({**env, "TRITON_SHARED_MEMORY": "off"}, tmp_path / "off.log") as url:
@@ -95,13 +121,14 @@ def test_shared_memory_serves_the_same_outputs_and_cleans_up(triton: EmbeddedTri
         photos_before = parked_photos()
         shared = outputs(post(url, JOB))  # point_cloud: each photo parked between its decode and render
         assert all("error" not in result for result in shared)
-        assert shared == over_grpc
+        assert shared == over_grpc, differences(shared, over_grpc)
         assert parked_photos() <= photos_before
 
         # Triton forgets the region (as after a restart): the gateway registers it again and carries on.
         wait_until(lambda: unregistered(triton.http_url, region), 10, "Triton still holds the region")
         assert region not in regions(triton.http_url)
-        assert outputs(post(url, JOB)) == over_grpc
+        again = outputs(post(url, JOB))
+        assert again == over_grpc, differences(again, over_grpc)
         assert region in regions(triton.http_url)
     assert region not in regions(triton.http_url)  # unregistered on exit
     assert files_of(region) == []  # and unlinked
@@ -228,6 +255,7 @@ def test_a_photo_parked_by_one_process_is_read_by_another_and_discarded_by_the_g
 PARK_AND_DIE = """
 import os, signal, sys
 from gateway.serving.shared_memory import SharedPhoto, new_segment
+import cv2
 import numpy as np
 import pybase64
 kept = new_segment([b"x" * 100, bytearray(50)])
