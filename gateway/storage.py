@@ -20,8 +20,8 @@ bucket is reported from the upload's own error (or, when that only says "interna
 HeadBucket asked after the failure). Uploads run in threads kept per target (endpoint and keys), at most
 ``UPLOAD_THREADS`` of one job's at once, under the job's deadline (``UPLOAD_TIMEOUT``), so a slow or
 hostile endpoint holds only its own target's threads. Failures are per image and say what happened
-(endpoint unreachable, credentials refused, bucket missing, deadline). No message or log line carries a
-key or secret.
+(endpoint unreachable, credentials refused, bucket missing, deadline, an output the gateway could not
+read). No message or log line carries a key or secret.
 """
 
 from __future__ import annotations
@@ -350,7 +350,11 @@ class Storage:
             return [ImageError(f"the upload to storage did not finish within {self.timeout:g} s")] * len(objects)
 
     def _put(self, client: S3Client, key: str, data: Body, content_type: str) -> str:
-        body = data() if callable(data) else data
+        try:
+            body = data() if callable(data) else data
+        except OSError as error:  # e.g. a parked output gone: the gateway's fault, not the storage's
+            log.error("could not read the output %s for its upload: %s", key, type(error).__name__)
+            raise ImageError("an output could not be read for its upload") from None
         try:
             client.send("PUT", client.signed("PUT", key, PUT_URL_EXPIRY, content_type), body, content_type)
         except (StorageAnswer, HTTPError) as error:

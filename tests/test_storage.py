@@ -33,6 +33,7 @@ from botocore.config import Config
 from bench.seaweed import ADMIN, OTHER, WRITER, Weed
 from devstack.jobapi import JobApi
 from devstack.local import LoopbackServer, QuietHandler, post, running_gateway
+from gateway.errors import ImageError
 from gateway.inputs.fetch import AddressPolicy
 from gateway.outputs.output_names import OUTPUTS, url_key
 from gateway.serving.imagework import PARK_OUTPUTS_FROM
@@ -433,6 +434,37 @@ def test_storage_stopped_mid_job_gives_clean_errors_within_the_deadline(
     assert errors <= {"the storage endpoint is unreachable", "the upload to storage did not finish within 5 s"}, errors
     assert errors
     assert ADMIN[1] not in log_path.read_text()
+
+
+def test_an_output_that_cannot_be_read_fails_its_image_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A body read in the upload's thread (a parked output) that fails is that object's clean error, said in
+    the log, and its neighbours still upload; no connection is made for it."""
+    uploaded = []
+
+    class Recorder(QuietHandler):
+        def do_PUT(self) -> None:
+            uploaded.append((self.path.split("?")[0], self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def gone() -> bytes:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    server = LoopbackServer(Recorder).start()
+    try:
+        target = StorageTarget.configured(server.base, "AK", "SK", "bucket")
+        objects = [("d/0.png", gone, "image/png"), ("d/1.png", lambda: b"kept", "image/png")]
+        with caplog.at_level("ERROR", logger="gateway"):
+            outcomes = asyncio.run(Storage("depth", 60, 5.0).upload(target, objects))
+    finally:
+        server.stop()
+    assert isinstance(outcomes[0], ImageError)
+    assert str(outcomes[0]) == "an output could not be read for its upload"
+    assert isinstance(outcomes[1], str)
+    assert "/bucket/d/1.png" in outcomes[1]
+    assert uploaded == [("/bucket/d/1.png", b"kept")]
+    assert "could not read the output d/0.png for its upload: FileNotFoundError" in caplog.text
 
 
 def test_clients_of_many_credentials_are_bounded_and_the_recent_reused() -> None:
