@@ -200,7 +200,7 @@ class DepthService:
         finally:
             self.memory.outputs.release(job.output_bytes)
             for handed in job.handed:
-                handed.discard()  # gone already when every output was read; not when the job ended first
+                handed.discard()  # the job ended before every output was read (cancelled, failed, out of time)
 
     def _response(
         self, results: list[dict], request: DepthRequest, model: ServedModel, dtype: str, started: float

@@ -159,7 +159,11 @@ class HandedOutputs:
                 self._parked.discard()
 
     def discard(self) -> None:
-        self._parked.discard()
+        """End the segment now, unless the last read already did (no second unlink on the event loop)."""
+        with self._lock:
+            unread, self._left = self._left, set()
+        if unread:
+            self._parked.discard()
 
 
 @dataclass(frozen=True)
