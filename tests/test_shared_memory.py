@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pybase64
 import pytest
 
 from devstack.local import post, running_gateway, start_gateway, wait_for_api
+from export import triton_config
 from gateway.inputs.schema import DepthRequest
 from gateway.serving import imagework, shared_memory
 from gateway.serving.imagework import Decoded, ImageWorkers, ParkedOutput, handed_in, render_outputs, render_parked
@@ -32,6 +34,7 @@ from gateway.serving.shared_memory import SHM_DIR, SharedOutputs, SharedPhoto, S
 from gateway.serving.shm_region import SharedTensors, is_local
 from gateway.serving.triton_process import EmbeddedTriton, free_port
 from tests import images
+from tests.conftest import SMALL
 from tests.test_geometry import served
 from tests.test_robustness import b64
 from tests.test_supervisor import triton_of, wait_until
@@ -106,7 +109,26 @@ def differences(got: list[dict], expected: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def test_shared_memory_serves_the_same_outputs_and_cleans_up(triton: EmbeddedTriton, tmp_path: Path) -> None:
+@pytest.fixture
+def unbatched_triton(own_repository: Path) -> Iterator[EmbeddedTriton]:
+    """A tritonserver whose small model runs every request alone (no dynamic batching).
+
+    The tiny FP16 model's depth for an image differs by one FP16 step (about 5e-4 of its values) between a
+    batch of one and a larger batch, and which images Triton batches together depends on timing: over
+    gRPC all 12 images arrive at once, through 4 slots the last one may arrive alone. Unbatched, each
+    image's depth is the same in both runs, so the outputs can be compared byte for byte (a neighbour's
+    pixels in an image's result cannot hide in a tolerance)."""
+    config_path = own_repository / SMALL / "config.pbtxt"
+    config = triton_config.parse(config_path.read_text())
+    config.ClearField("dynamic_batching")
+    config_path.write_text(triton_config.render(config))
+    server = EmbeddedTriton(own_repository, start_timeout=120).start()
+    yield server
+    server.stop()
+
+
+def test_shared_memory_serves_the_same_outputs_and_cleans_up(unbatched_triton: EmbeddedTriton, tmp_path: Path) -> None:
+    triton = unbatched_triton
     env = {"TRITON_URL": triton.grpc_url, "DEPTH_MODEL": RELATIVE}
     with running_gateway({**env, "TRITON_SHARED_MEMORY": "off"}, tmp_path / "off.log") as url:
         over_grpc = outputs(post(url, JOB))
