@@ -1,4 +1,4 @@
-"""``python -m gateway.lane``: one lane, started by the intake (``gateway.serving.lanes``), never by hand.
+"""One lane, started by the intake (``gateway.serving.lanes``), never by hand.
 
 It serves jobs the intake sends over its socket (``LANE_FD``) with its own ``DepthService`` (image
 workers, gRPC client and shared-memory region on the intake's Triton; models through the intake, see
@@ -136,7 +136,3 @@ def main() -> None:
     keep_freed_memory()
     sock = socket.socket(fileno=int(os.environ[LANE_FD]))
     asyncio.run(serve(Settings.from_env(), sock, index))
-
-
-if __name__ == "__main__":
-    main()

@@ -98,6 +98,27 @@ def test_every_job_is_answered_once_with_its_own_pixels_whichever_lane_ran_it(la
     assert any("invalid value 'bogus' for tasks.0" in r.get("error", "") for r in results.values())
 
 
+def children_of(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
+
+def test_a_lanes_image_workers_load_neither_grpc_nor_the_lane(lanes_worker) -> None:
+    """An image worker of a lane maps OpenCV (it is one) but not gRPC's extension: spawn imports the
+    parent's main module in each child unless it is a ``__main__`` or a ``-c`` string, and a lane's main
+    module is its whole serving stack (runpod, the Triton client, gRPC)."""
+    _api, _process, log_path = lanes_worker
+    for pids in lane_pids(log_path).values():
+        workers = [
+            child for child in children_of(pids[-1]) if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+        assert workers  # (the lane's other child is multiprocessing's resource tracker)
+        for worker in workers:
+            maps = Path(f"/proc/{worker}/maps").read_text()
+            assert "/cv2/" in maps
+            assert "cygrpc" not in maps, worker
+
+
 def test_a_job_cancelled_in_either_lane_stops_there_unanswered_and_frees_its_place(lanes_worker) -> None:
     api, _process, log_path = lanes_worker
     with running_image_server() as server:
