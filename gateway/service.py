@@ -150,7 +150,7 @@ class DepthService:
     async def startup(self) -> None:
         """Start the image workers, load the default model and set up shared memory with Triton, so that
         the first request waits for none of them."""
-        self.workers.warm_up()
+        self.workers.start()
         model = await self.triton.preload(self.settings.default_model)
         if self.settings.shared_memory == "auto":
             await self.triton.use_shared_memory(model.largest_pixels(None), self.settings.shared_memory_slots)

@@ -202,4 +202,4 @@ def test_a_job_cancelled_at_any_stage_never_puts_its_pixels_into_another_image(
     try:
         asyncio.run(scenario())
     finally:
-        service.workers._pool.shutdown(cancel_futures=True)
+        service.workers.close()

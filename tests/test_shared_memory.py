@@ -333,7 +333,7 @@ def test_large_outputs_come_back_through_a_segment_that_is_then_gone(monkeypatch
             await asyncio.sleep(3)
             return None
         finally:
-            workers._pool.shutdown()
+            workers.close()
 
     expected = render_outputs(decoded, depth, request, model, None)
     got = asyncio.run(rendered(False))

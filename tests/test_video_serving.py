@@ -274,7 +274,7 @@ def test_a_video_job_cancelled_while_decoding_or_encoding_gives_everything_back(
         asyncio.run(scenario())
     finally:
         tempfile.tempdir = original
-        service.workers._pool.shutdown(cancel_futures=True)
+        service.workers.close()
 
 
 # --------------------------------------------------------------------------- bad input, limits, delivery
@@ -384,7 +384,7 @@ def test_a_video_over_its_deadline_is_an_error_and_holds_nothing_after(triton, t
         reply = asyncio.run(scenario())
     finally:
         tempfile.tempdir = original
-        service.workers._pool.shutdown(cancel_futures=True)
+        service.workers.close()
     (result,) = reply["results"]
     assert result["error"] == "the video took longer than 0.8 s (VIDEO_TIMEOUT)"
     assert list(tempfile_root.iterdir()) == []

@@ -3,22 +3,22 @@
 Profiled through the production job loop, the decode/resize/render threads held the GIL about 4 ms of
 every 1024x768 image (base64, Pillow-to-NumPy copies, PNG framing), on top of the event loop's own 4 ms:
 one worker process could not pass ~120 images/s whatever its core count. Here that work runs in a pool
-of processes (``CPU_WORKERS``, default: the core count), started with ``spawn`` (no fork of a process that
-runs gRPC threads). The gateway process keeps what must stay in one place: the base64 decode, the
-header checks and the job's budget (``decode.open_image`` + ``budget``), Triton, and the job loop.
+of processes (``CPU_WORKERS``, default: the core count; ``process_pool``). The gateway process keeps what
+must stay in one place: the base64 decode, the header checks and the job's budget (``decode.open_image`` +
+``budget``), Triton, and the job loop.
 
 Two calls per image: ``decode_and_prepare`` (photo bytes -> network input, and the photo itself only when
 the point cloud needs its colours) and ``render_parked`` (``render_outputs``: network depth -> the
 response keys). With a shared-memory slot (``shared_memory``), the network input and the depth stay in
-the slot and only the slot's numbers travel; otherwise they travel through the pool's pipes. A photo
+the slot and only the slot's numbers travel; otherwise they travel through the pool's sockets. A photo
 the outputs need is parked in its own segment (``SharedPhoto``) between the two calls, and the encoded
 outputs, when they are large, in theirs (``SharedOutputs``) on their way back (outputs to upload stay
 there until the thread that uploads each reads it, ``HandedOutputs``). Every call is tracked in
 the image's ``Holdings``: its slot and parked segments are given back only when the gateway is done with
 the image and no call of it is still running, so a cancelled job's late decode cannot write into another
 image's slot, and a cancelled job's late outputs do not stay in /dev/shm.
-A crashed worker process (a decoder bug, a kill) fails the images it held with a clean error and the pool
-is replaced; the other images are not affected.
+A crashed worker process (a decoder bug, a kill) fails the image it held with a clean error and another
+process takes its place; the other images are not affected.
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ import asyncio
 import ctypes
 import functools
 import logging
-import multiprocessing
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +48,7 @@ from gateway.outputs.render import needs_camera, needs_photo, render
 from gateway.outputs.video import ClipEncoding, EncodedClip, encode_clip
 from gateway.served_model import ServedModel
 from gateway.serving.ownership import Holdings
+from gateway.serving.process_pool import ProcessDied, ProcessPool
 from gateway.serving.shared_memory import SharedOutputs, SharedPhoto, Slot
 from gateway.serving.triton_process import die_with_parent
 
@@ -205,10 +203,6 @@ def render_parked(
     return Rendered(fields, parked)
 
 
-def _warm(_: int) -> int:
-    return 0
-
-
 def keep_freed_memory() -> None:
     """Let this process reuse the memory it frees instead of handing it back to the kernel.
 
@@ -235,20 +229,19 @@ def _start_worker() -> None:
 
 
 class ImageWorkers:
-    """The process pool, replaced when one of its processes dies."""
+    """The image worker processes (``process_pool``): a process that dies fails only the image it held."""
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self._pool = self._new_pool()
+        self._pool = ProcessPool(processes, _start_worker)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
-        )
-
-    def warm_up(self) -> None:
+    def start(self) -> None:
         """Start every process now (imports take about a second each) rather than on the first jobs."""
-        list(self._pool.map(_warm, range(self.processes * 2)))
+        self._pool.start()
+
+    def close(self) -> None:
+        """Stop the processes once their calls end (also at exit)."""
+        self._pool.close()
 
     async def decode(
         self,
@@ -317,15 +310,13 @@ class ImageWorkers:
         self, call: functools.partial, holdings: Holdings, on_result: Callable[[Any], None] | None = None
     ) -> Any:
         """``call`` in a worker process, tracked in ``holdings`` until the process is done with it (a
-        cancelled caller does not stop the process)."""
-        pool = self._pool
+        cancelled caller does not stop the process; a call no process has taken yet is dropped)."""
+        future = await self._pool.submit(call)
+        holdings.track(future, on_result)
         try:
-            future = pool.submit(call)
-            holdings.track(future, on_result)
-            return await asyncio.wrap_future(future)
-        except BrokenProcessPool:
-            if pool is self._pool:
-                log.error("an image worker process died; starting a new pool")
-                self._pool = self._new_pool()
-                pool.shutdown(wait=False)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._pool.withdraw(future)
+            raise
+        except ProcessDied:
             raise ImageError("image processing failed (a worker process stopped); try again") from None

@@ -1,4 +1,5 @@
-"""The link between the job intake and one lane process: messages over a Unix socket pair.
+"""The link between two of this worker's processes (the intake and a lane, a lane and an image worker):
+messages over a Unix socket pair.
 
 A message is a tuple whose first item names its kind, pickled behind a 4-byte length. Both ends are this
 worker's own processes, started together from the same code, so pickle is safe here and is the cheapest
@@ -6,6 +7,8 @@ way to carry a job (its base64 strings are copied, not escaped). ``send`` only b
 so it may be called from synchronous code on the event loop; ``receive`` answers None once the other
 end has gone.
 
+Pool to image worker (``process_pool``): ``("call", function)``; back: ``("ready", pid)``, ``("ok", result)``,
+``("error", exception)``.
 Intake to lane: ``("job", job)``, ``("cancel", job_id)``, ``("model", request, ServedModel | error)``,
 ``("unloaded", name)``, ``("stop",)``.
 Lane to intake: ``("ready", pid)``, ``("ended", job_id, posting)``, ``("answered", job_id)``,
@@ -20,6 +23,7 @@ import logging
 import pickle
 import socket
 import struct
+import typing
 
 log = logging.getLogger("gateway")
 
@@ -51,8 +55,7 @@ class Link(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is not asyncio's class
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -62,7 +65,7 @@ class Link(asyncio.Protocol):
             (length,) = HEADER.unpack_from(buffer, start)
             end = start + HEADER.size + length
             if length > MAX_MESSAGE:
-                self._broken(f"a lane message of {length} bytes")
+                self._broken(f"a message of {length} bytes")
                 return
             if len(buffer) < end:
                 break
@@ -70,7 +73,7 @@ class Link(asyncio.Protocol):
                 try:
                     self._messages.append(pickle.loads(view[start + HEADER.size : end]))
                 except Exception as error:  # whatever unpickling raised, the link is broken
-                    self._broken(f"an unreadable lane message ({type(error).__name__})")
+                    self._broken(f"an unreadable message ({type(error).__name__})")
                     return
             start = end
         del buffer[:start]
@@ -112,6 +115,14 @@ class Link(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         return self._messages.popleft()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.done()
+
+    async def wait_closed(self) -> None:
+        """Until the link has closed (the other end gone, or ``close``); cancelling the wait does not close it."""
+        await asyncio.shield(self._closed)
 
     async def close(self) -> None:
         if self.transport is None:

@@ -22,7 +22,7 @@ class Holdings:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._running: set[Future] = set()
+        self._running: set[Future | asyncio.Future] = set()
         self._give_backs: list[Callable[[], None]] = []
         self._closed = False
 
@@ -31,10 +31,13 @@ class Holdings:
         self._give_backs.append(give_back)
         self._maybe_give_back()
 
-    def track(self, future: Future, on_result: Callable[[Any], None] | None = None) -> None:
-        """A process call that may use the resources; ``on_result(result)`` when it succeeds, whether or not
-        anyone still awaits it (e.g. to hold the photo it parked)."""
+    def track(self, future: Future | asyncio.Future, on_result: Callable[[Any], None] | None = None) -> None:
+        """A process (or thread) call that may use the resources; ``on_result(result)`` when it succeeds,
+        whether or not anyone still awaits it (e.g. to hold the photo it parked)."""
         self._running.add(future)
+        if isinstance(future, asyncio.Future):  # set on this loop (``process_pool``)
+            future.add_done_callback(lambda done: self._ended(done, on_result))
+            return
 
         def ended(done: Future) -> None:  # in the pool's thread: hand over to the loop
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to give back to
@@ -42,7 +45,7 @@ class Holdings:
 
         future.add_done_callback(ended)
 
-    def _ended(self, future: Future, on_result: Callable[[Any], None] | None) -> None:
+    def _ended(self, future: Future | asyncio.Future, on_result: Callable[[Any], None] | None) -> None:
         if on_result is not None and not future.cancelled() and future.exception() is None:
             on_result(future.result())
         self._running.discard(future)

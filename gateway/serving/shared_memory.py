@@ -105,9 +105,10 @@ class SharedOutputs:
     the image worker that rendered them and read once by the gateway (all at once, or each output by the
     thread that uploads it), which then ``discard``s it.
 
-    Through the pool's pipe, multiprocessing reads a result 64 kB at a time, each read into a fresh
-    buffer as large as what remains: the 8 MB of a 3D image's PLY and GLB cost the gateway's receiving
-    thread 10-19 ms (``bench.worker``), against about 3 ms read from here, in a thread (``read``)."""
+    Sent back through multiprocessing's pool (read 64 kB at a time, each read into a fresh buffer as large
+    as what remains), the 8 MB of a 3D image's PLY and GLB cost the gateway's receiving thread 10-19 ms
+    (``bench.worker``), against about 3 ms read from here, in a thread (``read``); and an answer through
+    ``process_pool`` is read on the event loop."""
 
     def __init__(self, name: str, spans: dict[str, tuple[int, int]], text: bool) -> None:
         self.name = name
