@@ -69,12 +69,15 @@ class Link(asyncio.Protocol):
                 return
             if len(buffer) < end:
                 break
+            unreadable = None
             with memoryview(buffer) as view:
                 try:
                     self._messages.append(pickle.loads(view[start + HEADER.size : end]))
                 except Exception as error:  # whatever unpickling raised, the link is broken
-                    self._broken(f"an unreadable message ({type(error).__name__})")
-                    return
+                    unreadable = type(error).__name__
+            if unreadable is not None:  # outside the view: the buffer can be cleared
+                self._broken(f"an unreadable message ({unreadable})")
+                return
             start = end
         del buffer[:start]
         self._wake()
